@@ -1,0 +1,1 @@
+"""rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards."""

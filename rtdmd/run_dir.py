@@ -1,0 +1,102 @@
+"""Run directories: the unit of reproducibility and resume.
+
+A run directory holds the resolved ``config.yaml``, ``env.json`` (git sha, library versions,
+devices, command line), ``stats.jsonl`` and the outputs. Rerunning the same command with the same
+directory resumes it; rerunning with a different config is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rtdmd.checkpoint import write_text_atomic
+from rtdmd.config import ConfigError, dump_yaml, to_dict
+
+TRACKED_PACKAGES = ("rtdmd", "torch", "diffusers", "transformers", "peft", "safetensors", "numpy", "accelerate")
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """``{"sha": ..., "dirty": bool}`` of the git checkout holding the package, or nulls outside git."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+    return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What determines a run's numbers besides its config: code, libraries, hardware, command."""
+    devices = []
+    if torch.cuda.is_available():
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "git": git_state(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "packages": {name: _version(name) for name in TRACKED_PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "cuda_devices": devices,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def prepare(path: str | Path, cfg: Any) -> Path:
+    """Create ``path`` for ``cfg`` or reopen it for resume.
+
+    A new directory gets ``config.yaml`` and ``env.json``. An existing one must hold the same
+    resolved config (otherwise :class:`ConfigError` lists the differing keys); the environment of
+    the resumed start is appended to ``env.json["resumed"]``.
+    """
+    root = Path(path)
+    config_file = root / "config.yaml"
+    env_file = root / "env.json"
+    if config_file.exists():
+        old = _flatten(yaml.safe_load(config_file.read_text()) or {})
+        new = _flatten(to_dict(cfg))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
+            raise ConfigError(
+                f"run directory {root} holds a different config ({details}). "
+                "Use a new run_dir, or rerun with the same config to resume."
+            )
+        env = json.loads(env_file.read_text()) if env_file.exists() else {}
+        env.setdefault("resumed", []).append(environment())
+        write_text_atomic(env_file, json.dumps(env, indent=2))
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_file, dump_yaml(cfg))
+    write_text_atomic(env_file, json.dumps(environment(), indent=2))
+    return root

@@ -1,0 +1,199 @@
+"""The sampling loops: ``generate`` (images) and ``rollout`` (states, means, log-probs per step).
+
+Every method samples through here: a teacher is ``eta = 0`` (flow-ODE Euler) with CFG over many
+steps; an RTDMD student is ``eta = 0.9`` CPS over 4 steps with ``guidance = 1``.
+
+Randomness: the initial latent of image ``(prompt_id, sample_index)`` is drawn from
+``seed_for(run_seed, prompt_id, sample_index, INIT_STEP)`` and the noise step ``k`` injects from
+``seed_for(run_seed, prompt_id, sample_index, k)``.
+
+Batch invariance: ``generate`` runs the networks on fixed-size chunks of ``compute_batch`` rows
+(the last chunk padded by repeating its last row). Matrix kernels may round differently for
+different batch sizes (on CPU a batch of 1-3 rows differs from 4+ in the last bits), so a fixed
+compute shape is what makes an image bit-identical whether it is generated alone, in a batch of 7,
+or in any prompt order. Images then depend only on (weights, prompt, coordinates, spec,
+compute_batch, device and library versions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rtdmd.backbones.base import Backbone, Cond
+from rtdmd.flow.cps import cps_mean_std, euler_step, gaussian_log_prob, simplified_log_prob
+from rtdmd.seeding import INIT_STEP, Coord, randn_rows, seed_for
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How to sample: number of steps, CPS stochasticity, guidance, optional raw step times.
+
+    ``timesteps``: raw times ``u`` in (0, 1] before the family's shift, one per step (RTDMD students:
+    ``[1.0, 0.75, 0.5, 0.25]``); ``None`` uses the family pipeline's default spacing.
+    """
+
+    num_steps: int = 4
+    eta: float = 0.9
+    guidance: float = 1.0
+    timesteps: tuple[float, ...] | None = None
+
+    def validate(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if self.timesteps is not None and len(self.timesteps) != self.num_steps:
+            raise ValueError(f"timesteps has {len(self.timesteps)} entries for num_steps={self.num_steps}")
+
+
+@dataclass
+class Trajectory:
+    """One batch's chain. ``T`` steps; ``states[:, k]`` is ``x`` before step ``k`` and
+    ``states[:, T]`` the final sample; step ``k`` drew ``states[:, k+1] ~ N(means[:, k], stds[k]^2)``.
+
+    ``log_probs`` are exact Gaussian transition log-densities (float64; 0 for deterministic steps),
+    ``log_probs_simplified`` the official ``-mean((x' - mean)^2)`` surrogate.
+    """
+
+    sigmas: Tensor  # [T + 1]
+    final: Tensor  # [B, C, h, w]
+    states: Tensor | None = None  # [B, T + 1, C, h, w]
+    means: Tensor | None = None  # [B, T, C, h, w]
+    stds: Tensor | None = None  # [T]
+    log_probs: Tensor | None = None  # [B, T]
+    log_probs_simplified: Tensor | None = None  # [B, T]
+
+
+def seed_table(run_seed: int, keys: Sequence[tuple[Coord, int]], num_steps: int) -> list[list[int]]:
+    """``[B][num_steps + 1]`` seeds: column 0 for the initial latent, column ``k + 1`` for step ``k``'s noise."""
+    return [
+        [seed_for(run_seed, prompt_id, sample_index, step) for step in range(INIT_STEP, num_steps)]
+        for prompt_id, sample_index in keys
+    ]
+
+
+@torch.no_grad()
+def rollout(
+    backbone: Backbone,
+    net: nn.Module,
+    cond: Cond,
+    sigmas: Tensor,
+    seeds: Sequence[Sequence[int]],
+    latent_shape: tuple[int, int, int],
+    *,
+    eta: float,
+    guidance: float = 1.0,
+    record: bool = True,
+) -> Trajectory:
+    """Run the chain ``x(sigmas[0]) -> ... -> x(sigmas[-1] = 0)`` for one batch.
+
+    ``seeds[b][0]`` draws row ``b``'s initial latent, ``seeds[b][k + 1]`` its step-``k`` noise
+    (drawn only for stochastic steps: ``eta > 0`` and ``sigma_next > 0``). With ``record`` every
+    state, mean and log-prob is kept (RL); otherwise only the final sample (generation).
+    """
+    num_steps = len(sigmas) - 1
+    device = backbone.device
+    if len(seeds) != len(cond) or any(len(row) != num_steps + 1 for row in seeds):
+        raise ValueError(f"need {len(cond)} seed rows of {num_steps + 1} seeds")
+    x = randn_rows([row[0] for row in seeds], latent_shape, device)
+    states, means, stds, logps, logps_simple = [x], [], [], [], []
+    for k in range(num_steps):
+        sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
+        v = backbone.velocity(net, x, sigma, cond, guidance)
+        if eta == 0.0:
+            mean, std = euler_step(x, v, sigma, sigma_next), 0.0
+        else:
+            mean, std_t = cps_mean_std(x, v, sigma, sigma_next, eta)
+            std = float(std_t)  # sigma_next sin(theta): exactly 0 at the final step
+        x_next = mean if std == 0.0 else mean + std * randn_rows([row[k + 1] for row in seeds], latent_shape, device)
+        if record:
+            states.append(x_next)
+            means.append(mean)
+            stds.append(std)
+            logps.append(gaussian_log_prob(x_next, mean, std))
+            logps_simple.append(simplified_log_prob(x_next, mean))
+        x = x_next
+    if not record:
+        return Trajectory(sigmas=sigmas, final=x)
+    return Trajectory(
+        sigmas=sigmas,
+        final=x,
+        states=torch.stack(states, 1),
+        means=torch.stack(means, 1),
+        stds=torch.tensor(stds, dtype=torch.float32),
+        log_probs=torch.stack(logps, 1),
+        log_probs_simplified=torch.stack(logps_simple, 1),
+    )
+
+
+class ForwardCounter:
+    """Counts the rows a network processes (a forward hook), to measure NFE instead of trusting a card.
+
+    One sampling step costs 1 NFE per image, 2 with classical CFG (both branches are rows).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.calls = 0
+        self.rows = 0
+        self._handle = net.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        self.calls += 1
+        self.rows += int(x.shape[0])
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def _padded_chunks(n: int, size: int) -> list[tuple[list[int], int]]:
+    """Index lists of exactly ``size`` rows covering ``range(n)``; each with its count of real rows."""
+    chunks = []
+    for start in range(0, n, size):
+        real = list(range(start, min(start + size, n)))
+        chunks.append((real + [real[-1]] * (size - len(real)), len(real)))
+    return chunks
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    net: nn.Module,
+    prompts: Sequence[str],
+    keys: Sequence[tuple[Coord, int]],
+    spec: SamplerSpec,
+    *,
+    run_seed: int,
+    height: int,
+    width: int,
+    compute_batch: int = 4,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Images ``[N, 3, H, W]`` (float32 in [0, 1], on the CPU) for ``prompts[i]`` at coordinates ``keys[i]``.
+
+    ``keys[i] = (prompt_id, sample_index)``. ``on_chunk(n_done)`` is called after each chunk.
+    """
+    spec.validate()
+    if len(prompts) != len(keys):
+        raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys")
+    if compute_batch < 1:
+        raise ValueError(f"compute_batch must be >= 1, got {compute_batch}")
+    sigmas = backbone.schedule(spec.num_steps, height, width, spec.timesteps)
+    shape = backbone.latent_shape(height, width)
+    out: list[Tensor] = []
+    done = 0
+    for rows, real in _padded_chunks(len(prompts), compute_batch):
+        cond = backbone.encode([prompts[i] for i in rows], guidance=spec.guidance)
+        seeds = seed_table(run_seed, [keys[i] for i in rows], spec.num_steps)
+        traj = rollout(backbone, net, cond, sigmas, seeds, shape, eta=spec.eta, guidance=spec.guidance, record=False)
+        out.append(backbone.decode(traj.final)[:real].cpu())
+        done += real
+        if on_chunk is not None:
+            on_chunk(done)
+    return torch.cat(out) if out else torch.empty(0, 3, height, width)

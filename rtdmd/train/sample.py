@@ -1,0 +1,187 @@
+"""``rtdmd-train sample``: images from a backbone with a sampler spec, into a resumable run directory.
+
+Each image is addressed by ``(prompt_id, sample_index)`` with ``prompt_id = sha256(prompt)[:16]``,
+so an image depends on its prompt text, index, seed and spec, not on its position in the list. The
+run directory gets ``config.yaml``, ``env.json``, ``images/<prompt_id>_<k>.png``, ``samples.jsonl``
+(one row per image, with the PNG's sha256) and ``grid.png``. A rerun skips images whose file is
+present and intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rtdmd import run_dir
+from rtdmd.backbones.base import BackboneConfig, build_backbone
+from rtdmd.checkpoint import write_text_atomic
+from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
+from rtdmd.seeding import INIT_STEP, seed_for
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Config schema of ``rtdmd-train sample`` (packaged YAMLs: ``rtdmd/configs/sample/*.yaml``)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    prompts: tuple[str, ...] = ()
+    prompt_file: str = ""  # a text file with one prompt per line, used after `prompts`
+    images_per_prompt: int = 1
+    height: int = 64
+    width: int = 64
+    seed: int = 0
+    compute_batch: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_dir: str = "runs/sample"
+
+    def validate(self) -> None:
+        if not self.prompts and not self.prompt_file:
+            raise ValueError("give prompts or a prompt_file")
+        if self.images_per_prompt < 1 or self.compute_batch < 1:
+            raise ValueError("images_per_prompt and compute_batch must be >= 1")
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_prompts(cfg: SampleConfig) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    unique = list(dict.fromkeys(prompts))  # a repeated prompt would address the same images
+    return unique
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8 (round half to even, as torchvision does)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_png(pixels: torch.Tensor, path: Path) -> str:
+    """Write one [H, W, 3] uint8 image atomically; return the file's sha256."""
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def grid(pixels: list[torch.Tensor], columns: int) -> Image.Image:
+    h, w, _ = pixels[0].shape
+    rows = (len(pixels) + columns - 1) // columns
+    canvas = torch.full((rows * h, columns * w, 3), 255, dtype=torch.uint8)
+    for i, img in enumerate(pixels):
+        r, c = divmod(i, columns)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    return Image.fromarray(canvas.numpy())
+
+
+def done_rows(root: Path) -> dict[str, dict]:
+    """Rows of ``samples.jsonl`` whose image file exists with the recorded sha256."""
+    index = root / "samples.jsonl"
+    if not index.exists():
+        return {}
+    rows = {}
+    for line in index.read_text().splitlines():
+        row = json.loads(line)
+        path = root / row["file"]
+        if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == row["sha256"]:
+            rows[row["file"]] = row
+    return rows
+
+
+def image_row(cfg: SampleConfig, root: Path, prompt: str, pid: str, k: int, pixels: torch.Tensor) -> dict:
+    """Save one image and describe it (one ``samples.jsonl`` row)."""
+    file = f"images/{pid}_{k}.png"
+    return {
+        "prompt_id": pid,
+        "prompt": prompt,
+        "sample_index": k,
+        "init_seed": seed_for(cfg.seed, pid, k, INIT_STEP),
+        "file": file,
+        "sha256": save_png(pixels, root / file),
+        "mean_pixel": round(float(pixels.float().mean()) / 255, 6),
+    }
+
+
+def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Generate what is missing; return a summary (rows, timings, measured NFE).
+
+    ``progress(done, total)`` is called before the first chunk and after each one."""
+    root = run_dir.prepare(cfg.run_dir, cfg)
+    (root / "images").mkdir(exist_ok=True)
+    prompts = read_prompts(cfg)
+    todo = [(p, prompt_id(p), k) for p in prompts for k in range(cfg.images_per_prompt)]
+    done = done_rows(root)
+    missing = [t for t in todo if f"images/{t[1]}_{t[2]}.png" not in done]
+    device = resolve_device(cfg.device)
+    load_s = gen_s = 0.0
+    nfe = None
+    new_rows: dict[str, dict] = {}
+    if missing:  # a finished run loads no weights
+        t0 = time.perf_counter()
+        backbone = build_backbone(cfg.backbone, device)
+        load_s = time.perf_counter() - t0
+        counter = ForwardCounter(backbone.transformer)
+        t1 = time.perf_counter()
+        index = (root / "samples.jsonl").open("a")
+        # one compute chunk at a time, each saved at once: a kill loses at most one chunk
+        for start in range(0, len(missing), cfg.compute_batch):
+            if progress:
+                progress(start, len(missing))
+            part = missing[start : start + cfg.compute_batch]
+            images = generate(
+                backbone,
+                backbone.transformer,
+                [p for p, _, _ in part],
+                [(pid, k) for _, pid, k in part],
+                cfg.sampler,
+                run_seed=cfg.seed,
+                height=cfg.height,
+                width=cfg.width,
+                compute_batch=cfg.compute_batch,
+            )
+            for (prompt, pid, k), pixels in zip(part, to_uint8(images), strict=True):
+                row = image_row(cfg, root, prompt, pid, k, pixels)
+                new_rows[row["file"]] = row
+                index.write(json.dumps(row) + "\n")
+            index.flush()
+        index.close()
+        if progress:
+            progress(len(missing), len(missing))
+        gen_s = time.perf_counter() - t1
+        counter.close()
+        # rows through the transformer per sampled chain (padding rows count on both sides)
+        nfe = counter.rows / (-(-len(missing) // cfg.compute_batch) * cfg.compute_batch)
+    rows = [(done | new_rows)[f"images/{pid}_{k}.png"] for _, pid, k in todo]
+    write_text_atomic(root / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    pixels = [torch.from_numpy(np.asarray(Image.open(root / r["file"]).convert("RGB"))) for r in rows]
+    grid(pixels, cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(8, len(pixels))).save(root / "grid.png")
+    return {
+        "run_dir": str(root),
+        "rows": rows,
+        "generated": len(missing),
+        "skipped": len(todo) - len(missing),
+        "device": str(device),
+        "load_seconds": load_s,
+        "generate_seconds": gen_s,
+        "nfe_per_image": nfe,
+    }
