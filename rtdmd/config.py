@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rtdmd.registry import did_you_mean
+from rtdmd.registry import UnknownNameError, did_you_mean
 
 C = TypeVar("C")
 
@@ -129,7 +129,7 @@ def _build(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
     if callable(validate):
         try:
             validate()
-        except (ValueError, AssertionError) as err:
+        except (ValueError, AssertionError, UnknownNameError) as err:
             raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
     return obj
 

@@ -96,7 +96,9 @@ def test_shift_terminal_and_linear_shift_equal_diffusers():
         ref = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.02, time_shift_type=kind)
         ref.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=resolution_mu(1674))
         ours = TimeShift.from_scheduler_config(dict(ref.config), dynamic_mu_rule="resolution")
-        torch.testing.assert_close(ours.sigmas(linspace_timesteps(4, 0.25), seq_len=1674), ref.sigmas, rtol=0, atol=2e-6)
+        torch.testing.assert_close(
+            ours.sigmas(linspace_timesteps(4, 0.25), seq_len=1674), ref.sigmas, rtol=0, atol=2e-6
+        )
         assert float(ours.sigmas([1.0, 0.5], seq_len=1674)[-2]) == pytest.approx(0.02)
 
 
@@ -115,7 +117,9 @@ def test_x0_eps_recovery_identity():
     x, v = rand(3, 4, 8, 8), rand(3, 4, 8, 8, seed=1)
     sigma = torch.tensor([0.1, 0.5, 0.97], dtype=torch.float64)
     s = sigma.view(-1, 1, 1, 1)
-    torch.testing.assert_close((1 - s) * x0_from_velocity(x, v, sigma) + s * eps_from_velocity(x, v, sigma), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        (1 - s) * x0_from_velocity(x, v, sigma) + s * eps_from_velocity(x, v, sigma), x, rtol=0, atol=1e-12
+    )
     x0, eps = rand(2, 3, seed=2), rand(2, 3, seed=3)
     xt = noisy(x0, eps, 0.3)
     torch.testing.assert_close(x0_from_velocity(xt, velocity_target(x0, eps), 0.3), x0)
@@ -165,10 +169,16 @@ def test_same_external_noise_gives_identical_outputs():
 
 def test_per_sample_sigmas_broadcast():
     x, v, z = rand(3, 2, 4, 4), rand(3, 2, 4, 4, seed=1), rand(3, 2, 4, 4, seed=2)
-    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64), torch.tensor([0.5, 0.2, 0.0], dtype=torch.float64)
+    sigma, sigma_next = (
+        torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64),
+        torch.tensor([0.5, 0.2, 0.0], dtype=torch.float64),
+    )
     batched = cps_step(x, v, sigma, sigma_next, ETA, z)
     for i in range(3):
-        torch.testing.assert_close(batched[i : i + 1], cps_step(x[i : i + 1], v[i : i + 1], float(sigma[i]), float(sigma_next[i]), ETA, z[i : i + 1]))
+        torch.testing.assert_close(
+            batched[i : i + 1],
+            cps_step(x[i : i + 1], v[i : i + 1], float(sigma[i]), float(sigma_next[i]), ETA, z[i : i + 1]),
+        )
 
 
 # ---------------------------------------------------------------- 9. log-probs
@@ -179,7 +189,9 @@ def test_exact_log_prob_is_the_gaussian_density():
     std = torch.tensor([0.3, 0.7, 1.2], dtype=torch.float64)
     ref = torch.distributions.Normal(mean, std.view(-1, 1, 1, 1)).log_prob(x_next).flatten(1).sum(1)
     torch.testing.assert_close(gaussian_log_prob(x_next, mean, std), ref)
-    torch.testing.assert_close(gaussian_log_prob(x_next, mean, 0.5), torch.distributions.Normal(mean, 0.5).log_prob(x_next).flatten(1).sum(1))
+    torch.testing.assert_close(
+        gaussian_log_prob(x_next, mean, 0.5), torch.distributions.Normal(mean, 0.5).log_prob(x_next).flatten(1).sum(1)
+    )
 
 
 def test_exact_log_prob_keeps_float64_precision_for_bf16_inputs():

@@ -103,7 +103,9 @@ class TinyBackbone:
             torch.manual_seed(seed)
             transformer = tiny_transformer()
             text_encoder = ByteTextEncoder()
-        return cls(transformer.to(device, dtype).eval(), text_encoder.to(device, dtype).eval())
+        if dtype != torch.float32:  # built in float32; cast only when asked (diffusers warns on casts)
+            transformer, text_encoder = transformer.to(dtype=dtype), text_encoder.to(dtype=dtype)
+        return cls(transformer.to(device).eval(), text_encoder.to(device).eval())
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig, device: torch.device) -> TinyBackbone:

@@ -173,7 +173,7 @@ def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -
         nfe = counter.rows / (-(-len(missing) // cfg.compute_batch) * cfg.compute_batch)
     rows = [(done | new_rows)[f"images/{pid}_{k}.png"] for _, pid, k in todo]
     write_text_atomic(root / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    pixels = [torch.from_numpy(np.asarray(Image.open(root / r["file"]).convert("RGB"))) for r in rows]
+    pixels = [torch.from_numpy(np.array(Image.open(root / r["file"]).convert("RGB"))) for r in rows]
     grid(pixels, cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(8, len(pixels))).save(root / "grid.png")
     return {
         "run_dir": str(root),
