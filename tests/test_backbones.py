@@ -194,3 +194,24 @@ def test_backbone_config_rejects_unknown_family_and_needs_sources():
         build_backbone(BackboneConfig(family="sd3"))
     with pytest.raises(ValueError, match="fixed seed"):
         build_backbone(BackboneConfig(family="tiny", source="x"))
+
+
+@pytest.mark.parametrize(
+    ("cls", "build"),
+    [
+        (SD3Backbone, tiny_sd3_pipeline),
+        (Flux1Backbone, tiny_flux1_pipeline),
+        (Flux2Backbone, tiny_flux2_klein_pipeline),
+    ],
+    ids=["sd3", "flux1", "flux2"],
+)
+def test_bfloat16_weights_give_float32_velocities_close_to_float32(cls, build):
+    fp32 = cls(build(), max_sequence_length=16)
+    bf16 = cls(build().to(dtype=torch.bfloat16), max_sequence_length=16)
+    x = torch.randn(2, *fp32.latent_shape(32, 32))
+    with torch.no_grad():
+        v32 = fp32.velocity(fp32.transformer, x, 0.7, fp32.encode(["a cat", "a dog"], 2.0), 2.0)
+        v16 = bf16.velocity(bf16.transformer, x, 0.7, bf16.encode(["a cat", "a dog"], 2.0), 2.0)
+    assert v16.dtype == torch.float32 and torch.isfinite(v16).all()
+    assert float((v16 - v32).norm() / v32.norm()) < 0.05
+    assert bf16.decode(x).dtype == torch.float32

@@ -101,3 +101,18 @@ def test_jsonl_logger(tmp_path):
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss/g"] == 0.5 and rows[0]["loss/nan"] == "nan"
+
+
+def test_status_line_shows_selected_metrics():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from rtdmd.loggers import Loggers, StatusLine
+
+    buffer = StringIO()
+    status = StatusLine(total=4, description="distill", keys=("loss/g",), console=Console(file=buffer, width=120))
+    logs = Loggers(status)
+    logs.log(2, {"loss/g": 0.123456, "loss/other": 1.0})
+    logs.close()
+    assert "g=0.1235" in buffer.getvalue() and "2/4" in buffer.getvalue()

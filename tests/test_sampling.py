@@ -13,7 +13,9 @@ from rtdmd.seeding import INIT_STEP, randn, seed_for
 
 STUDENT = SamplerSpec(num_steps=4, eta=0.9, guidance=1.0, timesteps=RTDMD_TIMESTEPS)
 TEACHER = SamplerSpec(num_steps=6, eta=0.0, guidance=4.5)
-PROMPTS = [f"prompt number {i}: a {c} shape" for i, c in enumerate(["red", "green", "blue", "cyan", "pink", "black", "white"])]
+PROMPTS = [
+    f"prompt number {i}: a {c} shape" for i, c in enumerate(["red", "green", "blue", "cyan", "pink", "black", "white"])
+]
 KEYS = [(f"p{i}", i % 3) for i in range(7)]
 
 
