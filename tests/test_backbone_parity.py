@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rtdmd.backbones.flux1 import Flux1Backbone, pack_flux1, unpack_flux1
+from rtdmd.backbones.flux1 import Flux1Backbone, pack_flux1
 from rtdmd.backbones.flux2 import Flux2Backbone
 from rtdmd.backbones.latents import unpatchify_2x2
 from rtdmd.backbones.sd3 import SD3Backbone
@@ -42,117 +42,87 @@ def ours(backbone, guidance: float):
     return x_init, traj.final, images
 
 
-def saved(tmp_path_factory, name, pipe):
-    path = tmp_path_factory.mktemp(name)
-    pipe.save_pretrained(path)
-    return str(path)
+def flux2_vae_latents(final: torch.Tensor, backbone: Flux2Backbone) -> torch.Tensor:
+    """The klein pipeline's "latent" output is un-normalised and unpatchified: map ours the same way."""
+    bn = backbone.vae.bn
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + backbone.vae.config.batch_norm_eps)
+    return unpatchify_2x2(final * std + bn.running_mean.view(1, -1, 1, 1))
+
+
+def same(x, *_):
+    return x
+
+
+def packed(x, *_):
+    return pack_flux1(x)
+
+
+# case: (pipeline builder, its kwargs, adapter, our latent -> the pipeline's `latents` input,
+#        our final latent -> the pipeline's "latent" output, guidance -> pipeline kwargs)
+CASES = {
+    "sd3": (tiny_sd3_pipeline, {}, SD3Backbone, same, same, lambda g: {"guidance_scale": g}),
+    # guidance-distilled FLUX.1-dev: the guidance is the embedded scalar, one pass
+    "flux1-dev": (
+        tiny_flux1_pipeline,
+        {"guidance_embeds": True},
+        Flux1Backbone,
+        pack_flux1,
+        packed,
+        lambda g: {"guidance_scale": g},
+    ),
+    # FLUX.1 without guidance embedding: classical CFG with "" = FluxPipeline's true CFG
+    "flux1-true-cfg": (
+        tiny_flux1_pipeline,
+        {"guidance_embeds": False},
+        Flux1Backbone,
+        pack_flux1,
+        packed,
+        lambda g: {"true_cfg_scale": g, "negative_prompt": [""] * len(PROMPTS)},
+    ),
+    "flux2-klein-base": (
+        tiny_flux2_klein_pipeline,
+        {},
+        Flux2Backbone,
+        same,
+        flux2_vae_latents,
+        lambda g: {"guidance_scale": g},
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return saved(tmp_path_factory, "sd3", tiny_sd3_pipeline())
+def saved_pipelines(tmp_path_factory):
+    """Each case's tiny pipeline, saved once with save_pretrained (loaded back by path, offline)."""
+    paths: dict[str, str] = {}
 
+    def get(case: str) -> str:
+        if case not in paths:
+            build, kwargs = CASES[case][:2]
+            path = tmp_path_factory.mktemp(case)
+            build(**kwargs).save_pretrained(path)
+            paths[case] = str(path)
+        return paths[case]
 
-@pytest.fixture(scope="module")
-def flux1_dir(tmp_path_factory):
-    return saved(tmp_path_factory, "flux1", tiny_flux1_pipeline(guidance_embeds=True))
-
-
-@pytest.fixture(scope="module")
-def flux1_schnell_dir(tmp_path_factory):
-    return saved(tmp_path_factory, "flux1s", tiny_flux1_pipeline(guidance_embeds=False))
-
-
-@pytest.fixture(scope="module")
-def flux2_dir(tmp_path_factory):
-    return saved(tmp_path_factory, "flux2", tiny_flux2_klein_pipeline())
+    return get
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_sd3_matches_stable_diffusion3_pipeline(sd3_dir, guidance):
-    from diffusers import StableDiffusion3Pipeline
-
-    backbone = SD3Backbone.from_pretrained(sd3_dir, dtype=torch.float32, max_sequence_length=TEXT_LEN)
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_and_euler_sampler_match_the_diffusers_pipeline(saved_pipelines, case, guidance):
+    _, _, adapter, to_pipeline_input, to_pipeline_latent, guidance_kwargs = CASES[case]
+    path = saved_pipelines(case)
+    backbone = adapter.from_pretrained(path, dtype=torch.float32, max_sequence_length=TEXT_LEN)
     x_init, final, images = ours(backbone, guidance)
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, dtype=torch.float32)
+    pipe = getattr(__import__("diffusers"), adapter.PIPELINE).from_pretrained(path, dtype=torch.float32)
     common = dict(
         prompt=PROMPTS,
         num_inference_steps=NUM_STEPS,
-        guidance_scale=guidance,
         height=HEIGHT,
         width=WIDTH,
         max_sequence_length=TEXT_LEN,
+        **guidance_kwargs(guidance),
     )
-    ref_latents = pipe(latents=x_init.clone(), output_type="latent", **common).images
-    ref_images = pipe(latents=x_init.clone(), output_type="pt", **common).images
-    assert rel_err(final, ref_latents) < 1e-4
-    assert rel_err(images, ref_images) < 1e-4
-
-
-@pytest.mark.parametrize("guidance", [1.0, 3.5])
-def test_flux1_dev_matches_flux_pipeline(flux1_dir, guidance):
-    """Guidance-distilled FLUX.1: the guidance is the embedded scalar, one pass."""
-    from diffusers import FluxPipeline
-
-    backbone = Flux1Backbone.from_pretrained(flux1_dir, dtype=torch.float32, max_sequence_length=TEXT_LEN)
-    x_init, final, images = ours(backbone, guidance)
-    pipe = FluxPipeline.from_pretrained(flux1_dir, dtype=torch.float32)
-    common = dict(
-        prompt=PROMPTS,
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=guidance,
-        height=HEIGHT,
-        width=WIDTH,
-        max_sequence_length=TEXT_LEN,
-    )
-    ref_packed = pipe(latents=pack_flux1(x_init), output_type="latent", **common).images
-    ref_images = pipe(latents=pack_flux1(x_init), output_type="pt", **common).images
-    h, w = final.shape[-2:]
-    assert rel_err(final, unpack_flux1(ref_packed, h, w)) < 1e-4
-    assert rel_err(images, ref_images) < 1e-4
-
-
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
-def test_flux1_without_guidance_embedding_uses_true_cfg(flux1_schnell_dir, guidance):
-    """FLUX.1 without guidance embedding: classical CFG with the empty prompt = FluxPipeline's true CFG."""
-    from diffusers import FluxPipeline
-
-    backbone = Flux1Backbone.from_pretrained(flux1_schnell_dir, dtype=torch.float32, max_sequence_length=TEXT_LEN)
-    x_init, final, images = ours(backbone, guidance)
-    pipe = FluxPipeline.from_pretrained(flux1_schnell_dir, dtype=torch.float32)
-    ref_images = pipe(
-        prompt=PROMPTS,
-        negative_prompt=[""] * len(PROMPTS),
-        true_cfg_scale=guidance,
-        latents=pack_flux1(x_init),
-        num_inference_steps=NUM_STEPS,
-        height=HEIGHT,
-        width=WIDTH,
-        max_sequence_length=TEXT_LEN,
-        output_type="pt",
-    ).images
-    assert rel_err(images, ref_images) < 1e-4
-
-
-@pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_flux2_klein_matches_flux2_klein_pipeline(flux2_dir, guidance):
-    from diffusers import Flux2KleinPipeline
-
-    backbone = Flux2Backbone.from_pretrained(flux2_dir, dtype=torch.float32, max_sequence_length=TEXT_LEN)
-    x_init, final, images = ours(backbone, guidance)
-    pipe = Flux2KleinPipeline.from_pretrained(flux2_dir, dtype=torch.float32)
-    common = dict(
-        prompt=PROMPTS,
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=guidance,
-        height=HEIGHT,
-        width=WIDTH,
-        max_sequence_length=TEXT_LEN,
-    )
-    # the pipeline's "latent" output is un-normalised and unpatchified: map ours the same way
-    ref_latents = pipe(latents=x_init.clone(), output_type="latent", **common).images
-    ref_images = pipe(latents=x_init.clone(), output_type="pt", **common).images
-    bn = backbone.vae.bn
-    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + backbone.vae.config.batch_norm_eps)
-    assert rel_err(unpatchify_2x2(final * std + bn.running_mean.view(1, -1, 1, 1)), ref_latents) < 1e-4
+    ref_latents = pipe(latents=to_pipeline_input(x_init.clone()), output_type="latent", **common).images
+    ref_images = pipe(latents=to_pipeline_input(x_init.clone()), output_type="pt", **common).images
+    assert rel_err(to_pipeline_latent(final, backbone), ref_latents) < 1e-4
     assert rel_err(images, ref_images) < 1e-4

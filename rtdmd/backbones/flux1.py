@@ -14,19 +14,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import (
-    BACKBONES,
-    TORCH_DTYPES,
-    BackboneConfig,
-    Cond,
-    check_resolution,
-    encode_with_negative,
-    guided_velocity,
-    images_from_vae,
-    net_dtype,
-    vae_scale_factor,
-)
+from rtdmd.backbones.base import BACKBONES, Cond, check_resolution, guided_velocity, net_dtype, vae_scale_factor
 from rtdmd.backbones.latents import from_tokens, grid_ids, patchify_2x2, to_tokens, unpatchify_2x2
+from rtdmd.backbones.pipeline import PipelineBackbone, decode_scaled_vae
 from rtdmd.backbones.sd3 import SD3_LORA_TARGETS
 from rtdmd.flow.schedules import TimeShift, flux_default_timesteps
 
@@ -62,50 +52,25 @@ def flux1_forward(
 
 
 @BACKBONES.register("flux1")
-class Flux1Backbone:
+class Flux1Backbone(PipelineBackbone):
     """FLUX.1-dev / -schnell through diffusers' ``FluxPipeline`` components."""
 
     name = "flux1"
+    PIPELINE = "FluxPipeline"
+    DEFAULT_TEXT_LENGTH = 512
+    MU_RULE = "resolution"
+    # The official RTDMD list: the joint-attention names, which also hit single-block attn.to_q/k/v.
+    lora_targets = SD3_LORA_TARGETS
     # the released FLUX.1 scheduler: resolution-dependent mu; 16 pixels per packed token
     REFERENCE_TIME_SHIFT = TimeShift(
         mu_rule="resolution", base_shift=0.5, max_shift=1.15, base_seq_len=256, max_seq_len=4096
     )
-    spacing = staticmethod(flux_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
     REFERENCE_PIXELS_PER_TOKEN = 16
-    # The official RTDMD list: the joint-attention names, which also hit single-block attn.to_q/k/v.
-    lora_targets = SD3_LORA_TARGETS
+    spacing = staticmethod(flux_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
 
-    def __init__(self, pipe, max_sequence_length: int = 512) -> None:
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.max_sequence_length = max_sequence_length
+    def __init__(self, pipe, max_sequence_length: int | None = None) -> None:
+        super().__init__(pipe, max_sequence_length)
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
-        self.time_shift = TimeShift.from_scheduler_config(dict(pipe.scheduler.config), dynamic_mu_rule="resolution")
-        self._empty: dict[str, dict[str, Tensor]] = {}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cpu",
-        max_sequence_length: int = 512,
-    ):
-        from diffusers import FluxPipeline
-
-        pipe = FluxPipeline.from_pretrained(source, dtype=dtype).to(device)
-        return cls(pipe, max_sequence_length=max_sequence_length)
-
-    @classmethod
-    def from_config(cls, cfg: BackboneConfig, device: torch.device) -> Flux1Backbone:
-        if not cfg.source:
-            raise ValueError("backbone.source must name a hub id or a local directory for family 'flux1'")
-        return cls.from_pretrained(cfg.source, TORCH_DTYPES[cfg.dtype], device, cfg.max_sequence_length or 512)
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
 
     def _encode_texts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
@@ -113,26 +78,16 @@ class Flux1Backbone:
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], guidance: float = 1.0) -> Cond:
-        needs_negative = guidance != 1.0 and not self.guidance_embeds
-        return encode_with_negative(self._encode_texts, prompts, needs_negative, self._empty)
-
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         return guided_velocity(partial(flux1_forward, net), x, sigma, cond, guidance, embedded=self.guidance_embeds)
 
     def decode(self, latents: Tensor) -> Tensor:
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        return images_from_vae(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
+        return decode_scaled_vae(self.vae, latents)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = vae_scale_factor(self.vae)
         check_resolution(height, width, f * 2, self.name)
         return (self.transformer.config.in_channels // 4, height // f, width // f)
-
-    def default_timesteps(self, num_steps: int) -> tuple[float, ...]:
-        return self.spacing(num_steps, self.time_shift)
 
     def schedule(self, num_steps: int, height: int, width: int, timesteps: Sequence[float] | None = None) -> Tensor:
         _, h, w = self.latent_shape(height, width)

@@ -17,17 +17,15 @@ from torch import Tensor, nn
 
 from rtdmd.backbones.base import (
     BACKBONES,
-    TORCH_DTYPES,
-    BackboneConfig,
     Cond,
     check_resolution,
-    encode_with_negative,
     guided_velocity,
     images_from_vae,
     net_dtype,
     vae_scale_factor,
 )
 from rtdmd.backbones.latents import from_tokens, grid_ids, to_tokens, unpatchify_2x2
+from rtdmd.backbones.pipeline import PipelineBackbone
 from rtdmd.flow.schedules import TimeShift, flux_default_timesteps
 
 TEXT_LAYERS = (9, 18, 27)
@@ -74,50 +72,24 @@ def flux2_forward(
 
 
 @BACKBONES.register("flux2")
-class Flux2Backbone:
+class Flux2Backbone(PipelineBackbone):
     """FLUX.2-klein through diffusers' ``Flux2KleinPipeline`` components."""
 
     name = "flux2"
+    PIPELINE = "Flux2KleinPipeline"
+    DEFAULT_TEXT_LENGTH = 512
+    MU_RULE = "empirical"
     # the released FLUX.2-klein scheduler: empirical mu(L, n); 16 pixels per token
     REFERENCE_TIME_SHIFT = TimeShift(mu_rule="empirical")
-    spacing = staticmethod(flux_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
     REFERENCE_PIXELS_PER_TOKEN = 16
+    spacing = staticmethod(flux_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
+    text_layers = TEXT_LAYERS  # Qwen3 hidden states concatenated into the text embedding
 
-    def __init__(self, pipe, max_sequence_length: int = 512, text_layers: tuple[int, ...] = TEXT_LAYERS) -> None:
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.max_sequence_length = max_sequence_length
-        self.text_layers = tuple(text_layers)
+    def __init__(self, pipe, max_sequence_length: int | None = None) -> None:
+        super().__init__(pipe, max_sequence_length)
         self.is_distilled = bool(pipe.config.get("is_distilled", False))
         self.guidance_embeds = bool(self.transformer.config.get("guidance_embeds", False))
         self.lora_targets = flux2_lora_targets(self.transformer.config.num_single_layers)
-        self.time_shift = TimeShift.from_scheduler_config(dict(pipe.scheduler.config), dynamic_mu_rule="empirical")
-        self._empty: dict[str, dict[str, Tensor]] = {}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cpu",
-        max_sequence_length: int = 512,
-        text_layers: tuple[int, ...] = TEXT_LAYERS,
-    ):
-        from diffusers import Flux2KleinPipeline
-
-        pipe = Flux2KleinPipeline.from_pretrained(source, dtype=dtype).to(device)
-        return cls(pipe, max_sequence_length=max_sequence_length, text_layers=text_layers)
-
-    @classmethod
-    def from_config(cls, cfg: BackboneConfig, device: torch.device) -> Flux2Backbone:
-        if not cfg.source:
-            raise ValueError("backbone.source must name a hub id or a local directory for family 'flux2'")
-        return cls.from_pretrained(cfg.source, TORCH_DTYPES[cfg.dtype], device, cfg.max_sequence_length or 512)
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
 
     def _encode_texts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _ = self.pipe.encode_prompt(
@@ -132,11 +104,9 @@ class Flux2Backbone:
         if guidance != 1.0 and self.is_distilled and not self.guidance_embeds:
             raise ValueError(f"this FLUX.2-klein is step-distilled and takes no guidance; got guidance={guidance}")
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str], guidance: float = 1.0) -> Cond:
         self._check_guidance(guidance)
-        needs_negative = guidance != 1.0 and not self.guidance_embeds
-        return encode_with_negative(self._encode_texts, prompts, needs_negative, self._empty)
+        return super().encode(prompts, guidance)
 
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         self._check_guidance(guidance)
@@ -154,9 +124,6 @@ class Flux2Backbone:
         f = vae_scale_factor(self.vae) * 2
         check_resolution(height, width, f, self.name)
         return (self.transformer.config.in_channels, height // f, width // f)
-
-    def default_timesteps(self, num_steps: int) -> tuple[float, ...]:
-        return self.spacing(num_steps, self.time_shift)
 
     def schedule(self, num_steps: int, height: int, width: int, timesteps: Sequence[float] | None = None) -> Tensor:
         _, h, w = self.latent_shape(height, width)

@@ -12,18 +12,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import (
-    BACKBONES,
-    TORCH_DTYPES,
-    BackboneConfig,
-    Cond,
-    check_resolution,
-    encode_with_negative,
-    guided_velocity,
-    images_from_vae,
-    net_dtype,
-    vae_scale_factor,
-)
+from rtdmd.backbones.base import BACKBONES, Cond, check_resolution, guided_velocity, net_dtype, vae_scale_factor
+from rtdmd.backbones.pipeline import PipelineBackbone, decode_scaled_vae
 from rtdmd.flow.schedules import TimeShift, linspace_timesteps, shift_static
 
 # LoRA on the joint-attention projections of every block (official RTDMD configs; rtdmd_method.md §4.1).
@@ -70,46 +60,18 @@ def sd3_forward(
 
 
 @BACKBONES.register("sd3")
-class SD3Backbone:
+class SD3Backbone(PipelineBackbone):
     """SD3-M / SD3.5-M (and SD3.5-L) through diffusers' ``StableDiffusion3Pipeline`` components."""
 
     name = "sd3"
+    PIPELINE = "StableDiffusion3Pipeline"
+    DEFAULT_TEXT_LENGTH = 256  # T5 tokens; the official RTDMD code uses 128
+    MU_RULE = "resolution"
     lora_targets = SD3_LORA_TARGETS
     # the released SD3-M / SD3.5-M scheduler: static shift 3; 16 pixels per token (VAE 8 x patch 2)
     REFERENCE_TIME_SHIFT = TimeShift(mu_rule="none", shift=3.0)
-    spacing = staticmethod(sd3_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
     REFERENCE_PIXELS_PER_TOKEN = 16
-
-    def __init__(self, pipe, max_sequence_length: int = 256) -> None:
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.max_sequence_length = max_sequence_length
-        self.time_shift = TimeShift.from_scheduler_config(dict(pipe.scheduler.config), dynamic_mu_rule="resolution")
-        self._empty: dict[str, dict[str, Tensor]] = {}
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        source: str,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cpu",
-        max_sequence_length: int = 256,
-    ):
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, dtype=dtype).to(device)
-        return cls(pipe, max_sequence_length=max_sequence_length)
-
-    @classmethod
-    def from_config(cls, cfg: BackboneConfig, device: torch.device) -> SD3Backbone:
-        if not cfg.source:
-            raise ValueError("backbone.source must name a hub id or a local directory for family 'sd3'")
-        return cls.from_pretrained(cfg.source, TORCH_DTYPES[cfg.dtype], device, cfg.max_sequence_length or 256)
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
+    spacing = staticmethod(sd3_default_timesteps)  # the pipeline's default raw times (num_steps, time_shift)
 
     @property
     def patch_size(self) -> int:
@@ -126,25 +88,16 @@ class SD3Backbone:
         )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str], guidance: float = 1.0) -> Cond:
-        return encode_with_negative(self._encode_texts, prompts, guidance != 1.0, self._empty)
-
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         return guided_velocity(partial(sd3_forward, net), x, sigma, cond, guidance)
 
     def decode(self, latents: Tensor) -> Tensor:
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        return images_from_vae(self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0])
+        return decode_scaled_vae(self.vae, latents)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = vae_scale_factor(self.vae)
         check_resolution(height, width, f * self.patch_size, self.name)
         return (self.transformer.config.in_channels, height // f, width // f)
-
-    def default_timesteps(self, num_steps: int) -> tuple[float, ...]:
-        return self.spacing(num_steps, self.time_shift)
 
     def schedule(self, num_steps: int, height: int, width: int, timesteps: Sequence[float] | None = None) -> Tensor:
         _, h, w = self.latent_shape(height, width)
