@@ -22,7 +22,7 @@ from PIL import Image
 
 from rtdmd import run_dir
 from rtdmd.backbones.base import BackboneConfig, build_backbone
-from rtdmd.checkpoint import write_text_atomic
+from rtdmd.checkpoint import atomic_path, write_text_atomic
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 
@@ -78,9 +78,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_png(pixels: torch.Tensor, path: Path) -> str:
     """Write one [H, W, 3] uint8 image atomically; return the file's sha256."""
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
