@@ -58,6 +58,7 @@ def test_dry_run_prints_the_resolved_config_without_loading(tmp_path):
         ("sampler.num_steps=four", "sampler.num_steps: expected int, got 'four' (e.g. sampler.num_steps=4)"),
         ("backbone.family=sd33", "unknown backbone family 'sd33' (did you mean 'sd3'?)"),
         ("sampler.timesteps=[1.0, 0.5]", "timesteps has 2 entries for num_steps=4"),
+        ("height=60", "tiny: height and width must be positive multiples of 8, got 60x64"),
     ],
 )
 def test_config_errors_exit_2_with_a_clear_message(override, message):
@@ -78,3 +79,37 @@ def test_bench_schedules_prints_the_method_table():
     assert "1.0000, 0.8492, 0.6525, 0.3849, 0.0000" in result.output  # FLUX.1 at 512 px
     bad = runner.invoke(bench_app, ["schedules", "-n", "8"])
     assert bad.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("family", "builder", "guidance"),
+    [
+        ("sd3", "tiny_sd3_pipeline", 4.5),
+        ("flux1", "tiny_flux1_pipeline", 3.5),
+        ("flux2", "tiny_flux2_klein_pipeline", 4.0),
+    ],
+)
+def test_sample_a_real_family_from_a_local_directory(tmp_path, family, builder, guidance):
+    """The same command line drives a real family, loaded with from_pretrained from a local directory."""
+    import rtdmd.testing
+
+    source = tmp_path / "weights"
+    getattr(rtdmd.testing, builder)().save_pretrained(source)
+    result = sample(
+        "--config",
+        "tiny",
+        f"backbone.family={family}",
+        f"backbone.source={source}",
+        "backbone.max_sequence_length=16",
+        "sampler.eta=0.0",
+        "sampler.num_steps=3",
+        "sampler.timesteps=none",
+        f"sampler.guidance={guidance}",
+        "images_per_prompt=1",
+        "height=32",
+        "width=32",
+        f"run_dir={tmp_path / 'run'}",
+    )
+    assert result.exit_code == 0, result.output
+    nfe = 3 if family == "flux1" else 6  # FLUX.1-dev's guidance is embedded: no second branch
+    assert "3 generated, 0 already done" in text(result) and f"measured NFE/image {nfe}" in text(result)

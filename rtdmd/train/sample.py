@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from rtdmd import run_dir
-from rtdmd.backbones.base import BackboneConfig, build_backbone
+from rtdmd.backbones import BACKBONES
+from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
 from rtdmd.checkpoint import atomic_path, write_text_atomic
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
 from rtdmd.seeding import INIT_STEP, seed_for
@@ -48,6 +49,13 @@ class SampleConfig:
             raise ValueError("give prompts or a prompt_file")
         if self.images_per_prompt < 1 or self.compute_batch < 1:
             raise ValueError("images_per_prompt and compute_batch must be >= 1")
+        # fail before loading weights: each family needs whole tokens (16 px for the real ones)
+        check_resolution(
+            self.height,
+            self.width,
+            BACKBONES.get(self.backbone.family).REFERENCE_PIXELS_PER_TOKEN,
+            self.backbone.family,
+        )
 
 
 def prompt_id(prompt: str) -> str:
