@@ -17,7 +17,7 @@ compute_batch, device and library versions).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -173,11 +173,10 @@ def generate(
     height: int,
     width: int,
     compute_batch: int = 4,
-    on_chunk: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Images ``[N, 3, H, W]`` (float32 in [0, 1], on the CPU) for ``prompts[i]`` at coordinates ``keys[i]``.
 
-    ``keys[i] = (prompt_id, sample_index)``. ``on_chunk(n_done)`` is called after each chunk.
+    ``keys[i] = (prompt_id, sample_index)``.
     """
     spec.validate()
     if len(prompts) != len(keys):
@@ -187,13 +186,9 @@ def generate(
     sigmas = backbone.schedule(spec.num_steps, height, width, spec.timesteps)
     shape = backbone.latent_shape(height, width)
     out: list[Tensor] = []
-    done = 0
     for rows, real in _padded_chunks(len(prompts), compute_batch):
         cond = backbone.encode([prompts[i] for i in rows], guidance=spec.guidance)
         seeds = seed_table(run_seed, [keys[i] for i in rows], spec.num_steps)
         traj = rollout(backbone, net, cond, sigmas, seeds, shape, eta=spec.eta, guidance=spec.guidance, record=False)
         out.append(backbone.decode(traj.final)[:real].cpu())
-        done += real
-        if on_chunk is not None:
-            on_chunk(done)
     return torch.cat(out) if out else torch.empty(0, 3, height, width)
