@@ -72,11 +72,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def prepare(path: str | Path, cfg: Any) -> Path:
+def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = ()) -> Path:
     """Create ``path`` for ``cfg`` or reopen it for resume.
 
     A new directory gets ``config.yaml`` and ``env.json``. An existing one must hold the same
-    resolved config (otherwise :class:`ConfigError` lists the differing keys); the environment of
+    resolved config (otherwise :class:`ConfigError` lists the differing keys), except the keys in
+    ``mutable`` (e.g. ``steps``, to extend a training run), which are updated; the environment of
     the resumed start is appended to ``env.json["resumed"]``.
     """
     root = Path(path)
@@ -85,7 +86,7 @@ def prepare(path: str | Path, cfg: Any) -> Path:
     if config_file.exists():
         old = _flatten(yaml.safe_load(config_file.read_text()) or {})
         new = _flatten(to_dict(cfg))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in mutable)
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
             raise ConfigError(
@@ -95,6 +96,8 @@ def prepare(path: str | Path, cfg: Any) -> Path:
         env = json.loads(env_file.read_text()) if env_file.exists() else {}
         env.setdefault("resumed", []).append(environment())
         write_text_atomic(env_file, json.dumps(env, indent=2))
+        if any(old.get(k) != new.get(k) for k in mutable):
+            write_text_atomic(config_file, dump_yaml(cfg))
         return root
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_file, dump_yaml(cfg))

@@ -62,7 +62,9 @@ class Trajectory:
     """
 
     sigmas: Tensor  # [T + 1]
-    final: Tensor  # [B, C, h, w]
+    final: Tensor  # [B, C, h, w], the state after the last executed step
+    last_input: Tensor | None = None  # the state the last executed step started from
+    last_velocity: Tensor | None = None  # that step's velocity (carries the graph with grad_last)
     states: Tensor | None = None  # [B, T + 1, C, h, w]
     means: Tensor | None = None  # [B, T, C, h, w]
     stds: Tensor | None = None  # [T]
@@ -78,7 +80,6 @@ def seed_table(run_seed: int, keys: Sequence[tuple[Coord, int]], num_steps: int)
     ]
 
 
-@torch.no_grad()
 def rollout(
     backbone: Backbone,
     net: nn.Module,
@@ -90,46 +91,57 @@ def rollout(
     eta: float,
     guidance: float = 1.0,
     record: bool = True,
+    stop: int | None = None,
+    grad_last: bool = False,
 ) -> Trajectory:
-    """Run the chain ``x(sigmas[0]) -> ... -> x(sigmas[-1] = 0)`` for one batch.
+    """Run the chain ``x(sigmas[0]) -> x(sigmas[1]) -> ...`` for one batch.
 
     ``seeds[b][0]`` draws row ``b``'s initial latent, ``seeds[b][k + 1]`` its step-``k`` noise
     (drawn only for stochastic steps: ``eta > 0`` and ``sigma_next > 0``). With ``record`` every
     state, mean and log-prob is kept (RL); otherwise only the final sample (generation).
+
+    ``stop`` executes only the first ``stop`` steps (the generator's random stop K); with
+    ``grad_last`` every executed step but the last runs without gradient and the last keeps the
+    graph through its velocity (the backward simulation of DMD/AC-DMD: gradient truncation).
     """
     num_steps = len(sigmas) - 1
+    stop = num_steps if stop is None else stop
+    if not 1 <= stop <= num_steps:
+        raise ValueError(f"stop must lie in [1, {num_steps}], got {stop}")
     device = backbone.device
     if len(seeds) != len(cond) or any(len(row) != num_steps + 1 for row in seeds):
         raise ValueError(f"need {len(cond)} seed rows of {num_steps + 1} seeds")
     x = randn_rows([row[0] for row in seeds], latent_shape, device)
     states, means, stds, logps, logps_simple = [x], [], [], [], []
-    for k in range(num_steps):
+    for k in range(stop):
         sigma, sigma_next = float(sigmas[k]), float(sigmas[k + 1])
-        v = backbone.velocity(net, x, sigma, cond, guidance)
-        if eta == 0.0:
-            mean, std = euler_step(x, v, sigma, sigma_next), 0.0
-        else:
-            mean, std_t = cps_mean_std(x, v, sigma, sigma_next, eta)
-            std = float(std_t)  # sigma_next sin(theta): exactly 0 at the final step
-        x_next = mean if std == 0.0 else mean + std * randn_rows([row[k + 1] for row in seeds], latent_shape, device)
+        last = k == stop - 1
+        with torch.set_grad_enabled(grad_last and last):
+            v = backbone.velocity(net, x, sigma, cond, guidance)
+            if eta == 0.0:
+                mean, std = euler_step(x, v, sigma, sigma_next), 0.0
+            else:
+                mean, std_t = cps_mean_std(x, v, sigma, sigma_next, eta)
+                std = float(std_t)  # sigma_next sin(theta): exactly 0 at the final step
+            noise = randn_rows([row[k + 1] for row in seeds], latent_shape, device) if std != 0.0 else None
+            x_next = mean if noise is None else mean + std * noise
         if record:
             states.append(x_next)
             means.append(mean)
             stds.append(std)
-            logps.append(gaussian_log_prob(x_next, mean, std))
-            logps_simple.append(simplified_log_prob(x_next, mean))
+            logps.append(gaussian_log_prob(x_next.detach(), mean.detach(), std))
+            logps_simple.append(simplified_log_prob(x_next.detach(), mean.detach()))
+        if last:
+            last_input, last_velocity = x, v
         x = x_next
-    if not record:
-        return Trajectory(sigmas=sigmas, final=x)
-    return Trajectory(
-        sigmas=sigmas,
-        final=x,
-        states=torch.stack(states, 1),
-        means=torch.stack(means, 1),
-        stds=torch.tensor(stds, dtype=torch.float32),
-        log_probs=torch.stack(logps, 1),
-        log_probs_simplified=torch.stack(logps_simple, 1),
-    )
+    traj = Trajectory(sigmas=sigmas, final=x, last_input=last_input, last_velocity=last_velocity)
+    if record:
+        traj.states = torch.stack(states, 1)
+        traj.means = torch.stack(means, 1)
+        traj.stds = torch.tensor(stds, dtype=torch.float32)
+        traj.log_probs = torch.stack(logps, 1)
+        traj.log_probs_simplified = torch.stack(logps_simple, 1)
+    return traj
 
 
 class ForwardCounter:

@@ -45,3 +45,15 @@ def randn(seed: int, shape: Sequence[int], device: torch.device | str = "cpu") -
 def randn_rows(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Stack one independent ``randn(seed, shape)`` per seed: ``[len(seeds), *shape]``."""
     return torch.stack([randn(s, shape) for s in seeds]).to(device)
+
+
+def uniform(seed: int, low: float = 0.0, high: float = 1.0) -> float:
+    """A float64 draw from ``U[low, high)`` addressed by ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return low + (high - low) * float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+def randint(seed: int, low: int, high: int) -> int:
+    """An integer draw from ``{low, ..., high}`` (both inclusive) addressed by ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return int(torch.randint(low, high + 1, (), generator=gen))

@@ -22,12 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from rtdmd.flow.path import eps_from_velocity, expand_sigma, x0_from_velocity
-
-
-def upcast(t: Tensor) -> Tensor:
-    """bf16/fp16 -> float32; float32 and float64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from rtdmd.flow.path import eps_from_velocity, expand_sigma, upcast, x0_from_velocity
 
 
 def eta_angle(eta: float) -> tuple[float, float]:

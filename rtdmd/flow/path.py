@@ -11,6 +11,11 @@ import torch
 from torch import Tensor
 
 
+def upcast(t: Tensor) -> Tensor:
+    """bf16/fp16 -> float32; float32 and float64 unchanged (the maths runs in at least float32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def expand_sigma(sigma: float | Tensor, x: Tensor) -> Tensor | float:
     """Make ``sigma`` broadcast against ``x``: ``[B]`` becomes ``[B, 1, ..., 1]``; scalars pass through."""
     if isinstance(sigma, Tensor) and sigma.ndim == 1:
@@ -54,3 +59,24 @@ def as_sigma_batch(sigma: float | Tensor, batch: int, device: torch.device | str
         sigma = sigma.to(device=device, dtype=torch.float32)
         return sigma.expand(batch).clone() if sigma.ndim == 0 else sigma
     return torch.full((batch,), float(sigma), device=device, dtype=torch.float32)
+
+
+def renoise_coefficients(
+    s: float | Tensor, t: float | Tensor, floor: float = 1e-12
+) -> tuple[Tensor | float, Tensor | float]:
+    """Forward transition of the path from level ``s`` to a noisier level ``t`` (rtdmd_method.md §4.2.1):
+    ``a = (1 - t) / (1 - s)``, ``sigma_ts = sqrt(max(t^2 - a^2 s^2, floor))``.
+
+    Then ``a (1 - s) = 1 - t`` and ``a^2 s^2 + sigma_ts^2 = t^2``: a sample ``(1 - s) x0 + s eps1``
+    becomes one at level ``t``.
+    """
+    a = (1 - t) / (1 - s)
+    var = t * t - (a * s) ** 2
+    sigma_ts = torch.sqrt(torch.clamp(var, min=floor)) if isinstance(var, Tensor) else max(var, floor) ** 0.5
+    return a, sigma_ts
+
+
+def renoise(x_s: Tensor, s: float | Tensor, t: float | Tensor, eps: Tensor) -> Tensor:
+    """ "Ambient" renoising ``x_t = a x_s + sigma_ts eps`` (per-sample ``s``, ``t`` of shape ``[B]`` allowed)."""
+    a, sigma_ts = renoise_coefficients(expand_sigma(s, x_s), expand_sigma(t, x_s))
+    return a * x_s + sigma_ts * eps

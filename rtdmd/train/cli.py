@@ -111,6 +111,40 @@ def sample(
 
 
 @app.command()
+def distill(
+    config: str = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(
+        None, help="Typed overrides, e.g. steps=100 batch_size=8 ac.consistency_weight=0.", show_default=False
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config and exit without loading weights."
+    ),
+) -> None:
+    """Stage 1: AC-DMD (or plain DMD with `method: dmd`) distillation of a teacher into a few-step generator.
+
+    Packaged configs: tiny, sd3m, sd35m, flux2_4b, flux2_9b, flux1_dev (see `rtdmd-train configs`).
+    Rerunning the same command resumes from the last checkpoint in run_dir; raising `steps=`
+    extends a finished run. Multi-GPU: `torchrun --nproc_per_node N -m rtdmd.train.cli distill ...`.
+    """
+    from rtdmd.train.distill import DistillConfig, train
+
+    cfg = _load(DistillConfig, "distill", config, overrides)
+    if dry_run:
+        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
+        return
+    try:
+        summary = train(cfg)
+    except ConfigError as error:
+        err.print(f"[bold red]config error:[/] {error}")
+        raise typer.Exit(2) from None
+    if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        console.print(
+            f"steps {summary['start_step']} -> {summary['steps']} in {summary['seconds']:.1f}s on {summary['world_size']} process(es) · "
+            f"run directory: {summary['run_dir']} (stats.jsonl, checkpoints/, eval/)"
+        )
+
+
+@app.command()
 def configs() -> None:
     """List the packaged configs."""
     for group in ("sample", "pretrain", "distill", "rl"):

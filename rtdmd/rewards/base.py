@@ -1,0 +1,53 @@
+"""The Reward contract.
+
+A reward maps float images ``[B, 3, H, W]`` in [0, 1], their prompts and per-prompt metadata to
+scores ``[B]`` in the metric's published units. The differentiable path is the only path; no-grad
+and chunking are wrappers (:func:`score`). ``info`` declares version, direction, differentiability
+and the metadata keys the reward needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from rtdmd.registry import Registry
+
+
+@dataclass(frozen=True)
+class RewardInfo:
+    version: str
+    higher_is_better: bool
+    differentiable: bool
+    needs: tuple[str, ...] = ()  # metadata keys each prompt must carry
+
+
+@runtime_checkable
+class Reward(Protocol):
+    info: ClassVar[RewardInfo]
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor: ...
+
+
+REWARDS: Registry[type] = Registry("reward")
+
+
+@torch.no_grad()
+def score(
+    reward: Reward,
+    images: Tensor,
+    prompts: Sequence[str],
+    meta: Sequence[dict[str, Any]] | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """Scores ``[N]`` (float32, CPU) without gradient, in chunks of ``batch_size`` images."""
+    meta = list(meta) if meta is not None else [{} for _ in prompts]
+    out = [
+        reward(images[i : i + batch_size], prompts[i : i + batch_size], meta[i : i + batch_size]).float().cpu()
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(out) if out else torch.empty(0)

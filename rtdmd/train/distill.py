@@ -1,0 +1,456 @@
+"""Stage 1: AC-DMD distillation, with plain DMD as the ablation arm (rtdmd_method.md §4, §6.1).
+
+One iteration: a fake-score update every step, a generator update every
+``fake_updates_per_generator`` steps (two time scales), an EMA update of the generator every step.
+
+* Generator update (§4.2.2): random stop K, backward simulation with gradient only through the last
+  executed step; the boundary sample ``x_s`` (AC-DMD: the CPS output of that step at level
+  ``s = sigma_K``; DMD: its clean prediction, ``s = 0``); renoising to ``t``; teacher (CFG) and fake
+  projections back to ``s`` with one shared noise draw; the normalised DMD loss.
+* Fake-score update (§4.2.3-4.2.4): fresh samples, the ambient target and weighting (DMD: plain flow
+  matching), plus the consistency regulariser with the two-sample estimator.
+
+Every random draw is addressed by coordinates ``(seed, phase, step, sample, what)`` where ``sample``
+is the position in the global batch, so results do not depend on the number of processes, and a
+resumed run replays exactly. The official code broadcasts K, t, the rollback and the CFG scale from
+rank 0; K and the CFG scale are per-step coordinates here (the same on every rank), t and the
+rollback per-sample ones (the same on any world size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rtdmd.backbones.base import BackboneConfig, Cond
+from rtdmd.distributed import Strategy
+from rtdmd.flow.cps import cps_step
+from rtdmd.flow.path import renoise, x0_from_velocity
+from rtdmd.flow.schedules import RTDMD_TIMESTEPS
+from rtdmd.losses.ac_dmd import ambient_loss, ambient_target, consistency_loss
+from rtdmd.losses.dmd import dmd_direction, dmd_loss
+from rtdmd.sampling import SamplerSpec, rollout, seed_table
+from rtdmd.seeding import randint, randn_rows, seed_for, uniform
+from rtdmd.train.roles import RoleSpec
+
+
+@dataclass(frozen=True)
+class RenoiseSpec:
+    """Renoising level ``t ~ U[s + margin, 1]`` clamped to ``clamp`` (sigma units; the official
+    ``U[1000 s + 10, 1000]`` clamped to [20, 980] model timesteps)."""
+
+    margin: float = 0.01
+    clamp: tuple[float, float] = (0.02, 0.98)
+
+
+@dataclass(frozen=True)
+class ACDMDSpec:
+    """AC-DMD's fake-score objective: ambient weighting ``min(1, weight_clamp sigma_ts^2)`` (with
+    ``move_scale_out``) and the consistency term ``gamma`` with rollbacks ``U{1..max}/1000``."""
+
+    weight_clamp: float = 10.0
+    move_scale_out: bool = True
+    consistency_weight: float = 0.01
+    consistency_max_rollback: int = 200  # model-timestep units (sigma * 1000)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """In-training evaluation with the EMA generator every ``every`` steps (0 = off)."""
+
+    every: int = 0
+    prompts: tuple[str, ...] = ()
+    images_per_prompt: int = 1
+    rewards: tuple[str, ...] = ()
+    compute_batch: int = 4
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Config schema of ``rtdmd-train distill`` (packaged YAMLs: ``rtdmd/configs/distill/*.yaml``)."""
+
+    method: Literal["ac_dmd", "dmd"] = "ac_dmd"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    generator: RoleSpec = field(default_factory=RoleSpec)
+    fake: RoleSpec = field(default_factory=RoleSpec)
+    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(num_steps=4, eta=0.9, timesteps=RTDMD_TIMESTEPS))
+    teacher_guidance: tuple[float, float] = (4.5, 4.5)  # U[min, max] per generator update
+    renoise: RenoiseSpec = field(default_factory=RenoiseSpec)
+    ac: ACDMDSpec | None = field(default_factory=ACDMDSpec)  # null for method: dmd
+    height: int = 512
+    width: int = 512
+    prompt_file: str = ""
+    prompt_file_sha256: str = ""
+    prompts: tuple[str, ...] = ()  # used when prompt_file is empty
+    batch_size: int = 72  # global, over all processes
+    fake_updates_per_generator: int = 10
+    ema_decay: float = 0.99
+    steps: int = 15000
+    seed: int = 0
+    precision: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of the network calls
+    distributed: Strategy = "ddp"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    device: str = "auto"
+    run_dir: str = "runs/distill"
+
+    def validate(self) -> None:
+        if (self.method == "ac_dmd") != (self.ac is not None):
+            raise ValueError("method 'ac_dmd' needs an `ac` section; method 'dmd' takes `ac: null`")
+        if not self.prompt_file and not self.prompts:
+            raise ValueError("give a prompt_file or inline prompts")
+        lo, hi = self.teacher_guidance
+        if not 0 < lo <= hi:
+            raise ValueError(f"teacher_guidance must be 0 < min <= max, got {self.teacher_guidance}")
+        if min(self.steps, self.batch_size, self.fake_updates_per_generator, self.checkpoint_every, self.log_every) < 1:
+            raise ValueError(
+                "steps, batch_size, fake_updates_per_generator, checkpoint_every and log_every must be >= 1"
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must lie in [0, 1)")
+        if self.eval.every and not self.eval.prompts:
+            raise ValueError("eval.every > 0 needs eval.prompts")
+
+
+@dataclass
+class SubInterval:
+    """A generator sample and its renoised version: ``x_s`` at level ``s`` (one per batch, from the
+    common stop K), ``x_t = a x_s + sigma_ts eps`` at per-sample levels ``t``."""
+
+    stop: int
+    x_s: torch.Tensor
+    s: float
+    t: torch.Tensor
+    eps: torch.Tensor
+    x_t: torch.Tensor
+
+
+@dataclass
+class Models:
+    """What the update functions need; ``generator_run`` / ``fake_run`` are the (DDP-)wrapped
+    modules used for training forwards."""
+
+    backbone: object
+    teacher: torch.nn.Module
+    generator_run: torch.nn.Module
+    fake_run: torch.nn.Module
+    sigmas: torch.Tensor
+    latent_shape: tuple[int, int, int]
+
+
+def draw_renoise_levels(cfg: DistillConfig, phase: str, step: int, samples: list[int], s: float) -> torch.Tensor:
+    """Per-sample ``t = clamp(s + margin + u (1 - s - margin), *clamp)``, ``u ~ U[0, 1)`` by coordinates."""
+    lo = s + cfg.renoise.margin
+    t = [lo + uniform(seed_for(cfg.seed, phase, step, i, "t")) * (1 - lo) for i in samples]
+    return torch.tensor(t, dtype=torch.float32).clamp(*cfg.renoise.clamp)
+
+
+def sample_subinterval(
+    cfg: DistillConfig, models: Models, phase: str, step: int, samples: list[int], cond: Cond, grad: bool
+) -> SubInterval:
+    """Backward simulation to a random stop K and the boundary/renoised pair (§4.2.1)."""
+    num_steps = len(models.sigmas) - 1
+    stop = randint(seed_for(cfg.seed, phase, step, "stop"), 1, num_steps)
+    seeds = seed_table(cfg.seed, [(f"{phase}/{step}", i) for i in samples], num_steps)
+    traj = rollout(
+        models.backbone,
+        models.generator_run,
+        cond,
+        models.sigmas,
+        seeds,
+        models.latent_shape,
+        eta=cfg.sampler.eta,
+        record=False,
+        stop=stop,
+        grad_last=grad,
+    )
+    if cfg.method == "ac_dmd":  # the CPS output of the last executed step, at s = sigma_K
+        x_s, s = traj.final, float(models.sigmas[stop])
+    else:  # plain DMD: the clean prediction of the last executed step
+        x_s, s = x0_from_velocity(traj.last_input, traj.last_velocity, float(models.sigmas[stop - 1])), 0.0
+    device = x_s.device
+    t = draw_renoise_levels(cfg, phase, step, samples, s).to(device)
+    eps = randn_rows([seed_for(cfg.seed, phase, step, i, "renoise") for i in samples], models.latent_shape, device)
+    x_t = renoise(x_s.detach().float(), s, t, eps)
+    return SubInterval(stop=stop, x_s=x_s, s=s, t=t, eps=eps, x_t=x_t)
+
+
+def generator_loss(
+    cfg: DistillConfig, models: Models, step: int, samples: list[int], cond: Cond
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The normalised DMD loss on the boundary sample (gradient flows into the generator's last step)."""
+    sub = sample_subinterval(cfg, models, "gen", step, samples, cond, grad=True)
+    lo, hi = cfg.teacher_guidance
+    w = lo if lo == hi else uniform(seed_for(cfg.seed, "gen", step, "cfg"), lo, hi)
+    backbone, eta = models.backbone, cfg.sampler.eta
+    with torch.no_grad():
+        v_real = backbone.velocity(models.teacher, sub.x_t, sub.t, cond, w)
+        v_fake = backbone.velocity(models.fake_run, sub.x_t, sub.t, cond, 1.0)
+        z = randn_rows(
+            [seed_for(cfg.seed, "gen", step, i, "project") for i in samples], models.latent_shape, sub.x_t.device
+        )
+        x_real = cps_step(sub.x_t, v_real, sub.t, sub.s, eta, z)  # one shared noise draw for both projections
+        x_fake = cps_step(sub.x_t, v_fake, sub.t, sub.s, eta, z)
+    g = dmd_direction(sub.x_s, x_real, x_fake)
+    loss = dmd_loss(sub.x_s, g)
+    return loss, {"loss/generator": float(loss.detach()), "train/gen_stop": sub.stop, "train/teacher_guidance": w}
+
+
+def fake_loss(
+    cfg: DistillConfig, models: Models, step: int, samples: list[int], cond: Cond
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Ambient DSM (or plain flow matching) plus the consistency regulariser, on fresh samples."""
+    with torch.no_grad():
+        sub = sample_subinterval(cfg, models, "fake", step, samples, cond, grad=False)
+    backbone, ac = models.backbone, cfg.ac
+    v = backbone.velocity(models.fake_run, sub.x_t, sub.t, cond, 1.0)
+    target = ambient_target(sub.x_s.float(), sub.eps, sub.s, sub.t)
+    if ac is None:  # plain DMD: standard flow-matching loss, no consistency
+        loss = ambient_loss(v, target, sub.s, sub.t, move_scale_out=False)
+        return loss, {"loss/fake": float(loss.detach()), "train/fake_stop": sub.stop}
+    loss_amb = ambient_loss(v, target, sub.s, sub.t, ac.weight_clamp, ac.move_scale_out)
+    logs = {"loss/fake_ambient": float(loss_amb.detach()), "train/fake_stop": sub.stop}
+    loss = loss_amb
+    if ac.consistency_weight:
+        loss_cons = consistency_term(cfg, models, step, samples, cond, sub, v)
+        loss = loss + ac.consistency_weight * loss_cons
+        logs["loss/fake_consistency"] = float(loss_cons.detach())
+    logs["loss/fake"] = float(loss.detach())
+    return loss, logs
+
+
+def consistency_term(
+    cfg: DistillConfig, models: Models, step: int, samples: list[int], cond: Cond, sub: SubInterval, v: torch.Tensor
+) -> torch.Tensor:
+    """``mean((h'_1 - h_a)(h'_2 - h_a))``: two independent stop-gradient CPS moves ``t -> t'`` with the
+    fake's own (detached) velocity; the gradient reaches the fake through ``h_a``, ``h'_1``, ``h'_2``."""
+    ac, device = cfg.ac, sub.x_t.device
+    rollback = [
+        randint(seed_for(cfg.seed, "fake", step, i, "rollback"), 1, ac.consistency_max_rollback) for i in samples
+    ]
+    t_prev = (sub.t - torch.tensor(rollback, device=device, dtype=torch.float32) / 1000).clamp(min=0)
+    anchor = x0_from_velocity(sub.x_t, v.float(), sub.t)
+    with torch.no_grad():
+        moves = [
+            cps_step(
+                sub.x_t,
+                v.detach(),
+                sub.t,
+                t_prev,
+                cfg.sampler.eta,
+                randn_rows(
+                    [seed_for(cfg.seed, "fake", step, i, "consistency", j) for i in samples],
+                    models.latent_shape,
+                    device,
+                ),
+            )
+            for j in (1, 2)
+        ]
+    x_both, t_both = torch.cat(moves), torch.cat([t_prev, t_prev])
+    both = cond.select(list(range(len(samples))) * 2)
+    v_both = models.backbone.velocity(models.fake_run, x_both, t_both, both, 1.0)
+    h_1, h_2 = x0_from_velocity(x_both, v_both.float(), t_both).chunk(2)
+    return consistency_loss(h_1, h_2, anchor)
+
+
+# ---------------------------------------------------------------- setup and loop
+
+
+@dataclass
+class Session:
+    """Built once per process: models, optimisers, EMA, prompts, logging."""
+
+    cfg: DistillConfig
+    world: object
+    root: object
+    models: Models
+    generator: torch.nn.Module  # unwrapped, for evaluation and parameter names
+    gen_params: dict
+    fake_params: dict
+    optimizers: dict
+    roles: dict
+    ema: object
+    prompts: list[str]
+
+
+def build_session(cfg: DistillConfig, world, root) -> Session:
+    import copy
+
+    from rtdmd.backbones.base import build_backbone
+    from rtdmd.distributed import wrap
+    from rtdmd.train.roles import EMA, adamw, load_transformer_like, make_trainable, trainable
+
+    backbone = build_backbone(cfg.backbone, world.device)
+    teacher = backbone.transformer.eval().requires_grad_(False)
+
+    def role(spec: RoleSpec, name: str) -> torch.nn.Module:
+        base = load_transformer_like(teacher, spec.source) if spec.source else copy.deepcopy(teacher)
+        net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, name).train()
+        if cfg.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        return net
+
+    generator, fake = role(cfg.generator, "generator"), role(cfg.fake, "fake")
+    generator_run, fake_run = wrap(generator, cfg.distributed, world), wrap(fake, cfg.distributed, world)
+    gen_params, fake_params = trainable(generator), trainable(fake)  # after wrapping: FSDP2 shards in place
+    optimizers = {"generator": adamw(gen_params, cfg.generator.optim), "fake": adamw(fake_params, cfg.fake.optim)}
+    sigmas = backbone.schedule(cfg.sampler.num_steps, cfg.height, cfg.width, cfg.sampler.timesteps)
+    if float(sigmas[1]) + cfg.renoise.margin >= cfg.renoise.clamp[1] and cfg.method == "ac_dmd":
+        raise ValueError(
+            f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
+        )
+    models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
+    prompts = list(cfg.prompts)
+    if cfg.prompt_file:
+        from rtdmd.data import read_prompt_file
+
+        prompts = read_prompt_file(cfg.prompt_file, cfg.prompt_file_sha256)
+    return Session(
+        cfg=cfg,
+        world=world,
+        root=root,
+        models=models,
+        generator=generator,
+        gen_params=gen_params,
+        fake_params=fake_params,
+        optimizers=optimizers,
+        roles={"generator": (generator_run, optimizers["generator"]), "fake": (fake_run, optimizers["fake"])},
+        ema=EMA(gen_params, cfg.ema_decay),
+        prompts=prompts,
+    )
+
+
+def optimizer_step(loss: torch.Tensor, params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
+    """Backward, global-norm clipping (0 = off), AdamW step; returns the pre-clip gradient norm."""
+    loss.backward()
+    grads = [p for p in params.values() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def train_step(sess: Session, step: int) -> dict[str, float]:
+    """One iteration: fake update; generator update every ``fake_updates_per_generator`` steps; EMA."""
+    cfg, models = sess.cfg, sess.models
+    batch = batch_prompts(sess, step)
+    samples = list(sess.world.local_slice(cfg.batch_size))
+    cond = models.backbone.encode([batch[i] for i in samples], guidance=cfg.teacher_guidance[1])
+    autocast = torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+    with autocast:
+        loss, logs = fake_loss(cfg, models, step, samples, cond)
+    logs["train/grad_norm_fake"] = optimizer_step(
+        loss, sess.fake_params, sess.optimizers["fake"], cfg.fake.optim.grad_clip
+    )
+    if (step + 1) % cfg.fake_updates_per_generator == 0:
+        with autocast:
+            loss, gen_logs = generator_loss(cfg, models, step, samples, cond)
+        logs |= gen_logs
+        logs["train/grad_norm_generator"] = optimizer_step(
+            loss, sess.gen_params, sess.optimizers["generator"], cfg.generator.optim.grad_clip
+        )
+    sess.ema.update(sess.gen_params)
+    return logs
+
+
+def batch_prompts(sess: Session, step: int) -> list[str]:
+    from rtdmd.data import batch_indices
+
+    return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
+
+
+def evaluate(sess: Session, step: int) -> dict[str, float]:
+    """EMA generator on the eval prompts: a grid under ``eval/`` and the mean of each listed reward."""
+    from rtdmd.rewards import REWARDS
+    from rtdmd.rewards.base import score
+    from rtdmd.sampling import generate
+    from rtdmd.train.sample import grid, to_uint8
+
+    spec, cfg = sess.cfg.eval, sess.cfg
+    prompts = [p for p in spec.prompts for _ in range(spec.images_per_prompt)]
+    keys = [(f"eval/{j}", k) for j, _ in enumerate(spec.prompts) for k in range(spec.images_per_prompt)]
+    with (
+        sess.ema.swapped_in(sess.gen_params),
+        torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"),
+    ):
+        images = generate(
+            sess.models.backbone,
+            sess.generator,
+            prompts,
+            keys,
+            cfg.sampler,
+            run_seed=cfg.seed,
+            height=cfg.height,
+            width=cfg.width,
+            compute_batch=spec.compute_batch,
+        )
+    logs = {f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts).mean()) for name in spec.rewards}
+    if sess.world.is_main:
+        (sess.root / "eval").mkdir(exist_ok=True)
+        grid(
+            list(to_uint8(images)), spec.images_per_prompt if spec.images_per_prompt > 1 else min(8, len(prompts))
+        ).save(sess.root / "eval" / f"step_{step:08d}.png")
+    return logs
+
+
+def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
+    """Run (or resume) a distillation in ``cfg.run_dir``; returns a summary."""
+    import json
+    import time
+    from pathlib import Path
+
+    from rtdmd import distributed, run_dir
+    from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
+    from rtdmd.train import state
+
+    world = distributed.init(cfg.device)
+    root = Path(cfg.run_dir)
+    if world.is_main:
+        run_dir.prepare(root, cfg, mutable=("steps",))
+    distributed.barrier()
+    sess = build_session(cfg, world, root)
+    start = 0
+    if (latest := state.latest_checkpoint(root)) is not None:
+        start = state.load(latest[1], sess.roles, sess.ema)
+    stats = root / "stats.jsonl"
+    if world.is_main and stats.exists():  # drop rows logged after the checkpoint we resume from
+        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
+        stats.write_text("".join(r + "\n" for r in rows))
+    loggers = NullLogger()
+    if world.is_main:
+        status = (
+            [StatusLine(cfg.steps, f"distill {cfg.method}", ("loss/fake", "loss/generator"))] if show_progress else []
+        )
+        loggers = Loggers(JsonlLogger(stats), *status)
+        status and status[0].log(start, {})
+    t_start = time.perf_counter()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        logs = train_step(sess, step)
+        done = step + 1
+        if cfg.eval.every and done % cfg.eval.every == 0:
+            logs |= evaluate(sess, done)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logs = {k: float(distributed.mean_across(torch.tensor(float(v)))) for k, v in logs.items()}
+            logs["time/step_s"] = time.perf_counter() - t0
+            if torch.cuda.is_available():
+                logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            loggers.log(done, logs)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
+            distributed.barrier()
+    loggers.close()
+    distributed.shutdown()
+    return {
+        "run_dir": str(root),
+        "start_step": start,
+        "steps": cfg.steps,
+        "seconds": time.perf_counter() - t_start,
+        "world_size": world.size,
+    }

@@ -1,0 +1,166 @@
+"""Roles of the distillation: teacher (frozen), generator and fake score (LoRA or full), generator EMA.
+
+Every role is a network of the backbone's transformer class; ``backbone.velocity(net, ...)`` runs
+any of them. LoRAs go through peft (``add_adapter`` of diffusers models) on the family's target
+modules (rtdmd_method.md §4.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rtdmd.seeding import seed_for
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """peft LoRA: ``W + (alpha / rank) B A``. ``targets`` empty = the family's ``lora_targets``.
+    ``init``: peft's ``"gaussian"`` (A ~ N(0, 1/rank), B = 0; the official setting) or ``"default"``."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    targets: tuple[str, ...] = ()
+    init: Literal["gaussian", "default"] = "gaussian"
+
+    def validate(self) -> None:
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError("LoRA rank must be >= 1 and alpha > 0")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with a constant learning rate, and global-norm gradient clipping (0 = off)."""
+
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """A trainable role. ``source``: transformer weights to start from ("" = the backbone's own; else
+    a hub id or a diffusers directory with a ``transformer/`` subfolder, e.g. the step-distilled
+    FLUX.2-klein for the generator). ``lora: null`` trains every weight."""
+
+    source: str = ""
+    lora: LoraSpec | None = field(default_factory=LoraSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A deep copy with every parameter frozen (the teacher keeps the backbone's module itself)."""
+    clone = copy.deepcopy(net)
+    clone.requires_grad_(False)
+    return clone
+
+
+def load_transformer_like(reference: nn.Module, source: str) -> nn.Module:
+    """Load ``source``'s transformer with ``reference``'s class, dtype and device."""
+    cls = type(reference)
+    net = cls.from_pretrained(source, subfolder="transformer", dtype=next(reference.parameters()).dtype)
+    return net.to(next(reference.parameters()).device)
+
+
+def attach_lora(net: nn.Module, spec: LoraSpec, default_targets: tuple[str, ...], seed: int) -> nn.Module:
+    """Freeze ``net`` and add a trainable LoRA (initialised from ``seed``); returns ``net``."""
+    from peft import LoraConfig
+
+    net.requires_grad_(False)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets or default_targets),
+        init_lora_weights="gaussian" if spec.init == "gaussian" else True,
+        use_rslora=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net.add_adapter(config)
+    for name, param in net.named_parameters():  # LoRA weights train in float32 on bf16 bases
+        if "lora_" in name:
+            param.data = param.data.float()
+    return net
+
+
+def merge_lora(net: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base weight (``W += (alpha / r) B A``) and remove the adapters."""
+    net.fuse_lora(lora_scale=1.0)
+    net.unload_lora()
+    return net
+
+
+def make_trainable(net: nn.Module, spec: RoleSpec, default_targets: tuple[str, ...], seed: int, role: str) -> nn.Module:
+    """Turn a copy of the base into a trainable role: a LoRA, or every weight when ``spec.lora`` is None."""
+    if spec.lora is None:
+        net.requires_grad_(True)
+        return net
+    return attach_lora(net, spec.lora, default_targets, seed_for(seed, role, "lora-init"))
+
+
+def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a role trains, by name (stable across processes, used as checkpoint keys)."""
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
+
+
+def adamw(params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        list(params.values()), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=False
+    )
+
+
+def ema_update_(ema: Tensor, param: Tensor, decay: float) -> None:
+    """In place ``e <- d e + (1 - d) p``."""
+    ema.mul_(decay).add_(param.detach().to(ema.dtype), alpha=1 - decay)
+
+
+def warmup_decay(num_updates: int, decay: float) -> float:
+    """``min((1 + n) / (10 + n), d)``: a short memory early on, ``d`` after ~``9 d / (1 - d)`` updates."""
+    return min((1 + num_updates) / (10 + num_updates), decay)
+
+
+class EMA:
+    """Float32 exponential moving average of a role's trainable parameters."""
+
+    def __init__(self, params: dict[str, nn.Parameter], decay: float, warmup: bool = False) -> None:
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, nn.Parameter]) -> None:
+        decay = warmup_decay(self.num_updates, self.decay) if self.warmup else self.decay
+        for name, p in params.items():
+            ema_update_(self.shadow[name], p, decay)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self, params: dict[str, nn.Parameter]) -> Iterator[None]:
+        """Temporarily load the averaged weights into ``params`` (for evaluation)."""
+        backup = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(backup[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, tensors: dict[str, Tensor], num_updates: int) -> None:
+        for name in self.shadow:
+            self.shadow[name] = tensors[name].to(dtype=self.shadow[name].dtype).clone()
+        self.num_updates = num_updates

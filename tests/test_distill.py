@@ -1,0 +1,206 @@
+"""Stage 1 end to end on the tiny backbone: what trains, resume, multi-process, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from rtdmd import distributed
+from rtdmd.config import ConfigError, load, packaged_names
+from rtdmd.data import batch_indices, read_prompt_file
+from rtdmd.train.cli import app
+from rtdmd.train.distill import DistillConfig, build_session, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_PROMPTS = ROOT.parent / "shared" / "prompts"
+runner = CliRunner()
+
+
+def tiny(tmp_path: Path, name: str, *overrides: str) -> DistillConfig:
+    return load(DistillConfig, "tiny", [f"run_dir={tmp_path / name}", "device=cpu", *overrides], group="distill")
+
+
+def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}.safetensors"))
+
+
+def test_roles_train_and_the_teacher_stays_frozen(tmp_path):
+    cfg = tiny(tmp_path, "run")
+    sess = build_session(cfg, distributed.init("cpu"), tmp_path)
+    teacher = {k: v.clone() for k, v in sess.models.teacher.state_dict().items()}
+    generator_base = {k: v.clone() for k, v in sess.generator.state_dict().items() if "lora_" not in k}
+    gen = {k: v.detach().clone() for k, v in sess.gen_params.items()}
+    fake = {k: v.detach().clone() for k, v in sess.fake_params.items()}
+    assert gen and all("lora_" in k for k in gen) and all("lora_" in k for k in fake)
+    for step in range(4):
+        train_step(sess, step)
+    assert all(torch.equal(v, sess.models.teacher.state_dict()[k]) for k, v in teacher.items())
+    assert all(torch.equal(v, sess.generator.state_dict()[k]) for k, v in generator_base.items())
+    assert sum(not torch.equal(v, sess.gen_params[k].detach()) for k, v in gen.items()) > len(gen) // 2
+    assert sum(not torch.equal(v, sess.fake_params[k].detach()) for k, v in fake.items()) > len(fake) // 2
+    assert not any(p.requires_grad for p in sess.models.teacher.parameters())
+
+
+def test_cli_writes_checkpoints_stats_and_eval(tmp_path):
+    result = runner.invoke(app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("loss/fake" in r and "loss/fake_consistency" in r for r in rows)
+    assert [("loss/generator" in r) for r in rows] == [False, True, False, True]  # 2 fake : 1 generator
+    assert "eval/brightness" in rows[1] and (run / "eval" / "step_00000004.png").exists()
+    ckpt = checkpoint(run, 4)
+    groups = {k.split("/")[0] for k in ckpt}
+    assert groups == {"generator", "fake", "ema", "opt"}
+    assert {k[len("ema/") :] for k in ckpt if k.startswith("ema/")} == {
+        k[len("generator/") :] for k in ckpt if k.startswith("generator/")
+    }
+
+
+def test_four_steps_equal_two_plus_resume_plus_two_bit_for_bit(tmp_path):
+    straight = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'a'}", "device=cpu", "eval.every=0"]
+    )
+    first = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'b'}", "device=cpu", "eval.every=0", "steps=2"]
+    )
+    resumed = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'b'}", "device=cpu", "eval.every=0", "steps=4"]
+    )
+    assert straight.exit_code == first.exit_code == resumed.exit_code == 0, resumed.output
+    assert "steps 2 -> 4" in " ".join(resumed.output.split())
+    a, b = checkpoint(tmp_path / "a", 4), checkpoint(tmp_path / "b", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss/fake"]) for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines())]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_a_changed_config_is_refused_but_steps_may_grow(tmp_path):
+    ok = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'a'}", "device=cpu", "eval.every=0", "steps=1"]
+    )
+    assert ok.exit_code == 0
+    bad = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'a'}", "device=cpu", "eval.every=0", "seed=3"]
+    )
+    assert bad.exit_code == 2 and "seed: 0 -> 3" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
+    """Same global batch on 1 and 2 processes (gloo): the same samples, noise and updates, so the
+    weights agree up to the reduction order of the gradient all-reduce."""
+    single = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'one'}", "device=cpu", "eval.every=0"]
+    )
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "rtdmd.train.cli",
+        "distill",
+        "--config",
+        "tiny",
+        f"run_dir={tmp_path / 'two'}",
+        "device=cpu",
+        "eval.every=0",
+        f"distributed={strategy}",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = checkpoint(tmp_path / "one", 4), checkpoint(tmp_path / "two", 4)
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
+    rows = [json.loads(line) for line in (tmp_path / "two" / "stats.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # rank 0 alone writes the stats
+
+
+def test_plain_dmd_arm_runs_and_differs(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--config",
+            "tiny",
+            f"run_dir={tmp_path / 'dmd'}",
+            "device=cpu",
+            "eval.every=0",
+            "method=dmd",
+            "ac=null",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "dmd" / "stats.jsonl").read_text().splitlines()]
+    assert all("loss/fake_consistency" not in r for r in rows)
+    bad = runner.invoke(app, ["distill", "--config", "tiny", "--dry-run", "method=dmd"])
+    assert bad.exit_code == 2 and "takes `ac: null`" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize("name", packaged_names("distill"))
+def test_every_shipped_config_validates_and_dry_runs(name):
+    cfg = load(DistillConfig, name, group="distill")
+    assert cfg.sampler.num_steps == 4 and cfg.sampler.eta == 0.9
+    result = runner.invoke(app, ["distill", "--config", name, "--dry-run"])
+    assert result.exit_code == 0 and f"family: {cfg.backbone.family}" in result.output
+
+
+def test_shipped_configs_carry_the_paper_values():
+    expect = {  # rtdmd_method.md §6.1: (resolution, teacher CFG, lr, generator source)
+        "distill/sd3m": (1024, 7.0, 3e-5, ""),
+        "distill/sd35m": (512, 4.5, 3e-5, ""),
+        "distill/flux2_4b": (512, 4.0, 1e-6, "black-forest-labs/FLUX.2-klein-4B"),
+        "distill/flux2_9b": (512, 4.0, 1e-6, "black-forest-labs/FLUX.2-klein-9B"),
+        "distill/flux1_dev": (512, 3.5, 3e-5, ""),
+    }
+    for name, (res, w, lr, gen_source) in expect.items():
+        cfg = load(DistillConfig, name, group="distill")
+        assert (cfg.height, cfg.teacher_guidance, cfg.generator.optim.lr, cfg.fake.optim.lr) == (res, (w, w), lr, lr)
+        assert cfg.generator.source == gen_source
+        assert (cfg.generator.lora.rank, cfg.generator.lora.alpha, cfg.batch_size, cfg.fake_updates_per_generator) == (
+            32,
+            64.0,
+            72,
+            10,
+        )
+        assert (cfg.ac.consistency_weight, cfg.ac.consistency_max_rollback, cfg.ema_decay) == (0.01, 200, 0.99)
+
+
+def test_prompt_batches_are_addressed_by_step():
+    first_epoch = [i for step in range(5) for i in batch_indices(0, step, 4, 20)]
+    assert sorted(first_epoch) == list(range(20))  # each prompt once per epoch
+    assert batch_indices(0, 7, 4, 20) == batch_indices(0, 7, 4, 20)
+    assert batch_indices(0, 5, 4, 20) != batch_indices(1, 5, 4, 20)
+
+
+@pytest.mark.skipif(not SHARED_PROMPTS.exists(), reason="../shared/prompts is not checked out beside the project")
+def test_training_prompt_file_is_verified_by_sha256():
+    path = SHARED_PROMPTS / "pickapic" / "flowgrpo_train.txt"
+    cfg = load(DistillConfig, "sd35m", group="distill")
+    prompts = read_prompt_file(path, cfg.prompt_file_sha256)
+    assert len(prompts) == 25432
+    with pytest.raises(ValueError, match="sha256"):
+        read_prompt_file(path, "0" * 64)
+    with pytest.raises(ConfigError, match="prompt_file or inline prompts"):
+        load(DistillConfig, "tiny", ["prompts=[]"], group="distill")
+    assert dataclasses.replace(cfg, prompt_file=str(path)).prompt_file.endswith("flowgrpo_train.txt")
