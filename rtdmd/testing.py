@@ -1,16 +1,19 @@
-"""Tiny random-weight pipelines of the real families, built offline (tokenizers included).
+"""Random-weight pipelines of the real families, built offline (tokenizers included).
 
 Each builder returns a diffusers pipeline whose components are the *same* classes the real
 checkpoints use (``SD3Transformer2DModel``, ``CLIPTextModelWithProjection``, ``T5EncoderModel``,
-``FluxTransformer2DModel``, ``Flux2Transformer2DModel``, ``Qwen3ForCausalLM``, the VAEs, the CLIP / T5
-/ Qwen2 tokenizers), with tiny sizes and random weights. Tests save them with ``save_pretrained``
-and load them back through the adapters' ``from_pretrained``, so the whole loading path runs with no
-network. Tokenizers use a byte-level alphabet (no merges), so any prompt tokenizes.
+``FluxTransformer2DModel``, ``Flux2Transformer2DModel``, ``Qwen3ForCausalLM``, the VAEs, the CLIP /
+T5 / Qwen2 tokenizers), with sizes given as constructor keyword arguments per component. The
+``TINY_*`` sizes make tests run in seconds; ``bench/perf`` passes the released checkpoints' sizes to
+measure speed and memory with random weights. Tests save the tiny pipelines with
+``save_pretrained`` and load them back through the adapters' ``from_pretrained``, so the loading
+path runs with no network. Tokenizers use a byte-level alphabet (no merges), so any prompt tokenizes.
 """
 
 from __future__ import annotations
 
 import string
+from typing import Any
 
 import torch
 
@@ -75,55 +78,28 @@ def qwen_tokenizer():
     )
 
 
-def _clip_config(tok, hidden: int = 32, projection: int = 32):
-    from transformers import CLIPTextConfig
+def _clip(cls_name: str, tok, sizes: dict[str, Any]):
+    import transformers
 
-    return CLIPTextConfig(
+    config = transformers.CLIPTextConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        hidden_size=hidden,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        vocab_size=len(tok),
-        projection_dim=projection,
-        max_position_embeddings=77,
+        **({"vocab_size": len(tok)} | sizes),
     )
+    return getattr(transformers, cls_name)(config)
 
 
-def _t5_encoder(tok, d_model: int = 32):
+def _t5(tok, sizes: dict[str, Any]):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=len(tok),
-            d_model=d_model,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            decoder_start_token_id=0,
-        )
+    config = T5Config(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=0,
+        **({"vocab_size": len(tok)} | sizes),
     )
-
-
-def _vae_kwargs(latent_channels: int) -> dict:
-    """Four levels, so the VAE scale factor is 8 as in the real VAEs."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=2,
-        sample_size=32,
-    )
+    return T5EncoderModel(config)
 
 
 def _eval(pipe):
@@ -133,93 +109,54 @@ def _eval(pipe):
     return pipe
 
 
-def tiny_sd3_pipeline(seed: int = 0):
-    """SD3-shaped: 16 latent channels, patch 2, CLIP-L/G (pooled 2 x 32) + T5 (32), VAE x8."""
+def sd3_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0):
+    """``StableDiffusion3Pipeline`` from component sizes (keys: transformer, clip_l, clip_g, t5, vae, scheduler)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tok1, tok2, tok3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     return _eval(
         StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(
-                sample_size=4,
-                patch_size=2,
-                in_channels=16,
-                out_channels=16,
-                num_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=4,
-                joint_attention_dim=32,
-                caption_projection_dim=32,
-                pooled_projection_dim=64,
-                pos_embed_max_size=16,
-            ),
-            vae=AutoencoderKL(**_vae_kwargs(16), shift_factor=0.0609, scaling_factor=1.5035),
-            text_encoder=CLIPTextModelWithProjection(_clip_config(tok1)),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_config(tok2)),
-            text_encoder_3=_t5_encoder(tok3),
+            transformer=SD3Transformer2DModel(**sizes["transformer"]),
+            vae=AutoencoderKL(**sizes["vae"]),
+            text_encoder=_clip("CLIPTextModelWithProjection", tok1, sizes["clip_l"]),
+            text_encoder_2=_clip("CLIPTextModelWithProjection", tok2, sizes["clip_g"]),
+            text_encoder_3=_t5(tok3, sizes["t5"]),
             tokenizer=tok1,
             tokenizer_2=tok2,
             tokenizer_3=tok3,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            scheduler=FlowMatchEulerDiscreteScheduler(**sizes["scheduler"]),
         )
     )
 
 
-def tiny_flux1_pipeline(seed: int = 0, guidance_embeds: bool = True):
-    """FLUX.1-shaped: 16 latent channels packed 2x2 into 64, CLIP pooled + T5, dynamic shift."""
+def flux1_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0):
+    """``FluxPipeline`` from component sizes (keys: transformer, clip_l, t5, vae, scheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tok1, tok2 = clip_tokenizer(), t5_tokenizer()
     return _eval(
         FluxPipeline(
-            transformer=FluxTransformer2DModel(
-                patch_size=1,
-                in_channels=64,
-                num_layers=1,
-                num_single_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=32,
-                pooled_projection_dim=32,
-                axes_dims_rope=[4, 4, 8],
-                guidance_embeds=guidance_embeds,
-            ),
-            vae=AutoencoderKL(
-                **_vae_kwargs(16),
-                shift_factor=0.1159,
-                scaling_factor=0.3611,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ),
-            text_encoder=CLIPTextModel(_clip_config(tok1)),
-            text_encoder_2=_t5_encoder(tok2),
+            transformer=FluxTransformer2DModel(**sizes["transformer"]),
+            vae=AutoencoderKL(**sizes["vae"]),
+            text_encoder=_clip("CLIPTextModel", tok1, sizes["clip_l"]),
+            text_encoder_2=_t5(tok2, sizes["t5"]),
             tokenizer=tok1,
             tokenizer_2=tok2,
-            scheduler=FlowMatchEulerDiscreteScheduler(
-                shift=3.0,
-                use_dynamic_shifting=True,
-                base_shift=0.5,
-                max_shift=1.15,
-                base_image_seq_len=256,
-                max_image_seq_len=4096,
-            ),
+            scheduler=FlowMatchEulerDiscreteScheduler(**sizes["scheduler"]),
         )
     )
 
 
-def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
-    """FLUX.2-klein-shaped: 32 VAE channels patchified to 128 and batch-normalised (random running
-    statistics, so decoding's un-normalisation is exercised), Qwen3 with 28 layers so the default
-    hidden-state layers (9, 18, 27) exist."""
+def flux2_klein_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0, is_distilled: bool = False):
+    """``Flux2KleinPipeline`` from component sizes (keys: transformer, qwen3, vae, scheduler). The VAE's
+    batch-norm running statistics are randomised so that decoding's un-normalisation is exercised."""
     from diffusers import (
         AutoencoderKLFlux2,
         FlowMatchEulerDiscreteScheduler,
@@ -230,45 +167,142 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=28,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=len(tok),
-            max_position_embeddings=1024,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=None,
-        )
+    config = Qwen3Config(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        **({"vocab_size": len(tok)} | sizes["qwen3"]),
     )
-    vae = AutoencoderKLFlux2(**_vae_kwargs(32), use_quant_conv=False, use_post_quant_conv=False)
+    vae = AutoencoderKLFlux2(**sizes["vae"])
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
         vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
     return _eval(
         Flux2KleinPipeline(
-            transformer=Flux2Transformer2DModel(
-                patch_size=1,
-                in_channels=128,
-                num_layers=1,
-                num_single_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=48,
-                timestep_guidance_channels=256,
-                axes_dims_rope=[4, 4, 4, 4],
-                guidance_embeds=False,
-            ),
+            transformer=Flux2Transformer2DModel(**sizes["transformer"]),
             vae=vae,
-            text_encoder=text_encoder,
+            text_encoder=Qwen3ForCausalLM(config),
             tokenizer=tok,
-            scheduler=FlowMatchEulerDiscreteScheduler(
-                shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"
-            ),
+            scheduler=FlowMatchEulerDiscreteScheduler(**sizes["scheduler"]),
             is_distilled=is_distilled,
         )
     )
+
+
+# ---------------------------------------------------------------- tiny sizes (tests)
+
+_TINY_VAE = dict(  # four levels, so the VAE scale factor is 8 as in the real VAEs
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    norm_num_groups=2,
+    sample_size=32,
+)
+_TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=3,
+    projection_dim=32,
+    max_position_embeddings=77,
+)
+_TINY_T5 = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+
+TINY_SD3 = {
+    "transformer": dict(
+        sample_size=4,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    ),
+    "clip_l": _TINY_CLIP,
+    "clip_g": _TINY_CLIP,
+    "t5": _TINY_T5,
+    "vae": _TINY_VAE | dict(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035),
+    "scheduler": dict(shift=3.0),
+}
+
+
+def tiny_flux1_sizes(guidance_embeds: bool) -> dict[str, dict[str, Any]]:
+    return {
+        "transformer": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds,
+        ),
+        "clip_l": _TINY_CLIP,
+        "t5": _TINY_T5,
+        "vae": _TINY_VAE
+        | dict(
+            latent_channels=16,
+            shift_factor=0.1159,
+            scaling_factor=0.3611,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        "scheduler": dict(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    }
+
+
+TINY_FLUX2_KLEIN = {
+    "transformer": dict(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    ),
+    # 28 layers so that the default hidden-state layers (9, 18, 27) exist; joint dim = 3 x 16
+    "qwen3": dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+    ),
+    "vae": _TINY_VAE | dict(latent_channels=32, use_quant_conv=False, use_post_quant_conv=False),
+    "scheduler": dict(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"),
+}
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    return sd3_pipeline(TINY_SD3, seed)
+
+
+def tiny_flux1_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    return flux1_pipeline(tiny_flux1_sizes(guidance_embeds), seed)
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
+    return flux2_klein_pipeline(TINY_FLUX2_KLEIN, seed, is_distilled)

@@ -277,14 +277,16 @@ class Session:
     prompts: list[str]
 
 
-def build_session(cfg: DistillConfig, world, root) -> Session:
+def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
+    """Build the roles on ``cfg.backbone`` (or on an already built ``backbone``, e.g. random weights
+    at real size for a benchmark)."""
     import copy
 
     from rtdmd.backbones.base import build_backbone
     from rtdmd.distributed import wrap
     from rtdmd.train.roles import EMA, adamw, load_transformer_like, make_trainable, trainable
 
-    backbone = build_backbone(cfg.backbone, world.device)
+    backbone = backbone or build_backbone(cfg.backbone, world.device)
     teacher = backbone.transformer.eval().requires_grad_(False)
 
     def role(spec: RoleSpec, name: str) -> torch.nn.Module:
