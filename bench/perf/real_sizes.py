@@ -74,19 +74,10 @@ SD35_MEDIUM = {  # stabilityai/stable-diffusion-3.5-medium (2.24B transformer pa
     "scheduler": dict(shift=3.0),
 }
 SD3_MEDIUM = SD35_MEDIUM | {  # stabilityai/stable-diffusion-3-medium-diffusers: no dual attention, no qk-norm
-    "transformer": dict(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        pos_embed_max_size=192,
-    ),
+    "transformer": {
+        k: v for k, v in SD35_MEDIUM["transformer"].items() if k not in ("qk_norm", "dual_attention_layers")
+    }
+    | dict(pos_embed_max_size=192),
 }
 FLUX1_DEV = {  # black-forest-labs/FLUX.1-dev
     "transformer": dict(

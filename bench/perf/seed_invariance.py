@@ -20,14 +20,18 @@ import sys
 import time
 from functools import partial
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from rtdmd.backbones.tiny import ByteTextEncoder, TinyBackbone
-from rtdmd.flow.schedules import RTDMD_TIMESTEPS
-from rtdmd.sampling import SamplerSpec, generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.perf.real_sizes import SD35_MEDIUM  # noqa: E402
+from rtdmd.backbones.tiny import ByteTextEncoder, TinyBackbone  # noqa: E402
+from rtdmd.flow.schedules import RTDMD_TIMESTEPS  # noqa: E402
+from rtdmd.sampling import SamplerSpec, generate  # noqa: E402
 
 PROMPTS = [
     f"prompt {i}: a {c} object on a table"
@@ -41,24 +45,14 @@ SPECS = {
 
 
 def build(layers: int, dtype: torch.dtype, device: torch.device) -> TinyBackbone:
+    """SD3.5-Medium's transformer (``layers`` deep) on the tiny adapter's 48-channel pixel latent."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=48,
-        out_channels=48,
-        num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        pos_embed_max_size=384,
-        qk_norm="rms_norm",
-        dual_attention_layers=tuple(range(min(13, layers))),
+    sizes = SD35_MEDIUM["transformer"] | dict(
+        in_channels=48, out_channels=48, num_layers=layers, dual_attention_layers=tuple(range(min(13, layers)))
     )
+    transformer = SD3Transformer2DModel(**sizes)
     text = ByteTextEncoder(dim=4096, pooled_dim=2048, max_length=77)
     return TinyBackbone(transformer.to(device, dtype).eval(), text.to(device, dtype).eval())
 
