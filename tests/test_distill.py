@@ -204,3 +204,22 @@ def test_training_prompt_file_is_verified_by_sha256():
     with pytest.raises(ConfigError, match="prompt_file or inline prompts"):
         load(DistillConfig, "tiny", ["prompts=[]"], group="distill")
     assert dataclasses.replace(cfg, prompt_file=str(path)).prompt_file.endswith("flowgrpo_train.txt")
+
+
+def test_full_fine_tuning_and_bf16_autocast_paths(tmp_path):
+    """`lora: null` trains every weight of a role; bf16 weights + autocast train LoRAs kept in float32."""
+    full = tiny(tmp_path, "full", "generator.lora=null", "steps=2", "eval.every=0")
+    sess = build_session(full, distributed.init("cpu"), tmp_path)
+    assert set(sess.gen_params) == {n for n, _ in sess.generator.named_parameters()}
+    before = {k: v.detach().clone() for k, v in sess.gen_params.items()}
+    for step in range(2):
+        train_step(sess, step)
+    assert sum(not torch.equal(v, sess.gen_params[k].detach()) for k, v in before.items()) > len(before) // 2
+
+    half = tiny(tmp_path, "bf16", "backbone.dtype=bfloat16", "precision=bfloat16", "steps=2", "eval.every=0")
+    sess = build_session(half, distributed.init("cpu"), tmp_path)
+    assert all(p.dtype == torch.float32 for p in sess.gen_params.values())
+    assert sess.models.teacher.dtype == torch.bfloat16
+    logs = [train_step(sess, step) for step in range(2)]
+    assert all(torch.isfinite(torch.tensor(v)) for row in logs for v in row.values())
+    assert "loss/generator" in logs[1]
