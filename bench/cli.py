@@ -1,25 +1,339 @@
-"""``rtdmd-bench``: the benchmark harness's command line."""
+"""``rtdmd-bench``: prompt suites -> images -> scores -> summaries -> leaderboards.
+
+    rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite drawbench --metrics brightness \\
+        --reference tiny-teacher --prompts-dir ../shared/prompts --out bench_runs
+    rtdmd-bench generate --method tiny-cps4 --suite geneval --limit 8
+    rtdmd-bench score bench_runs/tiny-cps4/geneval --metrics brightness
+    rtdmd-bench aggregate bench_runs/tiny-cps4/geneval --reference tiny-teacher
+    rtdmd-bench report bench_runs/*/*/summary.json --out reports/leaderboard.md
+    rtdmd-bench suites [NAME]          rtdmd-bench methods [NAME]          rtdmd-bench schedules
+"""
 
 from __future__ import annotations
 
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 app = typer.Typer(
-    help="rtdmd benchmark harness: prompt suites -> images -> scores -> leaderboards.",
+    help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
+err = Console(stderr=True)
+
+OUT = typer.Option(Path("bench_runs"), "--out", "-o", help="Root of the run directories (<out>/<method>/<suite>/).")
+PROMPTS_DIR = typer.Option(
+    None, "--prompts-dir", help="Local directory holding the suites' upstream files (e.g. ../shared/prompts)."
+)
+SEED = typer.Option(0, "--seed", help="Run seed: image k of prompt p uses seed_for(seed, '<suite>/<p>', k, step).")
+LIMIT = typer.Option(0, "--limit", help="Only the first N prompts of the suite (0 = all).")
+IPP = typer.Option(0, "--images-per-prompt", help="Images per prompt (0 = the suite card's protocol).")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (under torchrun: one device per process).")
+METRICS = typer.Option(
+    "", "--metrics", "-m", help="Comma-separated metric names (default: the suite card's default metrics)."
+)
 
 
-@app.callback()
-def _root() -> None:
-    """rtdmd benchmark harness: prompt suites -> images -> scores -> leaderboards."""
+@contextmanager
+def clean_errors() -> Iterator[None]:
+    """Expected failures print one line and exit 2; only bugs show a traceback."""
+    from bench.aggregate import AggregateError
+    from bench.methods import MethodError
+    from bench.score import ScoreError
+    from bench.suites import SuiteError
+    from rtdmd.config import ConfigError
+    from rtdmd.registry import UnknownNameError
+
+    try:
+        yield
+    except (
+        SuiteError,
+        MethodError,
+        ScoreError,
+        AggregateError,
+        ConfigError,
+        UnknownNameError,
+        PermissionError,
+        FileNotFoundError,
+    ) as error:
+        err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+class Bar:
+    """A rich progress bar with ETA, started at the first update."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.progress, self.task = label, None, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def writable(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise PermissionError(f"output directory {out} is not writable ({error.strerror or error})") from None
+    return out
+
+
+def metric_list(text: str, suite) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()] or list(suite.card.default_metrics)
+    if not names:
+        raise typer.BadParameter("no metrics: pass --metrics")
+    from rtdmd.rewards import REWARDS
+
+    for name in names:
+        REWARDS.get(name)  # unknown names fail here, with a did-you-mean, before any work
+    return names
+
+
+def _generate(method_name: str, suite, out: Path, seed: int, limit: int, ipp: int, device: str) -> Path:
+    from bench.generate import generate_stage
+    from bench.methods import load_method
+
+    method = load_method(method_name)
+    bar = Bar(f"generate {method.name}/{suite.card.name}")
+    try:
+        result = generate_stage(
+            method, suite, out, seed=seed, limit=limit, images_per_prompt=ipp, device=device, progress=bar
+        )
+    finally:
+        bar.close()
+    console.print(
+        f"{method.name}/{suite.card.name}: {result['generated']} generated, {result['skipped']} reused ({result['images']} images)"
+    )
+    return Path(result["run_dir"])
+
+
+def _score(root: Path, metrics: list[str], device: str) -> None:
+    from bench.score import score_stage
+
+    bar = Bar(f"score {root.parent.name}/{root.name}")
+    try:
+        result = score_stage(root, metrics, device=device, progress=bar)
+    finally:
+        bar.close()
+    console.print(f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused")
+
+
+@app.command()
+def run(
+    method: list[str] = typer.Option(..., "--method", help="Method card name or YAML path (repeatable)."),
+    suite: str = typer.Option(
+        ..., "--suite", help="Suite card name, a prompt file (.txt/.jsonl/.csv/.tsv/.json) or hub:<dataset id>."
+    ),
+    metrics: str = METRICS,
+    reference: str = typer.Option(
+        "", "--reference", help="Method to compare against, paired on the same prompts and seeds."
+    ),
+    report: Path = typer.Option(None, "--report", help="Leaderboard path (default: <out>/<suite>_leaderboard.md)."),
+    out: Path = OUT,
+    prompts_dir: Path = PROMPTS_DIR,
+    seed: int = SEED,
+    limit: int = LIMIT,
+    images_per_prompt: int = IPP,
+    device: str = DEVICE,
+) -> None:
+    """Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.
+
+    Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness --reference tiny-teacher
+    """
+    from bench.aggregate import aggregate_stage
+    from bench.methods import load_method
+    from bench.report import report_stage
+    from bench.suites import load_suite
+
+    with clean_errors():
+        loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
+        names = metric_list(metrics, loaded)
+        cards = [(arg, load_method(arg)) for arg in method]
+        if reference and reference not in [c.name for _, c in cards]:
+            raise typer.BadParameter(f"--reference {reference} must be one of the --method cards")
+        writable(out)
+        roots = []
+        for arg, _ in sorted(cards, key=lambda pair: pair[1].name != reference):  # the reference first
+            roots.append(_generate(arg, loaded, out, seed, limit, images_per_prompt, device))
+            _score(roots[-1], names, device)
+        summaries = [aggregate_stage(root, reference if root.parent.name != reference else "") for root in roots]
+        target = report or out / f"{loaded.card.name}_leaderboard.md"
+        report_stage([Path(s["run_dir"]) / "summary.json" for s in summaries], target)
+        console.print(f"leaderboard: {target} (+ .json, .png)")
+
+
+@app.command()
+def generate(
+    method: str = typer.Option(..., "--method", help="Method card name or YAML path."),
+    suite: str = typer.Option(..., "--suite", help="Suite card name, prompt file or hub:<dataset id>."),
+    out: Path = OUT,
+    prompts_dir: Path = PROMPTS_DIR,
+    seed: int = SEED,
+    limit: int = LIMIT,
+    images_per_prompt: int = IPP,
+    device: str = DEVICE,
+) -> None:
+    """Images + manifest.jsonl for one (method, suite); a rerun regenerates only missing or corrupt images.
+
+    Example: torchrun --nproc_per_node 8 -m bench.cli generate --method rtdmd-sd35m --suite drawbench
+    """
+    from bench.suites import load_suite
+
+    with clean_errors():
+        loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
+        writable(out)
+        _generate(method, loaded, out, seed, limit, images_per_prompt, device)
+
+
+@app.command()
+def score(
+    run_dir: Path = typer.Argument(..., help="A run directory <out>/<method>/<suite>."),
+    metrics: str = typer.Option(..., "--metrics", "-m", help="Comma-separated metric names."),
+    device: str = DEVICE,
+) -> None:
+    """Score a run's images; cached by (image sha256, prompt, metric, metric version).
+
+    Example: rtdmd-bench score bench_runs/tiny-cps4/drawbench --metrics brightness
+    """
+    with clean_errors():
+        from rtdmd.rewards import REWARDS
+
+        for name in metrics.split(","):
+            REWARDS.get(name.strip())
+        _score(run_dir, [m.strip() for m in metrics.split(",") if m.strip()], device)
+
+
+@app.command()
+def aggregate(
+    run_dir: Path = typer.Argument(..., help="A run directory <out>/<method>/<suite>."),
+    reference: str = typer.Option(
+        "", "--reference", help="Method name whose run on the same suite is the paired reference."
+    ),
+) -> None:
+    """summary.json: means with bootstrap intervals, per-category breakdowns, paired differences.
+
+    Example: rtdmd-bench aggregate bench_runs/tiny-cps4/drawbench --reference tiny-teacher
+    """
+    from bench.aggregate import aggregate_stage
+
+    with clean_errors():
+        summary = aggregate_stage(run_dir, reference)
+        for name, m in summary["metrics"].items():
+            console.print(
+                f"{name}: {m['value']:.4f} [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}] over {m['n_prompts']} prompts"
+            )
+
+
+@app.command()
+def report(
+    summaries: list[Path] = typer.Argument(..., help="summary.json files (any number of methods and suites)."),
+    out: Path = typer.Option(
+        Path("reports/leaderboard.md"), "--out", "-o", help="Markdown path; .json and .png go beside it."
+    ),
+    published: str = typer.Option(
+        "", "--published", help="Comma-separated method cards to add as published-numbers rows."
+    ),
+) -> None:
+    """A markdown leaderboard (+ JSON + image grid) from summary files only.
+
+    Example: rtdmd-bench report bench_runs/*/drawbench/summary.json --out reports/drawbench.md --published gdmd-sd3m
+    """
+    from bench.methods import load_method
+    from bench.report import report_stage
+
+    with clean_errors():
+        cards = [load_method(m.strip()) for m in published.split(",") if m.strip()]
+        writable(out.parent)
+        report_stage(summaries, out, cards)
+        console.print(f"leaderboard: {out}")
+
+
+@app.command()
+def suites(name: str = typer.Argument("", help="Show one suite's card."), prompts_dir: Path = PROMPTS_DIR) -> None:
+    """List the packaged prompt suites, or show one (rows, licence, source, sha256, availability)."""
+    from bench.suites import card_names, load_card, load_suite
+
+    with clean_errors():
+        if name:
+            card = load_card(name)
+            from rtdmd.config import dump_yaml
+
+            console.print(dump_yaml(card), markup=False, highlight=False)
+            try:
+                load_suite(name, prompts_dir, download=False)
+                console.print("available locally: yes (sha256 verified)")
+            except Exception as error:  # noqa: BLE001 - shown to the user as is
+                console.print(f"available locally: no ({error})", markup=False)
+            return
+        table = Table(title="prompt suites")
+        for col in ("name", "prompts", "images/prompt", "licence", "redistribute", "default metrics"):
+            table.add_column(col)
+        for n in card_names():
+            c = load_card(n)
+            table.add_row(
+                n,
+                str(c.rows),
+                str(c.images_per_prompt),
+                c.licence,
+                "yes" if c.redistribute else "no",
+                ", ".join(c.default_metrics),
+            )
+        console.print(table)
+
+
+@app.command()
+def methods(name: str = typer.Argument("", help="Show one method card.")) -> None:
+    """List the packaged method cards, or show one."""
+    from bench.methods import card_names, load_method
+
+    with clean_errors():
+        if name:
+            from rtdmd.config import dump_yaml
+
+            console.print(dump_yaml(load_method(name)), markup=False, highlight=False)
+            return
+        table = Table(title="method cards")
+        for col in ("name", "family", "steps", "eta", "guidance", "resolution", "weights"):
+            table.add_column(col)
+        for n in card_names():
+            c = load_method(n)
+            table.add_row(
+                n,
+                c.backbone.family if c.backbone else "–",
+                str(c.sampler.num_steps),
+                str(c.sampler.eta),
+                str(c.sampler.guidance),
+                f"{c.height}x{c.width}",
+                "yes" if c.runnable else "published only",
+            )
+        console.print(table)
 
 
 @app.command()
@@ -49,16 +363,15 @@ def schedules(
         )
         raise typer.Exit(2)
     timesteps = None if default_spacing else RTDMD_TIMESTEPS
-    table = Table(
-        title=f"sigma schedules, {steps} steps, {'pipeline default spacing' if default_spacing else 'RTDMD raw times 1000/750/500/250'}"
-    )
+    spacing = "pipeline default spacing" if default_spacing else "RTDMD raw times 1000/750/500/250"
+    table = Table(title=f"sigma schedules, {steps} steps, {spacing}")
     table.add_column("family")
     table.add_column("resolution", justify="right")
     table.add_column("sigmas (terminal 0 appended)")
-    for name in BACKBONES:
+    for family in BACKBONES:
         for res in resolution:
-            sigmas = reference_schedule(BACKBONES.get(name), steps, res, res, timesteps)
-            table.add_row(name, str(res), ", ".join(f"{s:.4f}" for s in sigmas.tolist()))
+            sigmas = reference_schedule(BACKBONES.get(family), steps, res, res, timesteps)
+            table.add_row(family, str(res), ", ".join(f"{s:.4f}" for s in sigmas.tolist()))
     console.print(table)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -20,10 +20,16 @@ from rtdmd.registry import Registry
 
 @dataclass(frozen=True)
 class RewardInfo:
+    """What a score means. ``units`` states the scale as reported (e.g. "raw cosine", "x100");
+    ``aggregate``: ``mean`` over prompts, or ``category_mean`` (the mean of per-category means,
+    GenEval's task-averaged overall score)."""
+
     version: str
     higher_is_better: bool
     differentiable: bool
     needs: tuple[str, ...] = ()  # metadata keys each prompt must carry
+    units: str = ""
+    aggregate: Literal["mean", "category_mean"] = "mean"
 
 
 @runtime_checkable

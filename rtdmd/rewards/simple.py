@@ -17,7 +17,7 @@ _LUMA = (0.299, 0.587, 0.114)
 class Brightness:
     """Mean luma ``0.299 R + 0.587 G + 0.114 B`` of the image, in [0, 1]; differentiable."""
 
-    info = RewardInfo(version="1", higher_is_better=True, differentiable=True)
+    info = RewardInfo(version="1", higher_is_better=True, differentiable=True, units="mean luma in [0, 1]")
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
         r, g, b = images.float().unbind(1)

@@ -1,0 +1,219 @@
+"""Harness stage ``generate``: (method, suite) -> ``images/`` + ``manifest.jsonl``.
+
+One manifest row per image with every input that determines it and a content key (sha256 of those
+inputs). Image ``(prompt_id, k)`` of a suite draws its noise from
+``seed_for(seed, "<suite>/<prompt_id>", k, step)``, so it is the same image whichever process,
+batch or order produced it. A rerun regenerates only images whose row is missing, whose file is
+missing or corrupt (sha256), or whose inputs changed; a kill loses at most the chunk in flight.
+Under ``torchrun`` the missing images are dealt round-robin to the ranks; each rank appends to its
+own manifest part, and rank 0 merges the parts into the canonical manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.methods import MethodCard, build_method
+from bench.suites import Suite
+from rtdmd import distributed, run_dir
+from rtdmd.sampling import ForwardCounter, generate
+from rtdmd.seeding import INIT_STEP, seed_for
+from rtdmd.train.sample import save_png, to_uint8
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """The run directory's ``config.yaml``: a rerun must match it (or use another directory)."""
+
+    method: MethodCard
+    suite: str
+    suite_version: str
+    suite_sha256: str
+    seed: int = 0
+    limit: int = 0  # the first N prompts (0 = all)
+    images_per_prompt: int = 1
+
+
+@dataclass(frozen=True)
+class Item:
+    row: dict
+    sample_index: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.row["prompt_id"], self.sample_index
+
+
+def run_path(out: Path, method: str, suite: str) -> Path:
+    return Path(out) / method / suite
+
+
+def file_name(prompt_id: str, k: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
+    if safe != prompt_id:  # keep names unique after sanitising
+        safe += "-" + hashlib.sha256(prompt_id.encode()).hexdigest()[:8]
+    return f"images/{safe}_{k}.png"
+
+
+def items_of(suite: Suite, limit: int, images_per_prompt: int) -> list[Item]:
+    rows = suite.rows[:limit] if limit else suite.rows
+    return [Item(row, k) for row in rows for k in range(images_per_prompt)]
+
+
+def content_key(spec: GenerateSpec, item: Item) -> str:
+    inputs = [
+        spec.method.fingerprint(),
+        spec.suite,
+        item.row["prompt_id"],
+        item.row["prompt"],
+        item.sample_index,
+        spec.seed,
+    ]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def valid_rows(root: Path, spec: GenerateSpec, items: list[Item]) -> dict[tuple[str, int], dict]:
+    """Manifest rows (canonical file and leftover rank parts) whose image is intact and current."""
+    wanted = {item.key: content_key(spec, item) for item in items}
+    found: dict[tuple[str, int], dict] = {}
+    for path in [root / MANIFEST, *sorted(root.glob("manifest.part*.jsonl"))]:
+        for row in read_jsonl(path):
+            key = (row["prompt_id"], row["sample_index"])
+            image = root / row["file"]
+            if (
+                wanted.get(key) == row["content_key"]
+                and image.is_file()
+                and hashlib.sha256(image.read_bytes()).hexdigest() == row["sha256"]
+            ):
+                found[key] = row
+    return found
+
+
+def generate_stage(
+    method: MethodCard,
+    suite: Suite,
+    out: Path,
+    *,
+    seed: int = 0,
+    limit: int = 0,
+    images_per_prompt: int = 0,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Generate what is missing for (method, suite) under ``out``; returns counts and the measured NFE."""
+    world = distributed.init(device)
+    spec = GenerateSpec(
+        method,
+        suite.card.name,
+        suite.card.version,
+        suite.sha256,
+        seed,
+        limit,
+        images_per_prompt or suite.card.images_per_prompt,
+    )
+    root = run_path(out, method.name, suite.card.name)
+    if world.is_main:
+        run_dir.prepare(root, spec)
+        (root / "images").mkdir(exist_ok=True)
+    distributed.barrier()
+    items = items_of(suite, limit, spec.images_per_prompt)
+    done = valid_rows(root, spec, items)
+    missing = [item for item in items if item.key not in done]
+    mine = missing[world.rank :: world.size]
+    rows_forwarded = 0
+    if mine:
+        backbone, net = build_method(method, world.device)
+        counter = ForwardCounter(net)
+        part = (root / f"manifest.part{world.rank}.jsonl").open("a")
+        for start in range(0, len(mine), method.compute_batch):
+            if progress:
+                progress(start, len(mine))
+            chunk = mine[start : start + method.compute_batch]
+            calls_before = counter.rows
+            images = generate(
+                backbone,
+                net,
+                [it.row["prompt"] for it in chunk],
+                [(f"{spec.suite}/{it.row['prompt_id']}", it.sample_index) for it in chunk],
+                method.sampler,
+                run_seed=seed,
+                height=method.height,
+                width=method.width,
+                compute_batch=method.compute_batch,
+            )
+            nfe = (counter.rows - calls_before) / method.compute_batch  # rows per sampled chain (CFG counts twice)
+            for item, pixels in zip(chunk, to_uint8(images), strict=True):
+                part.write(json.dumps(manifest_row(spec, item, root, pixels, nfe)) + "\n")
+            part.flush()
+            os.fsync(part.fileno())
+        part.close()
+        counter.close()
+        rows_forwarded = counter.rows
+        if progress:
+            progress(len(mine), len(mine))
+    distributed.barrier()
+    if world.is_main:
+        merged = valid_rows(root, spec, items)
+        if len(merged) != len(items):
+            raise RuntimeError(f"{len(items) - len(merged)} images are still missing after generation")
+        text = "".join(json.dumps(merged[item.key]) + "\n" for item in items)
+        from rtdmd.checkpoint import write_text_atomic
+
+        write_text_atomic(root / MANIFEST, text)
+        for part_file in root.glob("manifest.part*.jsonl"):
+            part_file.unlink()
+    distributed.barrier()
+    return {
+        "run_dir": str(root),
+        "images": len(items),
+        "generated": len(missing),
+        "skipped": len(items) - len(missing),
+        "rows_forwarded": rows_forwarded,
+    }
+
+
+def manifest_row(spec: GenerateSpec, item: Item, root: Path, pixels, nfe: float) -> dict:
+    row = item.row
+    file = file_name(row["prompt_id"], item.sample_index)
+    coord = f"{spec.suite}/{row['prompt_id']}"
+    return {
+        "suite": spec.suite,
+        "suite_version": spec.suite_version,
+        "suite_sha256": spec.suite_sha256,
+        "prompt_id": row["prompt_id"],
+        "prompt": row["prompt"],
+        "category": row["category"],
+        "metadata": row["metadata"],
+        "sample_index": item.sample_index,
+        "seed": spec.seed,
+        "init_seed": seed_for(spec.seed, coord, item.sample_index, INIT_STEP),
+        "method": spec.method.name,
+        "method_fingerprint": spec.method.fingerprint(),
+        "height": spec.method.height,
+        "width": spec.method.width,
+        "nfe": nfe,
+        "file": file,
+        "sha256": save_png(pixels, root / file),
+        "content_key": content_key(spec, item),
+    }

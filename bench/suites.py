@@ -1,0 +1,285 @@
+"""Prompt suites: YAML cards (``bench/cards/suites/*.yaml``) -> Hugging Face ``datasets.Dataset``.
+
+A card names the canonical upstream file(s), their sha256, licence, field mapping, images per prompt
+and default metrics. The files are never copied into this repository: they are read from a local
+directory (``--prompts-dir``; tests use ``../shared/prompts``), else from the download cache
+(``~/.cache/rtdmd/prompts``), else downloaded from the canonical URL into the cache. The sha256 is
+checked every time; a mismatch is an error. A suite may also be any user file (``.jsonl``,
+``.txt``, ``.csv``, ``.tsv``, ``.json``) or a Hugging Face hub dataset id (``hub:owner/name``).
+
+Dataset columns: ``suite, prompt_id, prompt, category, metadata`` (a JSON string) and
+``images_per_prompt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from rtdmd.config import ConfigError, from_dict
+from rtdmd.registry import did_you_mean
+
+CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
+Format = Literal["jsonl", "txt", "tsv", "csv", "json"]
+
+
+class SuiteError(ValueError):
+    """A suite that cannot be loaded: unknown name, missing or tampered file."""
+
+
+@dataclass(frozen=True)
+class SuiteFile:
+    """One upstream file. ``sha256`` empty = the upstream file is not pinned yet: the first download
+    is trusted and its hash recorded in the cache's lock file (and in every manifest)."""
+
+    path: str  # relative to a prompts directory, e.g. "geneval/evaluation_metadata.jsonl"
+    sha256: str = ""
+    url: str = ""  # canonical raw download URL ("" = no single-file download)
+    category: str = ""  # the category of every row of this file (multi-file suites)
+
+
+@dataclass(frozen=True)
+class SuiteCard:
+    name: str
+    version: str
+    description: str
+    source: str  # the canonical upstream, for humans
+    licence: str
+    redistribute: bool  # False: never write these prompts into a repository or a shared artefact
+    format: Format
+    files: tuple[SuiteFile, ...]
+    rows: int  # prompts after `unique`
+    images_per_prompt: int = 1
+    default_metrics: tuple[str, ...] = ()
+    prompt_field: str = "prompt"
+    category_field: str = ""
+    id_field: str = ""
+    metadata_fields: tuple[str, ...] = ()
+    unique: bool = False  # drop repeated prompts (DrawBench's file repeats each prompt 5 times)
+    download_note: str = ""  # how to obtain the files when there is no single-file URL
+
+    def validate(self) -> None:
+        if not self.files:
+            raise ValueError("a suite needs at least one file")
+        if self.images_per_prompt < 1 or self.rows < 1:
+            raise ValueError("rows and images_per_prompt must be >= 1")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A loaded suite: its card, the resolved files' hashes and the rows."""
+
+    card: SuiteCard
+    sha256: str  # of the sorted per-file hashes: one fingerprint for the whole suite
+    rows: list[dict[str, Any]] = field(repr=False)
+
+    def dataset(self):
+        """The rows as a ``datasets.Dataset`` (columns documented in the module docstring)."""
+        import datasets
+
+        return datasets.Dataset.from_list(self.rows)
+
+
+def card_names() -> list[str]:
+    root = resources.files("bench") / "cards" / "suites"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_card(name: str) -> SuiteCard:
+    import yaml
+
+    path = resources.files("bench") / "cards" / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        raise SuiteError(f"unknown suite {name!r}{did_you_mean(name, card_names())}; known: {', '.join(card_names())}")
+    try:
+        return from_dict(SuiteCard, yaml.safe_load(path.read_text()))
+    except ConfigError as error:
+        raise SuiteError(f"suite card {name}: {error}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _lock_path() -> Path:
+    return CACHE / "lock.json"
+
+
+def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download: bool) -> tuple[bytes, str]:
+    """The file's bytes from the local dir, the cache or the network; verified against its sha256."""
+    candidates = ([prompts_dir / entry.path] if prompts_dir else []) + [CACHE / entry.path]
+    lock = json.loads(_lock_path().read_text()) if _lock_path().exists() else {}
+    expected = entry.sha256 or lock.get(entry.path, "")
+    for path in candidates:
+        if path.is_file():
+            data = path.read_bytes()
+            digest = sha256_bytes(data)
+            if expected and digest != expected:
+                raise SuiteError(
+                    f"suite {card.name}: {path} has sha256 {digest[:16]}..., the card expects {expected[:16]}... "
+                    f"(a modified or different file; the canonical one is {entry.url or card.source})"
+                )
+            return data, digest
+    if not (download and entry.url):
+        where = f" or {prompts_dir / entry.path}" if prompts_dir else ""
+        how = f"download it from {entry.url}" if entry.url else (card.download_note or f"get it from {card.source}")
+        raise SuiteError(
+            f"suite {card.name}: {entry.path} is not in {CACHE}{where}; {how} (sha256 {entry.sha256 or 'unpinned'})"
+        )
+    with urllib.request.urlopen(entry.url, timeout=60) as response:  # noqa: S310 (a URL from a packaged card)
+        data = response.read()
+    digest = sha256_bytes(data)
+    if expected and digest != expected:
+        raise SuiteError(f"suite {card.name}: the download of {entry.url} has sha256 {digest}, expected {expected}")
+    target = CACHE / entry.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    if not expected:  # trust on first use, and pin it from now on
+        lock[entry.path] = digest
+        _lock_path().write_text(json.dumps(lock, indent=2, sort_keys=True))
+    return data, digest
+
+
+def parse_records(data: bytes, fmt: Format) -> list[dict[str, Any] | str]:
+    """Raw records of one file: dicts (jsonl, tsv, csv, json objects) or strings (txt, json strings)."""
+    text = data.decode("utf-8")
+    if fmt == "txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if fmt in ("tsv", "csv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+    records = json.loads(text)
+    if not isinstance(records, list):
+        raise SuiteError("a .json suite file must hold a list of prompts or of objects")
+    return records
+
+
+def rows_from_records(card: SuiteCard, records_per_file: list[tuple[SuiteFile, list]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    per_file: dict[str, int] = {}
+    for entry, records in records_per_file:
+        for record in records:
+            if isinstance(record, str):
+                record = {card.prompt_field: record}
+            prompt = str(record.get(card.prompt_field, "")).strip()
+            if not prompt:
+                raise SuiteError(
+                    f"suite {card.name}: a record of {entry.path} has no {card.prompt_field!r}: {str(record)[:80]}"
+                )
+            if card.unique and prompt in seen:
+                continue
+            seen.add(prompt)
+            category = entry.category or (str(record.get(card.category_field, "")) if card.category_field else "")
+            index = per_file.get(entry.path, 0) if entry.category else len(rows)
+            per_file[entry.path] = per_file.get(entry.path, 0) + 1
+            local_id = str(record[card.id_field]) if card.id_field else f"{index:05d}"
+            rows.append(
+                {
+                    "suite": card.name,
+                    "prompt_id": f"{entry.category}/{local_id}" if entry.category else local_id,
+                    "prompt": prompt,
+                    "category": category,
+                    "metadata": json.dumps({k: record[k] for k in card.metadata_fields if k in record}, sort_keys=True),
+                    "images_per_prompt": card.images_per_prompt,
+                }
+            )
+    return rows
+
+
+def load_suite(
+    name_or_path: str, prompts_dir: str | Path | None = None, download: bool = True, images_per_prompt: int = 0
+) -> Suite:
+    """A packaged suite by name, a user file (path), or a hub dataset (``hub:owner/name``)."""
+    if name_or_path.startswith("hub:"):
+        return _hub_suite(name_or_path[4:], images_per_prompt or 1)
+    path = Path(name_or_path)
+    if (
+        path.suffix in (".jsonl", ".txt", ".tsv", ".csv", ".json")
+        and not (resources.files("bench") / "cards" / "suites" / f"{name_or_path}.yaml").is_file()
+    ):
+        return _file_suite(path, images_per_prompt or 1)
+    card = load_card(name_or_path)
+    if images_per_prompt:
+        card = _replace(card, images_per_prompt=images_per_prompt)
+    local = Path(prompts_dir) if prompts_dir else None
+    fetched = [(entry, *_fetch(entry, card, local, download)) for entry in card.files]
+    rows = rows_from_records(card, [(entry, parse_records(data, card.format)) for entry, data, _ in fetched])
+    if len(rows) != card.rows:
+        raise SuiteError(f"suite {card.name}: {len(rows)} prompts, the card expects {card.rows}")
+    ids = [r["prompt_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise SuiteError(f"suite {card.name}: prompt ids are not unique")
+    digest = sha256_bytes("\n".join(sorted(d for _, _, d in fetched)).encode())
+    return Suite(card=card, sha256=digest, rows=rows)
+
+
+def _replace(card: SuiteCard, **changes: Any) -> SuiteCard:
+    import dataclasses
+
+    return dataclasses.replace(card, **changes)
+
+
+def _file_suite(path: Path, images_per_prompt: int) -> Suite:
+    """A user file: .txt (one prompt per line), .jsonl / .json (objects with "prompt" and optional
+    "id", "category", "metadata"), .csv / .tsv (columns "prompt" [, "id", "category"])."""
+    if not path.is_file():
+        raise SuiteError(f"suite file {path} does not exist")
+    data = path.read_bytes()
+    fmt: Format = path.suffix[1:]  # type: ignore[assignment]
+    records = parse_records(data, fmt)
+    has = lambda key: any(isinstance(r, dict) and key in r for r in records)  # noqa: E731
+    card = SuiteCard(
+        name=path.stem,
+        version=f"file:{sha256_bytes(data)[:12]}",
+        description=f"user file {path}",
+        source=str(path),
+        licence="user",
+        redistribute=False,
+        format=fmt,
+        files=(SuiteFile(path=path.name, sha256=sha256_bytes(data)),),
+        rows=1,
+        images_per_prompt=images_per_prompt,
+        category_field="category" if has("category") else "",
+        id_field="id" if has("id") else "",
+        metadata_fields=("metadata",) if has("metadata") else (),
+    )
+    rows = rows_from_records(card, [(card.files[0], records)])
+    for row in rows:  # a user "metadata" object is the metadata itself
+        meta = json.loads(row["metadata"])
+        row["metadata"] = json.dumps(meta.get("metadata", {}), sort_keys=True)
+    return Suite(card=_replace(card, rows=len(rows)), sha256=sha256_bytes(data), rows=rows)
+
+
+def _hub_suite(dataset_id: str, images_per_prompt: int) -> Suite:
+    """A hub dataset with a "prompt" column (optional "id", "category"); its revision is pinned in the version."""
+    import datasets
+
+    ds = datasets.load_dataset(dataset_id, split="train")
+    if "prompt" not in ds.column_names:
+        raise SuiteError(f"hub dataset {dataset_id} has no 'prompt' column (columns: {ds.column_names})")
+    fingerprint = ds._fingerprint
+    card = SuiteCard(
+        name=dataset_id.replace("/", "__"),
+        version=f"hub:{fingerprint}",
+        description=f"hub dataset {dataset_id}",
+        source=f"hf:{dataset_id}",
+        licence="see the dataset card",
+        redistribute=False,
+        format="json",
+        files=(SuiteFile(path=dataset_id),),
+        rows=len(ds),
+        images_per_prompt=images_per_prompt,
+        category_field="category" if "category" in ds.column_names else "",
+        id_field="id" if "id" in ds.column_names else "",
+    )
+    rows = rows_from_records(card, [(card.files[0], [dict(r) for r in ds])])
+    return Suite(card=card, sha256=fingerprint, rows=rows)
