@@ -293,7 +293,8 @@ def suites(name: str = typer.Argument("", help="Show one suite's card."), prompt
                 console.print(f"available locally: no ({error})", markup=False)
             return
         table = Table(title="prompt suites")
-        for col in ("name", "prompts", "images/prompt", "licence", "redistribute", "default metrics"):
+        table.add_column("name", no_wrap=True)
+        for col in ("prompts", "images/prompt", "licence", "redistribute", "default metrics"):
             table.add_column(col)
         for n in card_names():
             c = load_card(n)
@@ -308,6 +309,32 @@ def suites(name: str = typer.Argument("", help="Show one suite's card."), prompt
         console.print(table)
 
 
+@app.command("build-dpg")
+def build_dpg_command(
+    prompt_dir: Path = typer.Argument(..., help="ELLA's dpg_bench/prompts directory (1065 .txt files)."),
+    prompts_dir: Path = typer.Option(
+        None, "--prompts-dir", help="Where to write dpg_bench/prompts.jsonl (default: the download cache)."
+    ),
+) -> None:
+    """Build DPG-Bench's prompt file from an ELLA checkout and verify it against the card's sha256.
+
+    Example: git clone https://github.com/TencentQQGYLab/ELLA && rtdmd-bench build-dpg ELLA/dpg_bench/prompts
+    """
+    from bench.suites import CACHE, SuiteError, build_dpg, load_card, sha256_bytes
+
+    with clean_errors():
+        data = build_dpg(prompt_dir)
+        entry = load_card("dpg_bench").files[0]
+        if sha256_bytes(data) != entry.sha256:
+            raise SuiteError(
+                f"built file has sha256 {sha256_bytes(data)}, the card expects {entry.sha256}: is {prompt_dir} ELLA's dpg_bench/prompts?"
+            )
+        target = (prompts_dir or CACHE) / entry.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        console.print(f"wrote {target} (sha256 verified)")
+
+
 @app.command()
 def methods(name: str = typer.Argument("", help="Show one method card.")) -> None:
     """List the packaged method cards, or show one."""
@@ -320,7 +347,8 @@ def methods(name: str = typer.Argument("", help="Show one method card.")) -> Non
             console.print(dump_yaml(load_method(name)), markup=False, highlight=False)
             return
         table = Table(title="method cards")
-        for col in ("name", "family", "steps", "eta", "guidance", "resolution", "weights"):
+        table.add_column("name", no_wrap=True)
+        for col in ("family", "steps", "eta", "guidance", "resolution", "weights"):
             table.add_column(col)
         for n in card_names():
             c = load_method(n)

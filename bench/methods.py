@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,14 +32,23 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class LoraEntry:
-    """One LoRA of the stack. ``kind``: ``diffusers`` (a file loadable by the pipeline's
-    ``load_lora_weights``: hub id or local path, ``weight_name`` inside it) or ``rtdmd`` (an
-    ``rtdmd-train`` run directory: its latest checkpoint's EMA generator LoRA)."""
+    """One LoRA of the stack, merged as ``W += scale * (alpha / rank) * B A``. ``kind``:
+
+    * ``diffusers``: a file the pipeline's ``load_lora_weights`` reads (Hyper-SD3, TDM); hub id or
+      local path, ``weight_name`` inside it;
+    * ``state_dict``: a peft-named LoRA state dict (``.pt`` or ``.safetensors``; keys
+      ``<module>.lora_A[.<adapter>].weight``, prefixes ``base_model.model.``/``module.``/``transformer.``
+      stripped) as the official RTDMD and Flow-GRPO releases ship; ``source`` is a hub repo or a local
+      directory/file, ``weight_name`` the file inside it; ``alpha_over_rank`` from ``adapter_config.json``
+      beside the file, else as given here;
+    * ``rtdmd``: an ``rtdmd-train`` run directory: its latest checkpoint's EMA generator LoRA.
+    """
 
     source: str
-    kind: Literal["diffusers", "rtdmd"] = "diffusers"
+    kind: Literal["diffusers", "state_dict", "rtdmd"] = "diffusers"
     weight_name: str = ""
     scale: float = 1.0
+    alpha_over_rank: float = 0.0  # state_dict only; 0 = read adapter_config.json
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,7 @@ def build_method(card: MethodCard, device: torch.device):
         raise MethodError(f"method {card.name} has no weights (published numbers only)")
     try:
         backbone = build_backbone(card.backbone, device)
-    except OSError as error:  # from_pretrained: missing files, offline, gated repo
+    except (OSError, ValueError) as error:  # from_pretrained: missing files or path, offline, gated repo
         raise MethodError(missing_weights_message(card.backbone.source, error)) from None
     net = backbone.transformer
     if card.transformer:
@@ -120,7 +130,7 @@ def build_method(card: MethodCard, device: torch.device):
 
         try:
             net = load_transformer_like(net, card.transformer)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise MethodError(missing_weights_message(card.transformer, error)) from None
         backbone.transformer = net
         if hasattr(backbone, "pipe"):
@@ -141,7 +151,11 @@ def missing_weights_message(source: str, error: Exception) -> str:
 def merge_lora_entry(backbone, net: nn.Module, entry: LoraEntry) -> None:
     """Merge one LoRA into ``net``'s weights (``W += scale (alpha / r) B A``)."""
     if entry.kind == "rtdmd":
-        merge_rtdmd_run(backbone, net, Path(entry.source), entry.scale)
+        merge_rtdmd_run(net, Path(entry.source), entry.scale)
+        return
+    if entry.kind == "state_dict":
+        path = resolve_file(entry.source, entry.weight_name)
+        merge_lora_state_dict(net, read_state_dict(path), entry.scale * lora_alpha_over_rank(path, entry))
         return
     pipe = getattr(backbone, "pipe", None)
     if pipe is None:
@@ -155,27 +169,79 @@ def merge_lora_entry(backbone, net: nn.Module, entry: LoraEntry) -> None:
     pipe.unload_lora_weights()
 
 
-def merge_rtdmd_run(backbone, net: nn.Module, run: Path, scale: float) -> None:
+def resolve_file(source: str, weight_name: str) -> Path:
+    """A local file, a file inside a local directory, or a file of a hub repo (downloaded once)."""
+    local = Path(source)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        path = local / weight_name
+        if not path.is_file():
+            raise MethodError(f"{path} does not exist")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, weight_name))
+    except Exception as error:  # noqa: BLE001 - offline, gated, missing: one message for all
+        raise MethodError(missing_weights_message(f"{source}/{weight_name}", error)) from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
+    config = path.parent / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return float(data["lora_alpha"]) / float(data["r"])
+    if entry.alpha_over_rank <= 0:
+        raise MethodError(f"{path}: no adapter_config.json beside it; set alpha_over_rank in the card")
+    return entry.alpha_over_rank
+
+
+LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def merge_lora_state_dict(net: nn.Module, tensors: dict[str, torch.Tensor], factor: float) -> int:
+    """``W += factor * B A`` for every (A, B) pair; returns how many weights changed."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        for prefix in ("base_model.model.", "module.", "_orig_mod.", "transformer."):
+            key = key.removeprefix(prefix)
+        match = LORA_KEY.match(key)
+        if match:
+            pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = value
+    params = dict(net.named_parameters())
+    unknown = sorted(name for name in pairs if name not in params)
+    if unknown or not pairs:
+        raise MethodError(f"LoRA keys do not match this transformer: {unknown[:3] or 'no lora_A/lora_B pairs found'}")
+    with torch.no_grad():
+        for name, ab in pairs.items():
+            weight = params[name]
+            delta = ab["B"].to(weight.device, torch.float32) @ ab["A"].to(weight.device, torch.float32)
+            weight.add_((factor * delta.reshape(weight.shape)).to(weight.dtype))
+    return len(pairs)
+
+
+def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
     """Merge the EMA generator LoRA of an ``rtdmd-train`` run (its latest checkpoint)."""
     import yaml
 
     from rtdmd.config import from_dict as config_from_dict
     from rtdmd.train import state
     from rtdmd.train.distill import DistillConfig
-    from rtdmd.train.roles import attach_lora, merge_lora
 
     latest = state.latest_checkpoint(run)
     if latest is None or not (run / "config.yaml").is_file():
         raise MethodError(f"{run} is not an rtdmd-train run directory with a checkpoint")
-    cfg = config_from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    if cfg.generator.lora is None:
+    lora = config_from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text())).generator.lora
+    if lora is None:
         raise MethodError(f"{run} trained every weight; point the card's `transformer` at an export instead")
-    tensors = {k[len("ema/") :]: v for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
-    attach_lora(net, cfg.generator.lora, backbone.lora_targets, seed=0)
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name not in params:
-                raise MethodError(f"{run}: checkpoint tensor {name} does not match this backbone")
-            params[name].copy_(value.to(params[name].device) * (scale if "lora_B" in name else 1.0))
-    merge_lora(net)
+    ema = {k[len("ema/") :]: v for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
+    merge_lora_state_dict(net, ema, scale * lora.alpha / lora.rank)

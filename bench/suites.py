@@ -112,6 +112,18 @@ def _lock_path() -> Path:
     return CACHE / "lock.json"
 
 
+def build_dpg(prompt_dir: Path) -> bytes:
+    """DPG-Bench's prompts.jsonl from ELLA's ``dpg_bench/prompts/<id>.txt`` files: ``{"id", "prompt"}``
+    per file, the text stripped, sorted by id (the layout the card's sha256 pins)."""
+    files = sorted(Path(prompt_dir).glob("*.txt"), key=lambda p: p.stem)
+    if not files:
+        raise SuiteError(f"{prompt_dir} holds no .txt prompt files")
+    return "".join(
+        json.dumps({"id": f.stem, "prompt": f.read_text(encoding="utf-8").strip()}, ensure_ascii=False) + "\n"
+        for f in files
+    ).encode()
+
+
 def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download: bool) -> tuple[bytes, str]:
     """The file's bytes from the local dir, the cache or the network; verified against its sha256."""
     candidates = ([prompts_dir / entry.path] if prompts_dir else []) + [CACHE / entry.path]
@@ -126,6 +138,8 @@ def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download
                     f"suite {card.name}: {path} has sha256 {digest[:16]}..., the card expects {expected[:16]}... "
                     f"(a modified or different file; the canonical one is {entry.url or card.source})"
                 )
+            if not expected:
+                _pin(lock, entry.path, digest)
             return data, digest
     if not (download and entry.url):
         where = f" or {prompts_dir / entry.path}" if prompts_dir else ""
@@ -141,10 +155,16 @@ def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download
     target = CACHE / entry.path
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
-    if not expected:  # trust on first use, and pin it from now on
-        lock[entry.path] = digest
-        _lock_path().write_text(json.dumps(lock, indent=2, sort_keys=True))
+    if not expected:
+        _pin(lock, entry.path, digest)
     return data, digest
+
+
+def _pin(lock: dict[str, str], path: str, digest: str) -> None:
+    """Trust an unpinned upstream file on first use and verify it against that hash from then on."""
+    lock[path] = digest
+    _lock_path().parent.mkdir(parents=True, exist_ok=True)
+    _lock_path().write_text(json.dumps(lock, indent=2, sort_keys=True))
 
 
 def parse_records(data: bytes, fmt: Format) -> list[dict[str, Any] | str]:
