@@ -244,6 +244,28 @@ def test_torchrun_two_processes_generate_the_same_images_as_one(tmp_path, prompt
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifests = [(tmp_path / d / "tiny-cps4" / "tiny_prompts" / "manifest.jsonl").read_text() for d in ("one", "two")]
     assert manifests[0] == manifests[1]  # same rows, same order, same image hashes
+    run_one, run_two = (tmp_path / d / "tiny-cps4" / "tiny_prompts" for d in ("one", "two"))
+    assert runner.invoke(app, ["score", str(run_one), "--metrics", "brightness"]).exit_code == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29900 + os.getpid() % 99),
+        "-m",
+        "bench.cli",
+        "score",
+        str(run_two),
+        "--metrics",
+        "brightness",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_one / "scores.jsonl").read_text() == (run_two / "scores.jsonl").read_text()
 
 
 # ---------------------------------------------------------------- suites
