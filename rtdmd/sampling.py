@@ -18,7 +18,8 @@ compute_batch, device and library versions).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,14 +35,29 @@ class SamplerSpec:
 
     ``timesteps``: raw times ``u`` in (0, 1] before the family's shift, one per step (RTDMD students:
     ``[1.0, 0.75, 0.5, 0.25]``); ``None`` uses the family pipeline's default spacing.
+
+    ``scheduler`` (optional): a deterministic diffusers scheduler class (e.g.
+    ``DPMSolverMultistepScheduler`` for TDM) built from ``scheduler_config``; it then defines the
+    steps and the update, and ``eta`` / ``timesteps`` must stay unset (0 / null).
     """
 
     num_steps: int = 4
     eta: float = 0.9
     guidance: float = 1.0
     timesteps: tuple[float, ...] | None = None
+    scheduler: str = ""
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        if self.scheduler:
+            if self.eta != 0.0 or self.timesteps is not None:
+                raise ValueError("a diffusers scheduler defines its own steps: set eta=0 and timesteps=null")
+            if "sde" in str(self.scheduler_config.get("algorithm_type", "")):
+                raise ValueError(
+                    "stochastic diffusers schedulers are not supported (their noise is not addressed by coordinates)"
+                )
+        elif self.scheduler_config:
+            raise ValueError("scheduler_config needs a scheduler")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 0.0 <= self.eta <= 1.0:
@@ -144,6 +160,19 @@ def rollout(
     return traj
 
 
+def scheduler_chain(backbone: Backbone, net: nn.Module, cond: Cond, x: Tensor, spec: SamplerSpec) -> Tensor:
+    """Sample with a deterministic diffusers flow scheduler (its own steps and multistep update);
+    the model is called at ``sigma = t / num_train_timesteps`` of each scheduler timestep."""
+    import diffusers
+
+    scheduler = getattr(diffusers, spec.scheduler)(**spec.scheduler_config)
+    scheduler.set_timesteps(spec.num_steps, device=x.device)
+    for t in scheduler.timesteps:
+        v = backbone.velocity(net, x, float(t) / scheduler.config.num_train_timesteps, cond, spec.guidance)
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+    return x.float()
+
+
 class ForwardCounter:
     """Counts the rows a network processes (a forward hook), to measure NFE instead of trusting a card.
 
@@ -195,12 +224,19 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts but {len(keys)} keys")
     if compute_batch < 1:
         raise ValueError(f"compute_batch must be >= 1, got {compute_batch}")
-    sigmas = backbone.schedule(spec.num_steps, height, width, spec.timesteps)
     shape = backbone.latent_shape(height, width)
+    sigmas = None if spec.scheduler else backbone.schedule(spec.num_steps, height, width, spec.timesteps)
     out: list[Tensor] = []
     for rows, real in _padded_chunks(len(prompts), compute_batch):
         cond = backbone.encode([prompts[i] for i in rows], guidance=spec.guidance)
         seeds = seed_table(run_seed, [keys[i] for i in rows], spec.num_steps)
-        traj = rollout(backbone, net, cond, sigmas, seeds, shape, eta=spec.eta, guidance=spec.guidance, record=False)
-        out.append(backbone.decode(traj.final)[:real].cpu())
+        if spec.scheduler:
+            final = scheduler_chain(
+                backbone, net, cond, randn_rows([row[0] for row in seeds], shape, backbone.device), spec
+            )
+        else:
+            final = rollout(
+                backbone, net, cond, sigmas, seeds, shape, eta=spec.eta, guidance=spec.guidance, record=False
+            ).final
+        out.append(backbone.decode(final)[:real].cpu())
     return torch.cat(out) if out else torch.empty(0, 3, height, width)

@@ -126,3 +126,50 @@ def test_adapter_and_euler_sampler_match_the_diffusers_pipeline(saved_pipelines,
     ref_images = pipe(latents=to_pipeline_input(x_init.clone()), output_type="pt", **common).images
     assert rel_err(to_pipeline_latent(final, backbone), ref_latents) < 1e-4
     assert rel_err(images, ref_images) < 1e-4
+
+
+TDM_SCHEDULER = dict(
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=6.0,
+    final_sigmas_type="zero",
+    lower_order_final=True,
+    euler_at_final=False,
+    timestep_spacing="linspace",
+    num_train_timesteps=1000,
+)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_diffusers_scheduler_sampler_matches_the_pipeline_with_that_scheduler(saved_pipelines, guidance):
+    """The TDM-style sampler: DPM-Solver++ (flow) instead of Euler, through our velocity."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusion3Pipeline
+
+    from rtdmd.sampling import SamplerSpec, scheduler_chain
+
+    path = saved_pipelines("sd3")
+    backbone = SD3Backbone.from_pretrained(path, dtype=torch.float32, max_sequence_length=TEXT_LEN)
+    spec = SamplerSpec(
+        num_steps=4, eta=0.0, guidance=guidance, scheduler="DPMSolverMultistepScheduler", scheduler_config=TDM_SCHEDULER
+    )
+    spec.validate()
+    shape = backbone.latent_shape(HEIGHT, WIDTH)
+    x_init = randn_rows([row[0] for row in seed_table(3, [(p, 0) for p in PROMPTS], 4)], shape)
+    with torch.no_grad():
+        ours = scheduler_chain(backbone, backbone.transformer, backbone.encode(PROMPTS, guidance), x_init.clone(), spec)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.scheduler = DPMSolverMultistepScheduler(**TDM_SCHEDULER)
+    ref = pipe(
+        prompt=PROMPTS,
+        latents=x_init.clone(),
+        num_inference_steps=4,
+        guidance_scale=guidance,
+        height=HEIGHT,
+        width=WIDTH,
+        max_sequence_length=TEXT_LEN,
+        output_type="latent",
+    ).images
+    assert rel_err(ours, ref) < 1e-4

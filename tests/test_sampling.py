@@ -119,3 +119,34 @@ def test_sampler_spec_validation(tiny):
             gen(tiny, PROMPTS[:1], KEYS[:1], bad)
     with pytest.raises(ValueError, match="keys"):
         gen(tiny, PROMPTS[:2], KEYS[:1], STUDENT)
+
+
+def test_diffusers_scheduler_sampling_keeps_the_seed_contract(tiny):
+    spec = SamplerSpec(
+        num_steps=4,
+        eta=0.0,
+        guidance=1.0,
+        scheduler="DPMSolverMultistepScheduler",
+        scheduler_config={
+            "algorithm_type": "dpmsolver++",
+            "prediction_type": "flow_prediction",
+            "use_flow_sigmas": True,
+            "flow_shift": 6.0,
+            "final_sigmas_type": "zero",
+        },
+    )
+    batch = gen(tiny, PROMPTS, KEYS, spec)
+    assert all(torch.equal(gen(tiny, PROMPTS[i : i + 1], KEYS[i : i + 1], spec)[0], batch[i]) for i in (0, 6))
+    counter = ForwardCounter(tiny.transformer)
+    gen(tiny, PROMPTS[:4], KEYS[:4], spec)
+    counter.close()
+    assert counter.rows / 4 == 4
+    with pytest.raises(ValueError, match="set eta=0"):
+        SamplerSpec(eta=0.9, scheduler="DPMSolverMultistepScheduler").validate()
+    with pytest.raises(ValueError, match="stochastic"):
+        SamplerSpec(
+            eta=0.0,
+            timesteps=None,
+            scheduler="DPMSolverMultistepScheduler",
+            scheduler_config={"algorithm_type": "sde-dpmsolver++"},
+        ).validate()
