@@ -189,6 +189,30 @@ def flux2_klein_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0, is_dis
     )
 
 
+def zimage_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0):
+    """``ZImagePipeline`` from component sizes (keys: transformer, qwen3, vae, scheduler)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tok = qwen_tokenizer()
+    config = Qwen3Config(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        **({"vocab_size": len(tok)} | sizes["qwen3"]),
+    )
+    return _eval(
+        ZImagePipeline(
+            transformer=ZImageTransformer2DModel(**sizes["transformer"]),
+            vae=AutoencoderKL(**sizes["vae"]),
+            text_encoder=Qwen3Model(config),
+            tokenizer=tok,
+            scheduler=FlowMatchEulerDiscreteScheduler(**sizes["scheduler"]),
+        )
+    )
+
+
 # ---------------------------------------------------------------- tiny sizes (tests)
 
 _TINY_VAE = dict(  # four levels, so the VAE scale factor is 8 as in the real VAEs
@@ -294,6 +318,38 @@ TINY_FLUX2_KLEIN = {
     "vae": _TINY_VAE | dict(latent_channels=32, use_quant_conv=False, use_post_quant_conv=False),
     "scheduler": dict(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential"),
 }
+
+
+TINY_ZIMAGE = {
+    "transformer": dict(
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32],
+    ),
+    "qwen3": dict(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+    ),
+    "vae": _TINY_VAE
+    | dict(
+        latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False
+    ),
+    "scheduler": dict(shift=3.0),
+}
+
+
+def tiny_zimage_pipeline(seed: int = 0):
+    return zimage_pipeline(TINY_ZIMAGE, seed)
 
 
 def tiny_sd3_pipeline(seed: int = 0):

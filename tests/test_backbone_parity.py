@@ -15,9 +15,10 @@ from rtdmd.backbones.flux1 import Flux1Backbone, pack_flux1
 from rtdmd.backbones.flux2 import Flux2Backbone
 from rtdmd.backbones.latents import unpatchify_2x2
 from rtdmd.backbones.sd3 import SD3Backbone
+from rtdmd.backbones.zimage import ZImageBackbone
 from rtdmd.sampling import rollout, seed_table
 from rtdmd.seeding import randn_rows
-from rtdmd.testing import tiny_flux1_pipeline, tiny_flux2_klein_pipeline, tiny_sd3_pipeline
+from rtdmd.testing import tiny_flux1_pipeline, tiny_flux2_klein_pipeline, tiny_sd3_pipeline, tiny_zimage_pipeline
 
 PROMPTS = ["a red cube on a table", "two blue spheres"]
 HEIGHT = WIDTH = 32
@@ -87,6 +88,8 @@ CASES = {
         flux2_vae_latents,
         lambda g: {"guidance_scale": g},
     ),
+    # Z-Image's pipeline writes CFG as pos + g (pos - neg): our weight w is 1 + g
+    "zimage": (tiny_zimage_pipeline, {}, ZImageBackbone, same, same, lambda g: {"guidance_scale": g - 1.0}),
 }
 
 
@@ -115,15 +118,19 @@ def test_adapter_and_euler_sampler_match_the_diffusers_pipeline(saved_pipelines,
     x_init, final, images = ours(backbone, guidance)
     pipe = getattr(__import__("diffusers"), adapter.PIPELINE).from_pretrained(path, dtype=torch.float32)
     common = dict(
-        prompt=PROMPTS,
         num_inference_steps=NUM_STEPS,
         height=HEIGHT,
         width=WIDTH,
         max_sequence_length=TEXT_LEN,
         **guidance_kwargs(guidance),
     )
-    ref_latents = pipe(latents=to_pipeline_input(x_init.clone()), output_type="latent", **common).images
-    ref_images = pipe(latents=to_pipeline_input(x_init.clone()), output_type="pt", **common).images
+    # a fresh prompt list per call: ZImagePipeline applies its chat template to the list in place
+    ref_latents = pipe(
+        prompt=list(PROMPTS), latents=to_pipeline_input(x_init.clone()), output_type="latent", **common
+    ).images
+    ref_images = pipe(
+        prompt=list(PROMPTS), latents=to_pipeline_input(x_init.clone()), output_type="pt", **common
+    ).images
     assert rel_err(to_pipeline_latent(final, backbone), ref_latents) < 1e-4
     assert rel_err(images, ref_images) < 1e-4
 
@@ -163,7 +170,7 @@ def test_diffusers_scheduler_sampler_matches_the_pipeline_with_that_scheduler(sa
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch.float32)
     pipe.scheduler = DPMSolverMultistepScheduler(**TDM_SCHEDULER)
     ref = pipe(
-        prompt=PROMPTS,
+        prompt=list(PROMPTS),  # a copy: ZImagePipeline templates its prompt list in place
         latents=x_init.clone(),
         num_inference_steps=4,
         guidance_scale=guidance,

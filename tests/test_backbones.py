@@ -12,8 +12,9 @@ from rtdmd.backbones.flux2 import Flux2Backbone
 from rtdmd.backbones.latents import from_tokens, patchify_2x2, to_tokens, unpatchify_2x2
 from rtdmd.backbones.sd3 import SD3Backbone
 from rtdmd.backbones.tiny import TinyBackbone
+from rtdmd.backbones.zimage import ZImageBackbone
 from rtdmd.config import ConfigError, from_dict
-from rtdmd.testing import tiny_flux1_pipeline, tiny_flux2_klein_pipeline, tiny_sd3_pipeline
+from rtdmd.testing import tiny_flux1_pipeline, tiny_flux2_klein_pipeline, tiny_sd3_pipeline, tiny_zimage_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,12 @@ def families():
         "flux1": Flux1Backbone(tiny_flux1_pipeline(guidance_embeds=True), max_sequence_length=16),
         "flux2": Flux2Backbone(tiny_flux2_klein_pipeline(), max_sequence_length=16),
         "tiny": TinyBackbone.build(),
+        "zimage": ZImageBackbone(tiny_zimage_pipeline(), max_sequence_length=16),
     }
 
 
 def test_every_family_is_registered_and_satisfies_the_protocol(families):
-    assert set(BACKBONES.names()) == {"sd3", "flux1", "flux2", "tiny"}
+    assert set(BACKBONES.names()) == {"sd3", "flux1", "flux2", "tiny", "zimage"}
     for name, backbone in families.items():
         assert isinstance(backbone, BACKBONES.get(name))
         for attr in ("encode", "velocity", "decode", "latent_shape", "schedule", "default_timesteps", "lora_targets"):
@@ -76,6 +78,7 @@ def test_latent_shapes(families):
     assert families["flux1"].latent_shape(64, 96) == (16, 8, 12)
     assert families["flux2"].latent_shape(64, 96) == (128, 4, 6)
     assert families["tiny"].latent_shape(64, 96) == (48, 16, 24)
+    assert families["zimage"].latent_shape(64, 96) == (16, 8, 12)
     for backbone in families.values():
         with pytest.raises(ValueError, match="multiples of"):
             backbone.latent_shape(60, 64)
@@ -84,20 +87,31 @@ def test_latent_shapes(families):
 # ---------------------------------------------------------------- 3. model timestep conventions
 
 
-@pytest.mark.parametrize(("name", "scale"), [("sd3", 1000.0), ("tiny", 1000.0), ("flux1", 1.0), ("flux2", 1.0)])
-def test_model_timestep_convention(families, name, scale):
+@pytest.mark.parametrize(
+    ("name", "model_time"),
+    [
+        ("sd3", lambda s: 1000 * s),
+        ("tiny", lambda s: 1000 * s),
+        ("flux1", lambda s: s),
+        ("flux2", lambda s: s),
+        ("zimage", lambda s: 1 - s),
+    ],
+)
+def test_model_timestep_convention(families, name, model_time):
     backbone = families[name]
     seen = []
-    handle = backbone.transformer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True
-    )
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["timestep"] if "timestep" in kwargs else args[1]).clone())
+
+    handle = backbone.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         cond = backbone.encode(["a cat", "a dog"])
         x = torch.randn(2, *backbone.latent_shape(32, 32))
         backbone.velocity(backbone.transformer, x, torch.tensor([0.25, 0.8]), cond)
     finally:
         handle.remove()
-    torch.testing.assert_close(seen[0].float(), torch.tensor([0.25, 0.8]) * scale)
+    torch.testing.assert_close(seen[0].float(), model_time(torch.tensor([0.25, 0.8])))
 
 
 # ---------------------------------------------------------------- guidance
@@ -152,7 +166,7 @@ def test_cond_select_and_to(families):
 # ---------------------------------------------------------------- LoRA targets and decode
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux1", "flux2", "tiny"])
+@pytest.mark.parametrize("name", ["sd3", "flux1", "flux2", "tiny", "zimage"])
 def test_lora_targets_attach_with_peft(families, name):
     from peft import LoraConfig, get_peft_model
 
@@ -171,7 +185,7 @@ def test_lora_targets_attach_with_peft(families, name):
 
 
 def test_decode_is_differentiable_and_in_unit_range(families):
-    for name in ("sd3", "flux1", "flux2", "tiny"):
+    for name in ("sd3", "flux1", "flux2", "tiny", "zimage"):
         backbone = families[name]
         z = torch.randn(1, *backbone.latent_shape(32, 32), requires_grad=True)
         images = backbone.decode(z)
