@@ -542,3 +542,15 @@ def test_hub_weights_missing_offline_name_the_source(tmp_path, prompt_file, monk
     )
     assert result.exit_code == 2 and "weights not found for 'someorg/not-a-model'" in text(result)
     assert "huggingface-cli download someorg/not-a-model" in text(result)
+
+
+def test_a_hub_dataset_is_a_suite(tmp_path):
+    """`hub:<id>` goes through datasets.load_dataset; a local dataset directory stands in for the hub here."""
+    data = tmp_path / "my_prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text(
+        '{"prompt": "a cat", "category": "animal"}\n{"prompt": "a bus", "category": "vehicle"}\n'
+    )
+    suite = load_suite(f"hub:{data}", images_per_prompt=2)
+    assert [r["prompt"] for r in suite.rows] == ["a cat", "a bus"] and suite.card.version.startswith("hub:")
+    assert [r["category"] for r in suite.rows] == ["animal", "vehicle"] and suite.card.images_per_prompt == 2
