@@ -211,8 +211,7 @@ def test_generate_killed_midway_resumes_without_gaps_duplicates_or_corruption(tm
     assert (killed / "report.png").read_bytes() == (straight / "report.png").read_bytes()
 
 
-def test_torchrun_two_processes_generate_the_same_images_as_one(tmp_path, prompt_file):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def test_torchrun_two_processes_generate_the_same_images_as_one(tmp_path, prompt_file, torchrun):
     args = [
         "generate",
         "--method",
@@ -226,45 +225,13 @@ def test_torchrun_two_processes_generate_the_same_images_as_one(tmp_path, prompt
     ]
     one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29700 + os.getpid() % 200),
-        "-m",
-        "bench.cli",
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifests = [(tmp_path / d / "tiny-cps4" / "tiny_prompts" / "manifest.jsonl").read_text() for d in ("one", "two")]
-    assert manifests[0] == manifests[1]  # same rows, same order, same image hashes
+    torchrun("bench.cli", *args, "--out", str(tmp_path / "two"))
     run_one, run_two = (tmp_path / d / "tiny-cps4" / "tiny_prompts" for d in ("one", "two"))
+    assert (run_one / "manifest.jsonl").read_text() == (
+        run_two / "manifest.jsonl"
+    ).read_text()  # same rows, order, hashes
     assert runner.invoke(app, ["score", str(run_one), "--metrics", "brightness"]).exit_code == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29900 + os.getpid() % 99),
-        "-m",
-        "bench.cli",
-        "score",
-        str(run_two),
-        "--metrics",
-        "brightness",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("bench.cli", "score", str(run_two), "--metrics", "brightness", "--device", "cpu")
     assert (run_one / "scores.jsonl").read_text() == (run_two / "scores.jsonl").read_text()
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -100,23 +97,14 @@ def test_a_changed_config_is_refused_but_steps_may_grow(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
+def test_torchrun_two_processes_match_one_process(tmp_path, strategy, torchrun):
     """Same global batch on 1 and 2 processes (gloo): the same samples, noise and updates, so the
     weights agree up to the reduction order of the gradient all-reduce."""
     single = runner.invoke(
         app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'one'}", "device=cpu", "eval.every=0"]
     )
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(29500 + os.getpid() % 1000),
-        "-m",
+    torchrun(
         "rtdmd.train.cli",
         "distill",
         "--config",
@@ -125,9 +113,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy):
         "device=cpu",
         "eval.every=0",
         f"distributed={strategy}",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
     one, two = checkpoint(tmp_path / "one", 4), checkpoint(tmp_path / "two", 4)
     assert one.keys() == two.keys()
     for key in one:
