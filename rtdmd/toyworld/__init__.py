@@ -1,0 +1,1 @@
+"""The embedded default world: procedural shape scenes, GenEval-style prompts, an exact detector."""

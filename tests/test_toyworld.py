@@ -1,0 +1,85 @@
+"""The toy world: rendering, GenEval-format prompts, scenes that satisfy them, the exact detector."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rtdmd.rewards.geneval import Detection, judge, summarize
+from rtdmd.toyworld.detector import detect
+from rtdmd.toyworld.prompts import TAGS, make_prompts, scene_for
+from rtdmd.toyworld.world import BACKGROUND, PALETTE, SHAPES, Obj, mask, render
+
+EVAL_COUNTS = {"single_object": 8, "two_object": 32, "counting": 24, "colors": 40, "position": 40, "color_attr": 40}
+
+
+def test_palette_and_background_are_far_apart():
+    colors = np.array(list(PALETTE.values()) + [BACKGROUND], dtype=float)
+    distances = np.linalg.norm(colors[:, None] - colors[None], axis=-1)
+    assert distances[np.triu_indices(len(colors), 1)].min() > 60
+
+
+def test_rendering_is_deterministic_anti_aliased_and_masks_are_disjoint():
+    objects = [Obj("star", "red", 20.0, 20.0, 16.0), Obj("circle", "blue", 44.5, 40.3, 13.0)]
+    image = render(objects)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, render(objects))
+    assert not (mask(objects[0]) & mask(objects[1])).any()
+    edge_colors = {tuple(p) for p in image.reshape(-1, 3)} - {BACKGROUND, PALETTE["red"], PALETTE["blue"]}
+    assert len(edge_colors) > 10  # blended edge pixels
+
+
+def test_prompts_follow_geneval_templates_and_metadata_format():
+    rows = make_prompts(0, EVAL_COUNTS)
+    assert len(rows) == sum(EVAL_COUNTS.values()) and len({r["prompt"] for r in rows}) == len(rows)
+    assert rows[0]["tag"] == "single_object" and rows[-1]["tag"] == "color_attr"  # GenEval's task order
+    by_tag = {tag: [r for r in rows if r["tag"] == tag] for tag in TAGS}
+    assert list(by_tag["counting"][0]) == ["tag", "include", "exclude", "prompt"]
+    count = by_tag["counting"][0]["include"][0]["count"]
+    assert by_tag["counting"][0]["exclude"] == [
+        {"class": by_tag["counting"][0]["include"][0]["class"], "count": count + 1}
+    ]
+    pos = by_tag["position"][0]
+    assert pos["include"][1]["position"][1] == 0 and pos["prompt"].startswith(
+        f"a photo of a {pos['include'][1]['class']} "
+    )
+    assert all(r["prompt"].startswith("a photo of ") for r in rows)
+    assert any(" an orange " in r["prompt"] for r in by_tag["colors"] + by_tag["color_attr"])
+    held_out = {r["prompt"] for r in rows}
+    train = make_prompts(1, {"two_object": 20, "colors": 30, "position": 60, "color_attr": 60}, exclude=held_out)
+    assert not held_out & {r["prompt"] for r in train}
+    with pytest.raises(ValueError, match="unique single_object"):
+        make_prompts(0, {"single_object": len(SHAPES) + 1})
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_scenes_satisfy_their_metadata(tag):
+    for i, metadata in enumerate(make_prompts(3, {tag: 6})):
+        objects = scene_for(metadata, seed=i)
+        exact = [Detection(o.shape, o.box, 1.0, color=o.color) for o in objects]
+        assert judge(metadata, exact).correct, (metadata["prompt"], objects)
+        assert len(objects) == sum(req["count"] for req in metadata["include"])
+
+
+def test_rendered_ground_truth_scores_at_least_0_99_with_the_toy_detector():
+    rows = make_prompts(0, EVAL_COUNTS)
+    results = []
+    for i, metadata in enumerate(rows):
+        verdict = judge(metadata, detect(render(scene_for(metadata, seed=i))))
+        results.append({"tag": metadata["tag"], "correct": verdict.correct, "metadata": json.dumps(metadata)})
+    overall, _ = summarize(results)
+    assert overall["overall"] >= 0.99, [json.loads(r["metadata"])["prompt"] for r in results if not r["correct"]]
+
+
+def test_detector_reads_colour_shape_and_penalises_malformed_blobs():
+    for i, (shape, color) in enumerate(zip(SHAPES * 2, list(PALETTE) * 2, strict=False)):
+        found = detect(render([Obj(shape, color, 20.0 + i, 30.0, 15.0)]))
+        assert [(d.label, d.color) for d in found] == [(shape, color)] and found[0].score > 0.95
+    blob = np.full((64, 64, 3), BACKGROUND, np.uint8)
+    blob[20:30, 20:34] = PALETTE["red"]
+    blob[25:40, 28:31] = PALETTE["red"]
+    (found,) = detect(blob)
+    assert found.score < 0.8 and found.color == "red"
+    assert detect(np.full((64, 64, 3), BACKGROUND, np.uint8)) == []
