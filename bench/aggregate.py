@@ -9,9 +9,7 @@ what the inputs determine (no clock times), so reruns write identical bytes.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import defaultdict
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from bench.generate import MANIFEST, read_jsonl
 from bench.methods import MethodCard
 from bench.score import SCORES
 from bench.stats import bootstrap_ci, paired_difference
+from rtdmd import run_dir
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import from_dict, to_dict
 from rtdmd.rewards import REWARDS
@@ -49,28 +48,13 @@ def per_prompt(manifest: list[dict], scores: list[dict], metric: str) -> tuple[l
 
 
 def provenance() -> dict:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        date = subprocess.run(
-            ["git", "log", "-1", "--format=%cs"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha, date = "unknown", "unknown"
+    """The code that produced a summary: rtdmd's commit (not the run's clock, so reruns match) and libraries."""
+    git = run_dir.git_state()
     return {
-        "rtdmd_git": sha,
-        "rtdmd_commit_date": date,
-        "packages": {p: _version(p) for p in ("torch", "diffusers", "transformers")},
+        "rtdmd_git": git["sha"] or "unknown",
+        "rtdmd_commit_date": git["date"] or "unknown",
+        "packages": {p: run_dir.package_version(p) for p in ("torch", "diffusers", "transformers")},
     }
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def metric_summary(metric: str, ids: list[str], values: np.ndarray, categories: list[str], suite: str) -> dict:

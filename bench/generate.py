@@ -93,11 +93,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def valid_rows(root: Path, spec: GenerateSpec, items: list[Item]) -> dict[tuple[str, int], dict]:
-    """Manifest rows (canonical file and leftover rank parts) whose image is intact and current."""
+def manifest_parts(root: Path) -> list[Path]:
+    return sorted(root.glob("manifest.part*.jsonl"))
+
+
+def valid_rows(
+    root: Path, spec: GenerateSpec, items: list[Item], paths: list[Path] | None = None
+) -> dict[tuple[str, int], dict]:
+    """Rows of the manifest files ``paths`` (default: the canonical manifest and leftover rank parts)
+    whose image is intact and current."""
     wanted = {item.key: content_key(spec, item) for item in items}
     found: dict[tuple[str, int], dict] = {}
-    for path in [root / MANIFEST, *sorted(root.glob("manifest.part*.jsonl"))]:
+    for path in paths if paths is not None else [root / MANIFEST, *manifest_parts(root)]:
         for row in read_jsonl(path):
             key = (row["prompt_id"], row["sample_index"])
             image = root / row["file"]
@@ -174,14 +181,14 @@ def generate_stage(
             progress(len(mine), len(mine))
     distributed.barrier()
     if world.is_main:
-        merged = valid_rows(root, spec, items)
+        merged = done | valid_rows(root, spec, items, manifest_parts(root))  # `done` was verified above
         if len(merged) != len(items):
             raise RuntimeError(f"{len(items) - len(merged)} images are still missing after generation")
         text = "".join(json.dumps(merged[item.key]) + "\n" for item in items)
         from rtdmd.checkpoint import write_text_atomic
 
         write_text_atomic(root / MANIFEST, text)
-        for part_file in root.glob("manifest.part*.jsonl"):
+        for part_file in manifest_parts(root):
             part_file.unlink()
     distributed.barrier()
     return {

@@ -27,17 +27,23 @@ TRACKED_PACKAGES = ("rtdmd", "torch", "diffusers", "transformers", "peft", "safe
 
 
 def git_state(path: Path | None = None) -> dict[str, Any]:
-    """``{"sha": ..., "dirty": bool}`` of the git checkout holding the package, or nulls outside git."""
+    """``{"sha", "date" (commit date), "dirty"}`` of the git checkout holding the package, or nulls outside git."""
     where = path or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=where, capture_output=True, text=True, check=True)
+        return {
+            "sha": git("rev-parse", "HEAD"),
+            "date": git("log", "-1", "--format=%cs"),
+            "dirty": bool(git("status", "--porcelain")),
+        }
     except (OSError, subprocess.CalledProcessError):
-        return {"sha": None, "dirty": None}
-    return {"sha": sha.stdout.strip(), "dirty": bool(status.stdout.strip())}
+        return {"sha": None, "date": None, "dirty": None}
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -56,7 +62,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
-        "packages": {name: _version(name) for name in TRACKED_PACKAGES},
+        "packages": {name: package_version(name) for name in TRACKED_PACKAGES},
         "torch_cuda": torch.version.cuda,
         "cuda_devices": devices,
         "cpu_threads": torch.get_num_threads(),

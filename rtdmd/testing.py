@@ -102,6 +102,17 @@ def _t5(tok, sizes: dict[str, Any]):
     return T5EncoderModel(config)
 
 
+def _qwen3_config(tok, sizes: dict[str, Any]):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        **({"vocab_size": len(tok)} | sizes),
+    )
+
+
 def _eval(pipe):
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -163,16 +174,11 @@ def flux2_klein_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0, is_dis
         Flux2KleinPipeline,
         Flux2Transformer2DModel,
     )
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    config = Qwen3Config(
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **({"vocab_size": len(tok)} | sizes["qwen3"]),
-    )
+    config = _qwen3_config(tok, sizes["qwen3"])
     vae = AutoencoderKLFlux2(**sizes["vae"])
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.5)
@@ -192,16 +198,11 @@ def flux2_klein_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0, is_dis
 def zimage_pipeline(sizes: dict[str, dict[str, Any]], seed: int = 0):
     """``ZImagePipeline`` from component sizes (keys: transformer, qwen3, vae, scheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     torch.manual_seed(seed)
     tok = qwen_tokenizer()
-    config = Qwen3Config(
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **({"vocab_size": len(tok)} | sizes["qwen3"]),
-    )
+    config = _qwen3_config(tok, sizes["qwen3"])
     return _eval(
         ZImagePipeline(
             transformer=ZImageTransformer2DModel(**sizes["transformer"]),

@@ -116,7 +116,9 @@ def test_adapter_and_euler_sampler_match_the_diffusers_pipeline(saved_pipelines,
     path = saved_pipelines(case)
     backbone = adapter.from_pretrained(path, dtype=torch.float32, max_sequence_length=TEXT_LEN)
     x_init, final, images = ours(backbone, guidance)
-    pipe = getattr(__import__("diffusers"), adapter.PIPELINE).from_pretrained(path, dtype=torch.float32)
+    import diffusers
+
+    pipe = getattr(diffusers, adapter.PIPELINE).from_pretrained(path, dtype=torch.float32)
     common = dict(
         num_inference_steps=NUM_STEPS,
         height=HEIGHT,

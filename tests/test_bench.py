@@ -372,6 +372,7 @@ def test_method_fingerprint_ignores_display_text_but_not_the_sampler():
 
 def test_state_dict_and_run_dir_loras_merge_into_the_weights(tmp_path):
     """A peft-named state dict (RTDMD / Flow-GRPO release format) and an rtdmd-train run directory."""
+    from rtdmd.checkpoint import load_tensors
     from rtdmd.config import load
     from rtdmd.train.distill import DistillConfig, train
 
@@ -379,13 +380,8 @@ def test_state_dict_and_run_dir_loras_merge_into_the_weights(tmp_path):
         DistillConfig, "tiny", [f"run_dir={tmp_path / 'run'}", "device=cpu", "eval.every=0", "steps=2"], group="distill"
     )
     train(cfg, show_progress=False)
-    ema = {
-        k[len("ema/") :]: v
-        for k, v in __import__("safetensors.torch")
-        .torch.load_file(str(tmp_path / "run/checkpoints/step_00000002.safetensors"))
-        .items()
-        if k.startswith("ema/")
-    }
+    tensors = load_tensors(tmp_path / "run/checkpoints/step_00000002.safetensors")
+    ema = {k[len("ema/") :]: v for k, v in tensors.items() if k.startswith("ema/")}
     torch.save({"base_model.model." + k.replace(".default", ""): v for k, v in ema.items()}, tmp_path / "lora.pt")
     base = load_method("tiny-cps4")
     import dataclasses

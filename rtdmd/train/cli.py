@@ -7,6 +7,7 @@ rtdmd-train sample --config tiny --dry-run            # print the resolved confi
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -137,7 +138,7 @@ def distill(
     except ConfigError as error:
         err.print(f"[bold red]config error:[/] {error}")
         raise typer.Exit(2) from None
-    if summary["world_size"] == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+    if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         console.print(
             f"steps {summary['start_step']} -> {summary['steps']} in {summary['seconds']:.1f}s on {summary['world_size']} process(es) · "
             f"run directory: {summary['run_dir']} (stats.jsonl, checkpoints/, eval/)"
