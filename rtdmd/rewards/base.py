@@ -21,19 +21,30 @@ from rtdmd.registry import Registry
 @dataclass(frozen=True)
 class RewardInfo:
     """What a score means. ``units`` states the scale as reported (e.g. "raw cosine", "x100");
-    ``aggregate``: ``mean`` over prompts, or ``category_mean`` (the mean of per-category means,
-    GenEval's task-averaged overall score)."""
+    ``aggregate``: ``mean`` over prompts, ``category_mean`` (the mean of per-category means,
+    GenEval's task-averaged overall score), or ``set``: a distribution metric (e.g. a Fréchet
+    distance) that scores a whole set of images at once, see :class:`SetMetric`."""
 
     version: str
     higher_is_better: bool
     differentiable: bool
     needs: tuple[str, ...] = ()  # metadata keys each prompt must carry
     units: str = ""
-    aggregate: Literal["mean", "category_mean"] = "mean"
+    aggregate: Literal["mean", "category_mean", "set"] = "mean"
 
 
 @runtime_checkable
 class Reward(Protocol):
+    info: ClassVar[RewardInfo]
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor: ...
+
+
+@runtime_checkable
+class SetMetric(Protocol):
+    """A metric of a whole set (``info.aggregate == "set"``): one scalar for all images of a run,
+    registered in :data:`REWARDS` like the per-image rewards."""
+
     info: ClassVar[RewardInfo]
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor: ...
