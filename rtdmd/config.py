@@ -178,6 +178,11 @@ def _parse_text(text: str, tp: Any) -> Any:
         return text
     if typing.get_origin(plain) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(plain)):
         return text
+    if plain is float:  # YAML 1.1 reads "1e-3" (no dot) as a string; every float spelling is meant
+        try:
+            return float(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -1,0 +1,254 @@
+"""``rtdmd-train pretrain``: train the toy teacher by flow matching on the rendered toy world.
+
+Objective (rectified flow, SD3's parametrisation): for an image latent ``x0``, noise ``eps`` and
+``sigma``, ``x_sigma = (1 - sigma) x0 + sigma eps`` and the network regresses the velocity
+``v = eps - x0``:  ``L = E || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2``.
+``sigma`` is SD3's shifted logit-normal: ``u = sigmoid(m + s n)``, ``n ~ N(0, 1)``, then the static
+shift ``sigma = k u / (1 + (k - 1) u)`` with the backbone's sampling shift ``k`` (3), so training
+and sampling put their effort at the same noise levels. The caption is replaced by the empty prompt
+with probability ``caption_dropout``, which teaches the unconditional branch classifier-free
+guidance needs. Text encoder and transformer train together; an EMA of both is what ships.
+
+The data are a pool of ``num_examples`` rendered training examples (rendered once, in parallel,
+held on the device); the batch of step ``k`` is ``rtdmd.data.batch_indices`` of ``k`` and its
+noise, sigmas and dropout come from a generator seeded by ``seed_for(seed, "pretrain", k)``, so a
+resumed run continues exactly. One process (the toy teacher trains in minutes on one GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rtdmd.backbones.sd3 import sd3_forward
+from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, save_toy
+from rtdmd.flow.path import noisy, velocity_target
+from rtdmd.flow.schedules import shift_static
+from rtdmd.sampling import SamplerSpec
+from rtdmd.seeding import seed_for
+
+
+@dataclass(frozen=True)
+class PretrainEval:
+    """Sample the ``toy-geneval`` prompts with the EMA weights every ``every`` steps (0 = only at
+    the end) and report the mean of each listed reward."""
+
+    every: int = 0
+    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(num_steps=50, eta=0.0, guidance=4.5))
+    num_prompts: int = 0  # the first N toy-geneval prompts (0 = all)
+    rewards: tuple[str, ...] = ("toy-geneval",)
+    compute_batch: int = 64
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Config schema of ``rtdmd-train pretrain`` (packaged: ``rtdmd/configs/pretrain/*.yaml``)."""
+
+    model: ToySpec = field(default_factory=ToySpec)
+    seed: int = 0
+    num_examples: int = 200_000  # rendered training pool
+    render_workers: int = 0  # 0 = all CPU cores
+    batch_size: int = 256
+    steps: int = 10_000
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    logit_normal: tuple[float, float] = (0.0, 1.0)  # (m, s) of sigma's logit before the shift
+    ema_decay: float = 0.999
+    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    checkpoint_every: int = 1000
+    log_every: int = 100
+    eval: PretrainEval = field(default_factory=PretrainEval)
+    device: str = "auto"
+    run_dir: str = "runs/pretrain-toy"
+
+    def validate(self) -> None:
+        if min(self.steps, self.batch_size, self.num_examples, self.checkpoint_every, self.log_every) < 1:
+            raise ValueError("steps, batch_size, num_examples, checkpoint_every and log_every must be >= 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError("caption_dropout must lie in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must lie in [0, 1)")
+
+
+class ToyModel(nn.Module):
+    """The trained pair as one module (one optimiser, one EMA, one checkpoint role)."""
+
+    def __init__(self, spec: ToySpec, seed: int) -> None:
+        super().__init__()
+        self.transformer, self.text_encoder = build_toy(spec, seed)
+
+    def forward(self, x: Tensor, sigma: Tensor, ids: Tensor) -> Tensor:
+        hidden, pooled = self.text_encoder.forward_ids(ids)
+        return sd3_forward(self.transformer, x, sigma, {"prompt_embeds": hidden, "pooled_prompt_embeds": pooled})
+
+
+def training_sigmas(u_normal: Tensor, logit_normal: tuple[float, float], shift: float) -> Tensor:
+    """``sigma = shift_k(sigmoid(m + s n))`` (SD3's shifted logit-normal density)."""
+    m, s = logit_normal
+    return shift_static(torch.sigmoid(m + s * u_normal), shift)
+
+
+def learning_rate(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr / 10`` at ``steps``."""
+    import math
+
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def flow_matching_loss(model: ToyModel, latents: Tensor, ids: Tensor, cfg: PretrainConfig, step: int) -> Tensor:
+    """``mean || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2`` with this step's seeded draws."""
+    gen = torch.Generator(latents.device).manual_seed(seed_for(cfg.seed, "pretrain", step))
+    batch = latents.shape[0]
+    eps = torch.randn(latents.shape, generator=gen, device=latents.device)
+    sigma = training_sigmas(
+        torch.randn(batch, generator=gen, device=latents.device),
+        cfg.logit_normal,
+        ToyBackbone.time_shift.shift,
+    )
+    drop = torch.rand(batch, generator=gen, device=latents.device) < cfg.caption_dropout
+    ids = torch.where(drop[:, None], torch.zeros_like(ids), ids)
+    x = noisy(latents, eps, sigma)
+    return F.mse_loss(model(x, sigma, ids).float(), velocity_target(latents, eps))
+
+
+def render_pool(cfg: PretrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The training pool: uint8 images ``[N, 3, 64, 64]`` and word ids ``[N, 16]``, on ``device``."""
+    import os
+
+    import numpy as np
+
+    from rtdmd.toyworld.data import render_examples
+    from rtdmd.toyworld.text import token_ids
+
+    images, prompts = render_examples(cfg.seed, 0, cfg.num_examples, cfg.render_workers or os.cpu_count() or 1)
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return pixels.to(device), token_ids(prompts).to(device)
+
+
+def evaluate(model: ToyModel, cfg: PretrainConfig, device: torch.device, root: Path, step: int) -> dict[str, float]:
+    """Sample the toy-geneval prompts (one image each) and score them with ``cfg.eval.rewards``."""
+    from rtdmd.rewards import REWARDS
+    from rtdmd.rewards.base import score
+    from rtdmd.sampling import generate
+    from rtdmd.toyworld.data import eval_metadata
+    from rtdmd.train.sample import grid, to_uint8
+
+    metadata = list(eval_metadata())[: cfg.eval.num_prompts or None]
+    prompts = [m["prompt"] for m in metadata]
+    backbone = ToyBackbone(model.transformer.eval(), model.text_encoder.eval())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+    with autocast:
+        images = generate(
+            backbone,
+            model.transformer,
+            prompts,
+            [(f"toy-geneval/{i:05d}", 0) for i in range(len(prompts))],
+            cfg.eval.sampler,
+            run_seed=cfg.seed,
+            height=64,
+            width=64,
+            compute_batch=cfg.eval.compute_batch,
+        )
+    model.train()
+    (root / "eval").mkdir(exist_ok=True)
+    grid(list(to_uint8(images[:64])), 8).save(root / "eval" / f"step_{step:08d}.png")
+    return {
+        f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts, metadata).mean()) for name in cfg.eval.rewards
+    }
+
+
+def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | None = None) -> dict:
+    """Run (or resume) a pretraining in ``cfg.run_dir``; write the EMA weights (float16) to
+    ``<run_dir>/toy_teacher.safetensors`` (or ``export``) at the end; return a summary."""
+    from rtdmd import distributed, run_dir
+    from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
+    from rtdmd.train import state
+    from rtdmd.train.roles import EMA, trainable
+
+    world = distributed.init(cfg.device)
+    if world.size != 1:
+        raise ValueError("pretrain runs in one process (the toy teacher needs one GPU for minutes)")
+    device, root = world.device, Path(cfg.run_dir)
+    run_dir.prepare(root, cfg, mutable=("steps",))
+    t_start = time.perf_counter()
+    model = ToyModel(cfg.model, cfg.seed).to(device).train()
+    params = trainable(model)
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+    )
+    ema = EMA(params, cfg.ema_decay, warmup=True)
+    roles = {"model": (model, optimizer)}
+    start = 0
+    if (latest := state.latest_checkpoint(root)) is not None:
+        start = state.load(latest[1], roles, ema)
+    stats = root / "stats.jsonl"
+    if stats.exists():  # drop rows logged after the checkpoint we resume from
+        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
+        stats.write_text("".join(r + "\n" for r in rows))
+    pixels, ids = render_pool(cfg, device)
+    t_data = time.perf_counter() - t_start
+    status = [StatusLine(cfg.steps, "pretrain toy", ("loss",))] if show_progress else []
+    loggers = Loggers(JsonlLogger(stats), *status)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+    from rtdmd.data import batch_indices
+
+    t0 = time.perf_counter()
+    logs: dict[str, float] = {}
+    for step in range(start, cfg.steps):
+        index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
+        latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with autocast:
+            loss = flow_matching_loss(model, latents, ids[index], cfg, step)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(params)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logs = {"loss": loss.item(), "grad_norm": norm.item(), "lr": learning_rate(step, cfg)}
+            logs["time/step_s"] = (time.perf_counter() - t0) / cfg.log_every
+            t0 = time.perf_counter()
+            if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.steps:
+                with ema.swapped_in(params):
+                    logs |= evaluate(model, cfg, device, root, done)
+            loggers.log(done, logs)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            state.save(state.checkpoint_path(root, done), done, roles, ema, True)
+    t_train = time.perf_counter() - t_start - t_data
+    target = Path(export) if export else root / "toy_teacher.safetensors"
+    with ema.swapped_in(params):  # export first: a failing evaluation must not lose the weights
+        save_toy(target, model.transformer, model.text_encoder, cfg.model, steps=str(cfg.steps), seed=str(cfg.seed))
+        final = evaluate(model, cfg, device, root, cfg.steps)
+    loggers.log(cfg.steps, final)
+    loggers.close()
+    summary = {
+        "run_dir": str(root),
+        "weights": str(target),
+        "start_step": start,
+        "steps": cfg.steps,
+        "render_s": round(t_data, 1),
+        "train_s": round(t_train, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "parameters": sum(p.numel() for p in params.values()),
+        "final": final,
+        "model": asdict(cfg.model),
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
