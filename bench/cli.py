@@ -1,5 +1,6 @@
 """``rtdmd-bench``: prompt suites -> images -> scores -> summaries -> leaderboards.
 
+    rtdmd-bench run                    # the toy default run (DEFAULT_RUN): toy methods on toy-geneval
     rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite drawbench --metrics brightness \\
         --reference tiny-teacher --prompts-dir ../shared/prompts --out bench_runs
     rtdmd-bench generate --method tiny-cps4 --suite geneval --limit 8
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -23,13 +25,33 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(
-    help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards.",
+    help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards. "
+    "`rtdmd-bench run` without arguments runs the toy default (toy methods on toy-geneval, reports/toy/leaderboard.md).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class DefaultRun:
+    """What ``rtdmd-bench run`` does without arguments: the toy-world leaderboard, minutes on one GPU."""
+
+    methods: tuple[str, ...] = ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")
+    suite: str = "toy-geneval"
+    metrics: tuple[str, ...] = ()  # () = the suite card's default metrics
+    reference: str = "toy-teacher"
+    out: Path = Path("bench_runs")
+    report: Path = Path("reports/toy/leaderboard.md")
+
+    def __post_init__(self) -> None:
+        if self.reference and self.reference not in self.methods:
+            raise ValueError(f"default reference {self.reference} is not one of the default methods")
+
+
+DEFAULT_RUN = DefaultRun()
 
 OUT = typer.Option(Path("bench_runs"), "--out", "-o", help="Root of the run directories (<out>/<method>/<suite>/).")
 PROMPTS_DIR = typer.Option(
@@ -142,49 +164,115 @@ def _score(root: Path, metrics: list[str], device: str) -> None:
         result = score_stage(root, metrics, device=device, progress=bar)
     finally:
         bar.close()
-    console.print(f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused")
+    sets = result["set_scored"] + result["set_cached"]
+    set_note = f"; set metrics: {result['set_scored']} computed, {result['set_cached']} reused" if sets else ""
+    console.print(
+        f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused{set_note}"
+    )
 
 
-@app.command()
+@dataclass(frozen=True)
+class RunPlan:
+    """The resolved arguments of ``run``: each option not given falls back to :data:`DEFAULT_RUN`."""
+
+    methods: tuple[str, ...]
+    suite: str
+    metrics: str
+    reference: str
+    out: Path
+    report: Path | None  # None: <out>/<suite>_leaderboard.md
+    default: bool  # neither --method nor --suite was given
+
+
+def resolve_run(
+    method: list[str] | None, suite: str, metrics: str, reference: str, out: Path | None, report
+) -> RunPlan:
+    """Fill what the user left out from :data:`DEFAULT_RUN` (read at call time, so tests can swap it)."""
+    default = DEFAULT_RUN
+    return RunPlan(
+        methods=tuple(method) if method else default.methods,
+        suite=suite or default.suite,
+        metrics=metrics or ("" if suite else ",".join(default.metrics)),
+        # the default reference is one of the default methods; with your own methods pass --reference
+        reference=reference or ("" if method else default.reference),
+        out=out or default.out,
+        report=report or (default.report if not method and not suite else None),
+        default=not method and not suite,
+    )
+
+
+def run_help(default: DefaultRun) -> str:
+    metrics = ", ".join(default.metrics) or "its default metrics"
+    return (
+        "Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.\n\n"
+        f"Without arguments it runs the toy default: methods {', '.join(default.methods)} on suite {default.suite} "
+        f"({metrics}), paired against {default.reference}, into {default.out}/ with the leaderboard at {default.report} "
+        "(+ .json, .png). --method and --suite replace the default methods and suite; every other option still applies.\n\n"
+        "Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness "
+        "--reference tiny-teacher"
+    )
+
+
+@app.command(help=run_help(DEFAULT_RUN))
 def run(
-    method: list[str] = typer.Option(..., "--method", help="Method card name or YAML path (repeatable)."),
+    method: list[str] = typer.Option(
+        None, "--method", help="Method card name or YAML path (repeatable; default: the toy methods, see above)."
+    ),
     suite: str = typer.Option(
-        ..., "--suite", help="Suite card name, a prompt file (.txt/.jsonl/.csv/.tsv/.json) or hub:<dataset id>."
+        "",
+        "--suite",
+        help="Suite card name, a prompt file (.txt/.jsonl/.csv/.tsv/.json) or hub:<dataset id> (default: the toy suite, see above).",
     ),
     metrics: str = METRICS,
     reference: str = typer.Option(
-        "", "--reference", help="Method to compare against, paired on the same prompts and seeds."
+        "",
+        "--reference",
+        help="Method to compare against, paired on the same prompts and seeds (default without --method: the toy reference).",
     ),
-    report: Path = typer.Option(None, "--report", help="Leaderboard path (default: <out>/<suite>_leaderboard.md)."),
-    out: Path = OUT,
+    report: Path = typer.Option(
+        None,
+        "--report",
+        help="Leaderboard path (default: the toy report path for the default run, else <out>/<suite>_leaderboard.md).",
+    ),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Root of the run directories <out>/<method>/<suite>/ (default: bench_runs)."
+    ),
     prompts_dir: Path = PROMPTS_DIR,
     seed: int = SEED,
     limit: int = LIMIT,
     images_per_prompt: int = IPP,
     device: str = DEVICE,
 ) -> None:
-    """Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.
-
-    Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness --reference tiny-teacher
-    """
+    """Generate, score, aggregate and report (help text: :func:`run_help`)."""
     from bench.aggregate import aggregate_stage
     from bench.methods import load_method
     from bench.report import report_stage
     from bench.suites import load_suite
 
     with clean_errors():
-        loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
-        names = metric_list(metrics, loaded)
-        cards = [(arg, load_method(arg)) for arg in method]
-        if reference and reference not in [c.name for _, c in cards]:
-            raise typer.BadParameter(f"--reference {reference} must be one of the --method cards")
-        writable(out)
+        plan = resolve_run(method, suite, metrics, reference, out, report)
+        loaded = load_suite(plan.suite, prompts_dir, images_per_prompt=images_per_prompt)
+        names = metric_list(plan.metrics, loaded)
+        cards = [(arg, load_method(arg)) for arg in plan.methods]
+        if plan.reference and plan.reference not in [c.name for _, c in cards]:
+            raise typer.BadParameter(f"--reference {plan.reference} must be one of the --method cards")
+        target = plan.report or plan.out / f"{loaded.card.name}_leaderboard.md"
+        console.print(
+            f"{'default toy run' if plan.default else 'run'}: {', '.join(c.name for _, c in cards)} "
+            f"on {loaded.card.name}, metrics {', '.join(names)}, reference {plan.reference or 'none'} "
+            f"-> {plan.out}/, {target}",
+            markup=False,
+            highlight=False,
+        )
+        writable(plan.out)
+        writable(target.parent)
         roots = []
-        for arg, _ in sorted(cards, key=lambda pair: pair[1].name != reference):  # the reference first
-            roots.append(_generate(arg, loaded, out, seed, limit, images_per_prompt, device))
+        for arg, _ in sorted(cards, key=lambda pair: pair[1].name != plan.reference):  # the reference first
+            roots.append(_generate(arg, loaded, plan.out, seed, limit, images_per_prompt, device))
             _score(roots[-1], names, device)
-        summaries = [aggregate_stage(root, reference if root.parent.name != reference else "") for root in roots]
-        target = report or out / f"{loaded.card.name}_leaderboard.md"
+        summaries = [
+            aggregate_stage(root, plan.reference if root.parent.name != plan.reference else "") for root in roots
+        ]
         report_stage([Path(s["run_dir"]) / "summary.json" for s in summaries], target)
         console.print(f"leaderboard: {target} (+ .json, .png)")
 
@@ -246,9 +334,8 @@ def aggregate(
     with clean_errors():
         summary = aggregate_stage(run_dir, reference)
         for name, m in summary["metrics"].items():
-            console.print(
-                f"{name}: {m['value']:.4f} [{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}] over {m['n_prompts']} prompts"
-            )
+            spread = f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]" if m["ci95"] else f"({m['note']})"
+            console.print(f"{name}: {m['value']:.4f} {spread} over {m['n_prompts']} prompts")
 
 
 @app.command()

@@ -4,7 +4,9 @@ Rendered from the summaries alone (every number traces back to scores and images
 table per suite: a column per metric with its direction, version and units in the header, best in
 bold and second underlined, the 95% interval beside each value, the measured NFE, published numbers
 beside reproduced ones where a card has them, and a dagger on cells whose metric the method was
-trained on. Paired differences against the reference method get their own table.
+trained on. Paired differences against the reference method get their own table. Set metrics
+(one value per run, e.g. a Fréchet distance) show their value without an interval; every
+``category_mean`` metric (GenEval's task-averaged score) gets a per-category table, GenEval-style.
 """
 
 from __future__ import annotations
@@ -40,6 +42,22 @@ def ranks(values: dict[str, float], higher_is_better: bool) -> dict[str, int]:
     return {name: ordered.index(v) for name, v in values.items()}
 
 
+def arrow(entry: dict) -> str:
+    return "↑" if entry["higher_is_better"] else "↓"
+
+
+def marked(text: str, rank: int | None) -> str:
+    """Best in bold, second underlined."""
+    return f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
+
+
+def value_text(entry: dict) -> str:
+    """The value with its 95% interval; a set metric has one value per run and no interval."""
+    if entry["ci95"] is None:
+        return fmt(entry["value"])
+    return f"{fmt(entry['value'])} [{fmt(entry['ci95'][0])}, {fmt(entry['ci95'][1])}]"
+
+
 def published_rows(cards: list[MethodCard], suite: str, present: set[str]) -> list[dict]:
     """Rows for methods known only by published numbers on this suite."""
     rows = []
@@ -62,8 +80,7 @@ def suite_table(summaries: list[dict], extra: list[dict]) -> tuple[list[str], di
     metrics = sorted({m for s in summaries for m in s["metrics"]})
     info = {m: next(s["metrics"][m] for s in summaries if m in s["metrics"]) for m in metrics}
     head = ["Method", "NFE"] + [
-        f"{m} {'↑' if info[m]['higher_is_better'] else '↓'} (v{info[m]['version']}, {info[m]['units'] or 'native units'})"
-        for m in metrics
+        f"{m} {arrow(info[m])} (v{info[m]['version']}, {info[m]['units'] or 'native units'})" for m in metrics
     ]
     lines = [
         f"## {suite['name']}",
@@ -82,7 +99,7 @@ def suite_table(summaries: list[dict], extra: list[dict]) -> tuple[list[str], di
     }
     table = {
         "suite": suite,
-        "metrics": {m: {k: info[m][k] for k in ("version", "units", "higher_is_better")} for m in metrics},
+        "metrics": {m: {k: info[m][k] for k in ("version", "units", "higher_is_better", "aggregate")} for m in metrics},
         "rows": [],
     }
     for s in summaries:
@@ -94,15 +111,15 @@ def suite_table(summaries: list[dict], extra: list[dict]) -> tuple[list[str], di
                 cells.append("–")
                 continue
             entry = s["metrics"][m]
-            text = f"{fmt(entry['value'])} [{fmt(entry['ci95'][0])}, {fmt(entry['ci95'][1])}]"
-            rank = by_metric_rank[m][method["name"]]
-            text = f"**{text}**" if rank == 0 else f"<u>{text}</u>" if rank == 1 else text
+            text = marked(value_text(entry), by_metric_rank[m][method["name"]])
             if m in method["trained_on"]:
                 text += " †"
             if m in pub:
                 text += f" · pub. {fmt(pub[m])}"
             cells.append(text)
             row["values"][m] = {"value": entry["value"], "ci95": entry["ci95"], "published": pub.get(m)}
+            if entry["aggregate"] == "category_mean":
+                row["values"][m] |= {"image_mean": entry["image_mean"], "per_category": entry["per_category"]}
         lines.append("| " + " | ".join(cells) + " |")
         table["rows"].append(row)
     for p in extra:
@@ -120,11 +137,50 @@ def suite_table(summaries: list[dict], extra: list[dict]) -> tuple[list[str], di
                 "values": dict(p["published"].scores),
             }
         )
-    lines += paired_table(summaries, metrics)
+    lines += paired_table(summaries, metrics, info)
+    for m in metrics:
+        if info[m]["aggregate"] == "category_mean":
+            lines += category_table(summaries, m)
     return lines, table
 
 
-def paired_table(summaries: list[dict], metrics: list[str]) -> list[str]:
+def category_table(summaries: list[dict], metric: str) -> list[str]:
+    """GenEval-style per-task table of one ``category_mean`` metric: overall (mean of the category
+    means), the plain mean over prompts, then each category in the suite's order."""
+    entries = {s["method"]["name"]: s["metrics"][metric] for s in summaries if metric in s["metrics"]}
+    first = next(iter(entries.values()))
+    categories = list(dict.fromkeys(c for e in entries.values() for c in e["categories"]))
+    columns = {"Overall": "value", "Prompt mean": "image_mean"} | {c: c for c in categories}
+    values = {
+        column: {
+            name: e[key] if key in ("value", "image_mean") else e["per_category"].get(key)
+            for name, e in entries.items()
+        }
+        for column, key in columns.items()
+    }
+    rank = {
+        column: ranks({n: v for n, v in by_name.items() if v is not None}, first["higher_is_better"])
+        for column, by_name in values.items()
+    }
+    lines = [
+        "",
+        f"{metric} {arrow(first)} by category (v{first['version']}): Overall is the mean "
+        "of the category means, Prompt mean the plain mean over prompts.",
+        "",
+        "| Method | " + " | ".join(columns) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|",
+    ]
+    for s in summaries:
+        name = s["method"]["name"]
+        if name not in entries:
+            continue
+        cells = ["–" if values[c][name] is None else marked(fmt(values[c][name]), rank[c].get(name)) for c in columns]
+        lines.append(f"| {s['method']['display']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_table(summaries: list[dict], metrics: list[str], info: dict[str, dict]) -> list[str]:
+    """Differences against the reference; the header's arrow says which sign is an improvement."""
     compared = [s for s in summaries if any("vs_reference" in e for e in s["metrics"].values())]
     if not compared:
         return []
@@ -136,16 +192,20 @@ def paired_table(summaries: list[dict], metrics: list[str]) -> list[str]:
         f"Paired difference against **{reference}** on the same prompts and seeds (mean, 95% interval, p-value):",
         "",
     ]
-    lines += ["| Method | " + " | ".join(metrics) + " |", "|" + "|".join(["---"] + ["---:"] * len(metrics)) + "|"]
+    lines += [
+        "| Method | " + " | ".join(f"{m} {arrow(info[m])}" for m in metrics) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(metrics)) + "|",
+    ]
     for s in compared:
         cells = []
         for m in metrics:
             d = s["metrics"].get(m, {}).get("vs_reference")
-            cells.append(
-                "–"
-                if d is None
-                else f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p={d['p_value']:.3g}"
-            )
+            if d is None:
+                cells.append("–")
+            elif d["ci_low"] is None:  # a set metric: one value per run, no interval
+                cells.append(f"{d['diff']:+.4f} (set)")
+            else:
+                cells.append(f"{d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}], p={d['p_value']:.3g}")
         lines.append(f"| {s['method']['display']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -153,12 +213,25 @@ def paired_table(summaries: list[dict], metrics: list[str]) -> list[str]:
 def footnotes(summaries: list[dict]) -> list[str]:
     prov = summaries[0]["provenance"]
     packages = ", ".join(f"{k} {v}" for k, v in sorted(prov["packages"].items()) if v)
+    aggregates = {e["aggregate"] for s in summaries for e in s["metrics"].values()}
+    extra = []
+    if "category_mean" in aggregates:
+        extra.append(
+            "Metrics averaged by category (GenEval's overall score) report the mean of the per-category means; "
+            "their per-category table also gives the plain mean over prompts."
+        )
+    if "set" in aggregates:
+        extra.append(
+            "Set metrics score all images of a run at once (one value per run): no per-prompt interval, and the "
+            'paired column gives the plain difference of values, marked "(set)".'
+        )
     return [
         "",
         "Values: mean over prompts of each prompt's mean score; [a, b] is a 95% bootstrap interval over prompts "
         "(10,000 resamples). **Bold** best, <u>underlined</u> second. † the method was trained on this metric's reward. "
         '"pub." is the number the method\'s source reports (its own protocol). NFE counts transformer forward passes '
         "per image, measured (classifier-free guidance counts twice).",
+        *(line for note in extra for line in ("", note)),
         "",
         "Seeds: image k of prompt p has its initial latent and every injected noise drawn from "
         f'seed_for(seed, "<suite>/<p>", k, step) with seed {summaries[0]["seed"]}: the same on any batch size, GPU count or order.',

@@ -1,12 +1,18 @@
-"""Harness stage ``score``: manifest -> ``scores.jsonl``, by metric name from the reward registry.
+"""Harness stage ``score``: manifest -> ``scores.jsonl`` + ``set_scores.json``, by metric name from the reward registry.
 
-A score is cached under (image sha256, prompt, metric, metric version): rescoring after a new
-metric, or after regenerating a few images, computes only what is new. Images are scored in
-batches; under ``torchrun`` the work is dealt to the ranks and merged by rank 0.
+Per-image metrics: a score is cached under (image sha256, prompt, metric, metric version):
+rescoring after a new metric, or after regenerating a few images, computes only what is new.
+Images are scored in batches; under ``torchrun`` the work is dealt to the ranks and merged by rank 0.
+
+Set metrics (``info.aggregate == "set"``, e.g. a Fréchet distance) score all images of the run at
+once; rank 0 computes them into ``set_scores.json``, a JSON list of rows ``{metric, version, value,
+n_images, key}`` where ``key`` is :func:`set_key`, the sha256 of the manifest's (image sha256,
+prompt) list: a set score is recomputed only when the images, their prompts or the version change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -23,6 +29,7 @@ from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo, score
 
 SCORES = "scores.jsonl"
+SET_SCORES = "set_scores.json"
 
 
 class ScoreError(ValueError):
@@ -48,6 +55,20 @@ def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[
     return rewards
 
 
+def is_set_metric(info: RewardInfo) -> bool:
+    return info.aggregate == "set"
+
+
+def set_key(manifest: list[dict]) -> str:
+    """The identity of a run's image set: sha256 over its (image sha256, prompt) pairs in manifest order."""
+    return hashlib.sha256(json.dumps([[r["sha256"], r["prompt"]] for r in manifest]).encode()).hexdigest()
+
+
+def read_set_scores(root: Path) -> list[dict]:
+    path = Path(root) / SET_SCORES
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def load_images(root: Path, rows: list[dict]) -> torch.Tensor:
     return (
         torch.stack(
@@ -69,6 +90,8 @@ def score_stage(
     if not manifest:
         raise ScoreError(f"{root / MANIFEST} is missing or empty: run `rtdmd-bench generate` first")
     rewards = check_metrics(metrics, manifest, manifest[0]["suite"])
+    set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
+    rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
     world = distributed.init(device)
     cached = {}
     for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
@@ -104,6 +127,7 @@ def score_stage(
         if progress:
             progress(len(mine), len(mine))
     distributed.barrier()
+    set_scored = 0
     if world.is_main:
         merged = {}
         for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
@@ -119,8 +143,47 @@ def score_stage(
         write_text_atomic(root / SCORES, "".join(json.dumps(r) + "\n" for r in keep + others))
         for part_file in root.glob("scores.part*.jsonl"):
             part_file.unlink()
+        set_scored = score_sets(root, manifest, set_rewards, world.device, batch_size)
     distributed.barrier()
-    return {"run_dir": str(root), "scored": len(todo), "cached": len(manifest) * len(rewards) - len(todo)}
+    return {
+        "run_dir": str(root),
+        "scored": len(todo),
+        "cached": len(manifest) * len(rewards) - len(todo),
+        "set_scored": set_scored,
+        "set_cached": len(set_rewards) - set_scored if world.is_main else 0,
+    }
+
+
+def score_sets(root: Path, manifest: list[dict], set_rewards: dict[str, object], device, batch_size: int) -> int:
+    """Compute the set metrics whose (version, image set) has no row in ``set_scores.json``; returns how many.
+
+    Rows of other metrics for the same image set stay; rows of an older image set are dropped."""
+    key = set_key(manifest)
+    previous = read_set_scores(root)
+    rows = {r["metric"]: r for r in previous if r["key"] == key}
+    todo = [name for name, reward in set_rewards.items() if rows.get(name, {}).get("version") != reward.info.version]
+    if todo:
+        # the protocol takes the whole set in one call: the images are loaded once for all set metrics
+        images = torch.cat(
+            [load_images(root, manifest[i : i + batch_size]) for i in range(0, len(manifest), batch_size)]
+        )
+        prompts, meta = [r["prompt"] for r in manifest], [json.loads(r["metadata"]) for r in manifest]
+        for name in todo:
+            with torch.no_grad():
+                value = set_rewards[name](images.to(device), prompts, meta)
+            if value.numel() != 1:
+                raise ScoreError(f"set metric {name} returned {value.numel()} values, expected one")
+            rows[name] = {
+                "metric": name,
+                "version": set_rewards[name].info.version,
+                "value": float(value),
+                "n_images": len(manifest),
+                "key": key,
+            }
+    current = [rows[m] for m in sorted(rows)]
+    if current != previous:
+        write_text_atomic(root / SET_SCORES, json.dumps(current, indent=2) + "\n")
+    return len(todo)
 
 
 def score_row(row: dict, metric: str, info: RewardInfo, value: float) -> dict:

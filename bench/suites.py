@@ -1,9 +1,10 @@
 """Prompt suites: YAML cards (``bench/cards/suites/*.yaml``) -> Hugging Face ``datasets.Dataset``.
 
 A card names the canonical upstream file(s), their sha256, licence, field mapping, images per prompt
-and default metrics. The files are never copied into this repository: they are read from a local
+and default metrics. Upstream files are never copied into this repository: they are read from a local
 directory (``--prompts-dir``; tests use ``../shared/prompts``), else from the download cache
-(``~/.cache/rtdmd/prompts``), else downloaded from the canonical URL into the cache. The sha256 is
+(``~/.cache/rtdmd/prompts``), else downloaded from the canonical URL into the cache. A file with a
+``package`` is package data of that Python package instead (the generated toy suites). The sha256 is
 checked every time; a mismatch is an error. A suite may also be any user file (``.jsonl``,
 ``.txt``, ``.csv``, ``.tsv``, ``.json``) or a Hugging Face hub dataset id (``hub:owner/name``).
 
@@ -43,6 +44,13 @@ class SuiteFile:
     sha256: str = ""
     url: str = ""  # canonical raw download URL ("" = no single-file download)
     category: str = ""  # the category of every row of this file (multi-file suites)
+    # a Python package holding the file as package data ("" = an upstream file); `path` is then
+    # relative to that package, read through importlib.resources, and `sha256` is required
+    package: str = ""
+
+    def validate(self) -> None:
+        if self.package and (self.url or not self.sha256):
+            raise ValueError(f"packaged file {self.path}: give its sha256 and no url")
 
 
 @dataclass(frozen=True)
@@ -124,8 +132,31 @@ def build_dpg(prompt_dir: Path) -> bytes:
     ).encode()
 
 
+def _packaged(entry: SuiteFile, card: SuiteCard) -> tuple[bytes, str]:
+    """A file shipped inside a Python package; verified against the card's sha256."""
+    where = f"{entry.package}/{entry.path}"
+    try:
+        resource = resources.files(entry.package).joinpath(entry.path)
+    except (ModuleNotFoundError, TypeError):  # TypeError: a module, not a package
+        raise SuiteError(
+            f"suite {card.name}: {entry.package!r} of {entry.path} is not an installed Python package"
+        ) from None
+    if not resource.is_file():
+        raise SuiteError(f"suite {card.name}: packaged file {where} is missing; regenerate it with `{card.source}`")
+    data = resource.read_bytes()
+    digest = sha256_bytes(data)
+    if digest != entry.sha256:
+        raise SuiteError(
+            f"suite {card.name}: packaged file {where} has sha256 {digest[:16]}..., the card expects "
+            f"{entry.sha256[:16]}... (a modified file; regenerate it with `{card.source}`)"
+        )
+    return data, digest
+
+
 def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download: bool) -> tuple[bytes, str]:
-    """The file's bytes from the local dir, the cache or the network; verified against its sha256."""
+    """The file's bytes from the package, the local dir, the cache or the network; verified against its sha256."""
+    if entry.package:
+        return _packaged(entry, card)
     candidates = ([prompts_dir / entry.path] if prompts_dir else []) + [CACHE / entry.path]
     lock = json.loads(_lock_path().read_text()) if _lock_path().exists() else {}
     expected = entry.sha256 or lock.get(entry.path, "")

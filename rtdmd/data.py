@@ -1,4 +1,9 @@
-"""Training prompts: a text file (one prompt per line), read once, sampled by coordinates.
+"""Training prompts: a prompt file, read once, sampled by coordinates.
+
+A prompt file is a text file (one prompt per line) or a ``.jsonl`` file (the ``"prompt"`` of each
+object, e.g. GenEval's metadata format), given as a path or as ``package:<python.package>/<path>``:
+package data read through importlib.resources (``package:rtdmd.toyworld/suites/toy_train.jsonl``),
+so a config can name a shipped file wherever the project is installed.
 
 The prompt at position ``p`` of the training stream is ``perm_e[p mod N]`` where ``e = p // N`` and
 ``perm_e`` is a permutation seeded by ``seed_for(seed, "epoch", e)``: every prompt appears once per
@@ -10,22 +15,56 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from rtdmd.seeding import seed_for
 
+PACKAGE_PREFIX = "package:"
 
-def read_prompt_file(path: str | Path, sha256: str = "") -> list[str]:
-    """Non-empty stripped lines of a UTF-8 text file; ``sha256`` (if given) must match the file."""
-    path = Path(path)
+
+def read_source(source: str | Path) -> bytes:
+    """The bytes of a file path or of a ``package:<python.package>/<relative path>`` resource."""
+    if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
+        package, _, relative = source[len(PACKAGE_PREFIX) :].partition("/")
+        if not package or not relative:
+            raise ValueError(f"prompt file {source!r}: expected package:<python.package>/<relative path>")
+        try:
+            resource = resources.files(package).joinpath(relative)
+        except (ModuleNotFoundError, TypeError):  # TypeError: a module, not a package
+            raise FileNotFoundError(f"prompt file {source}: {package!r} is not an installed Python package") from None
+        if not resource.is_file():
+            raise FileNotFoundError(f"prompt file {source} does not exist")
+        return resource.read_bytes()
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    data = path.read_bytes()
+    return path.read_bytes()
+
+
+def parse_prompts(data: bytes, name: str) -> list[str]:
+    """Prompts of a file's bytes: ``.jsonl`` = each object's "prompt", otherwise non-empty stripped lines."""
+    lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    if not name.endswith(".jsonl"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        record = json.loads(line)
+        if not isinstance(record, dict) or not str(record.get("prompt", "")).strip():
+            raise ValueError(f'prompt file {name}: non-empty line {number} has no "prompt"')
+        prompts.append(str(record["prompt"]).strip())
+    return prompts
+
+
+def read_prompt_file(path: str | Path, sha256: str = "") -> list[str]:
+    """The prompts of a prompt file (see the module docstring); ``sha256`` (if given) must match the file."""
+    data = read_source(path)
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"prompt file {path} has sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
-    prompts = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    prompts = parse_prompts(data, str(path))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -248,7 +249,8 @@ def test_every_suite_card_loads_from_the_shared_copies(name):
     assert ds.column_names == ["suite", "prompt_id", "prompt", "category", "metadata", "images_per_prompt"]
     assert len(set(ds["prompt_id"])) == card.rows
     for entry in card.files:
-        assert sha256_bytes((SHARED / entry.path).read_bytes()) == entry.sha256
+        source = resources.files(entry.package) / entry.path if entry.package else SHARED / entry.path
+        assert sha256_bytes(source.read_bytes()) == entry.sha256
 
 
 @needs_shared
