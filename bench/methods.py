@@ -41,11 +41,13 @@ class LoraEntry:
       stripped) as the official RTDMD and Flow-GRPO releases ship; ``source`` is a hub repo or a local
       directory/file, ``weight_name`` the file inside it; ``alpha_over_rank`` from ``adapter_config.json``
       beside the file, else as given here;
-    * ``rtdmd``: an ``rtdmd-train`` run directory: its latest checkpoint's EMA generator LoRA.
+    * ``rtdmd``: an ``rtdmd-train`` run directory: its latest checkpoint's EMA generator LoRA;
+    * ``shipped``: a LoRA shipped with rtdmd (``source`` = its name in ``rtdmd/toyworld/weights``,
+      sha256-verified; rank and alpha from the file's metadata), e.g. the toy students.
     """
 
     source: str
-    kind: Literal["diffusers", "state_dict", "rtdmd"] = "diffusers"
+    kind: Literal["diffusers", "state_dict", "rtdmd", "shipped"] = "diffusers"
     weight_name: str = ""
     scale: float = 1.0
     alpha_over_rank: float = 0.0  # state_dict only; 0 = read adapter_config.json
@@ -153,6 +155,9 @@ def merge_lora_entry(backbone, net: nn.Module, entry: LoraEntry) -> None:
     if entry.kind == "rtdmd":
         merge_rtdmd_run(net, Path(entry.source), entry.scale)
         return
+    if entry.kind == "shipped":
+        merge_shipped(net, entry.source, entry.scale)
+        return
     if entry.kind == "state_dict":
         path = resolve_file(entry.source, entry.weight_name)
         merge_lora_state_dict(net, read_state_dict(path), entry.scale * lora_alpha_over_rank(path, entry))
@@ -245,3 +250,18 @@ def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
         raise MethodError(f"{run} trained every weight; point the card's `transformer` at an export instead")
     ema = {k[len("ema/") :]: v for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
     merge_lora_state_dict(net, ema, scale * lora.alpha / lora.rank)
+
+
+def merge_shipped(net: nn.Module, name: str, scale: float) -> None:
+    """Merge a LoRA shipped in rtdmd's package data (written by ``export_generator_lora``)."""
+    from safetensors import safe_open
+
+    from rtdmd.toyworld.weights import WeightsError, packaged
+
+    try:
+        path = packaged(name)
+    except WeightsError as error:
+        raise MethodError(str(error)) from None
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    merge_lora_state_dict(net, read_state_dict(path), scale * float(meta["lora_alpha"]) / float(meta["lora_rank"]))

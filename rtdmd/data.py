@@ -45,29 +45,36 @@ def read_source(source: str | Path) -> bytes:
     return path.read_bytes()
 
 
-def parse_prompts(data: bytes, name: str) -> list[str]:
-    """Prompts of a file's bytes: ``.jsonl`` = each object's "prompt", otherwise non-empty stripped lines."""
+def parse_records(data: bytes, name: str) -> list[dict]:
+    """Records of a file's bytes: ``.jsonl`` = each object (it must have a "prompt"), otherwise
+    ``{"prompt": line}`` for each non-empty stripped line."""
     lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
     if not name.endswith(".jsonl"):
-        return lines
-    prompts = []
+        return [{"prompt": line} for line in lines]
+    records = []
     for number, line in enumerate(lines, 1):
         record = json.loads(line)
         if not isinstance(record, dict) or not str(record.get("prompt", "")).strip():
             raise ValueError(f'prompt file {name}: non-empty line {number} has no "prompt"')
-        prompts.append(str(record["prompt"]).strip())
-    return prompts
+        records.append(record | {"prompt": str(record["prompt"]).strip()})
+    return records
 
 
-def read_prompt_file(path: str | Path, sha256: str = "") -> list[str]:
-    """The prompts of a prompt file (see the module docstring); ``sha256`` (if given) must match the file."""
+def read_prompt_records(path: str | Path, sha256: str = "") -> list[dict]:
+    """The records of a prompt file (see the module docstring; a ``.jsonl`` record keeps its metadata,
+    e.g. GenEval's ``tag``/``include``/``exclude``); ``sha256`` (if given) must match the file."""
     data = read_source(path)
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
         raise ValueError(f"prompt file {path} has sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
-    prompts = parse_prompts(data, str(path))
-    if not prompts:
+    records = parse_records(data, str(path))
+    if not records:
         raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
+    return records
+
+
+def read_prompt_file(path: str | Path, sha256: str = "") -> list[str]:
+    """The prompts of a prompt file (see :func:`read_prompt_records`)."""
+    return [record["prompt"] for record in read_prompt_records(path, sha256)]
 
 
 @functools.lru_cache(maxsize=4)

@@ -192,6 +192,25 @@ def pretrain_clip(
     console.print(f"pretrain-clip: {summary}")
 
 
+@app.command("export-lora")
+def export_lora(
+    run: str = typer.Argument(..., help="A finished `rtdmd-train distill` run directory."),
+    out: str = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32."),
+) -> None:
+    """Write a run's EMA generator LoRA (latest checkpoint) as one small peft-named safetensors file.
+
+    Bench method cards load it with `loras: [{kind: state_dict, source: FILE}]` (rank and alpha are
+    in the file's metadata), or, once shipped in the package, with `kind: shipped`.
+    """
+    import torch
+
+    from rtdmd.train.distill import export_generator_lora
+
+    path = export_generator_lora(run, out, getattr(torch, dtype))
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
 @app.command()
 def configs() -> None:
     """List the packaged configs."""

@@ -20,6 +20,7 @@ rollback per-sample ones (the same on any world size).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -62,6 +63,8 @@ class EvalSpec:
 
     every: int = 0
     prompts: tuple[str, ...] = ()
+    prompt_file: str = ""  # instead of `prompts`: a prompt file whose .jsonl records carry metadata
+    num_prompts: int = 0  # the first N prompts of prompt_file (0 = all)
     images_per_prompt: int = 1
     rewards: tuple[str, ...] = ()
     compute_batch: int = 4
@@ -112,8 +115,10 @@ class DistillConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
-        if self.eval.every and not self.eval.prompts:
-            raise ValueError("eval.every > 0 needs eval.prompts")
+        if self.eval.every and not (self.eval.prompts or self.eval.prompt_file):
+            raise ValueError("eval.every > 0 needs eval.prompts or eval.prompt_file")
+        if self.eval.prompts and self.eval.prompt_file:
+            raise ValueError("give eval.prompts or eval.prompt_file, not both")
 
 
 @dataclass
@@ -367,6 +372,15 @@ def batch_prompts(sess: Session, step: int) -> list[str]:
     return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
 
 
+def eval_records(spec: EvalSpec) -> list[dict]:
+    """The evaluation prompts as records (``{"prompt": ...}`` plus any metadata of the prompt file)."""
+    if spec.prompt_file:
+        from rtdmd.data import read_prompt_records
+
+        return read_prompt_records(spec.prompt_file)[: spec.num_prompts or None]
+    return [{"prompt": p} for p in spec.prompts]
+
+
 def evaluate(sess: Session, step: int) -> dict[str, float]:
     """EMA generator on the eval prompts: a grid under ``eval/`` and the mean of each listed reward."""
     from rtdmd.rewards import REWARDS
@@ -375,8 +389,10 @@ def evaluate(sess: Session, step: int) -> dict[str, float]:
     from rtdmd.train.sample import grid, to_uint8
 
     spec, cfg = sess.cfg.eval, sess.cfg
-    prompts = [p for p in spec.prompts for _ in range(spec.images_per_prompt)]
-    keys = [(f"eval/{j}", k) for j, _ in enumerate(spec.prompts) for k in range(spec.images_per_prompt)]
+    records = eval_records(spec)
+    prompts = [r["prompt"] for r in records for _ in range(spec.images_per_prompt)]
+    meta = [r for r in records for _ in range(spec.images_per_prompt)]
+    keys = [(f"eval/{j}", k) for j in range(len(records)) for k in range(spec.images_per_prompt)]
     with (
         sess.ema.swapped_in(sess.gen_params),
         torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"),
@@ -392,7 +408,7 @@ def evaluate(sess: Session, step: int) -> dict[str, float]:
             width=cfg.width,
             compute_batch=spec.compute_batch,
         )
-    logs = {f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts).mean()) for name in spec.rewards}
+    logs = {f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts, meta).mean()) for name in spec.rewards}
     if sess.world.is_main:
         (sess.root / "eval").mkdir(exist_ok=True)
         grid(
@@ -456,3 +472,24 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
         "seconds": time.perf_counter() - t_start,
         "world_size": world.size,
     }
+
+
+def export_generator_lora(run: str | Path, path: str | Path, dtype: torch.dtype = torch.float16, **meta: str) -> Path:
+    """The EMA generator LoRA of a finished run (latest checkpoint) as a peft-named safetensors file
+    in ``dtype``; the metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method."""
+    import yaml
+
+    from rtdmd.checkpoint import save_tensors
+    from rtdmd.config import from_dict
+    from rtdmd.train import state
+
+    run = Path(run)
+    latest = state.latest_checkpoint(run)
+    if latest is None or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not an rtdmd-train run directory with a checkpoint")
+    cfg = from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text()))
+    if cfg.generator.lora is None:
+        raise ValueError(f"{run} trained every weight: there is no LoRA to export")
+    ema = {k[len("ema/") :]: v.to(dtype) for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
+    info = {"lora_rank": str(cfg.generator.lora.rank), "lora_alpha": str(cfg.generator.lora.alpha)}
+    return save_tensors(ema, path, metadata={**info, "step": str(latest[0]), "method": cfg.method, **meta})
