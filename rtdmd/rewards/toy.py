@@ -1,0 +1,278 @@
+"""The toy world's rewards: toy GenEval (exact detector + the shared GenEval judge), toy CLIP
+(ToyClip cosine), toy aesthetic (a weight-free flat-colour score) and toy FD (a set metric).
+
+``toy-geneval``, ``toy-geneval-strict`` and ``toy-geneval-partial`` share one detection per image:
+detections are cached by the sha256 of the image's uint8 pixels (the bytes a PNG would hold), so
+scoring the three costs one detection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rtdmd.rewards.base import REWARDS, RewardInfo
+
+# ---------------------------------------------------------------- toy GenEval
+
+DETECTION_CACHE_SIZE = 8192  # images; a detection is a few small arrays
+_DETECTIONS: OrderedDict[str, list] = OrderedDict()
+
+
+def detections(pixels) -> list:
+    """Toy detections of one ``[H, W, 3]`` uint8 image, cached by the sha256 of its bytes."""
+    import numpy as np
+
+    from rtdmd.toyworld import detector
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    key = hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+    if key in _DETECTIONS:
+        _DETECTIONS.move_to_end(key)
+        return _DETECTIONS[key]
+    found = detector.detect(pixels)
+    _DETECTIONS[key] = found
+    while len(_DETECTIONS) > DETECTION_CACHE_SIZE:
+        _DETECTIONS.popitem(last=False)
+    return found
+
+
+def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]]) -> list:
+    from rtdmd.rewards.geneval import judge
+    from rtdmd.train.sample import to_uint8
+
+    if len(meta) != len(images):
+        raise ValueError(f"{len(images)} images but {len(meta)} metadata rows")
+    pixels = to_uint8(images.detach().float().cpu()).numpy()  # the pixels a PNG of the image holds
+    return [judge(m, detections(p)) for m, p in zip(meta, pixels, strict=True)]
+
+
+def _geneval_info(variant: str) -> RewardInfo:
+    return RewardInfo(
+        version="1",
+        higher_is_better=True,
+        differentiable=False,
+        needs=("tag", "include"),
+        units=f"fraction correct (GenEval rule{variant})",
+        aggregate="category_mean",
+    )
+
+
+@REWARDS.register("toy-geneval")
+class ToyGenEval:
+    """1.0 if the toy detector's detections satisfy the prompt's GenEval metadata by the official rule."""
+
+    info = _geneval_info("")
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return torch.tensor([float(v.correct) for v in _verdicts(images, meta)])
+
+
+@REWARDS.register("toy-geneval-strict")
+class ToyGenEvalStrict:
+    """The strict variant: exactly ``count`` detections per clause, ``exclude`` ignored."""
+
+    info = _geneval_info(", strict: exact counts")
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return torch.tensor([float(v.strict_correct) for v in _verdicts(images, meta)])
+
+
+@REWARDS.register("toy-geneval-partial")
+class ToyGenEvalPartial:
+    """The partial-credit variant: the mean of the per-clause credit terms, in [0, 1]."""
+
+    info = _geneval_info(", partial credit")
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return torch.tensor([float(v.partial) for v in _verdicts(images, meta)])
+
+
+# ---------------------------------------------------------------- toy CLIP
+
+CLIP_ENV = "RTDMD_TOY_CLIP"
+
+
+def load_toy_clip(path: str | Path | None = None):
+    """ToyClip from ``path``, else from ``$RTDMD_TOY_CLIP``, else the shipped ``toy_clip`` checkpoint."""
+    from rtdmd.toyworld.clip import ToyClip
+    from rtdmd.toyworld.weights import WeightsError, packaged
+
+    source = path or os.environ.get(CLIP_ENV)
+    if source:
+        return ToyClip.load(source)
+    try:
+        return ToyClip.load(packaged("toy_clip"))
+    except WeightsError as error:
+        raise WeightsError(
+            f"{error}. Train it with `rtdmd-train pretrain-clip --config toy` and ship it with "
+            f"rtdmd.toyworld.weights.register, or pass a checkpoint path (or set {CLIP_ENV})"
+        ) from None
+
+
+class _UsesToyClip:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.model = load_toy_clip(path)
+
+    def _model_on(self, device: torch.device):
+        if self.model.logit_scale.device != device:
+            self.model = self.model.to(device)
+        return self.model
+
+
+@REWARDS.register("toy-clip")
+class ToyClipScore(_UsesToyClip):
+    """Raw cosine of ToyClip's image and text embeddings (RTDMD's CLIPScore convention: no x100, no
+    clamp at 0); differentiable with respect to the images."""
+
+    info = RewardInfo(version="1", higher_is_better=True, differentiable=True, units="raw cosine")
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return self._model_on(images.device)(images, list(prompts))
+
+
+# ---------------------------------------------------------------- toy aesthetic
+
+AESTHETIC_TAU_RGB = 0.1  # kernel width, RGB units in [0, 1] (about 25 of 255 levels)
+
+
+def flat_colour_score(images: Tensor, tau_rgb: float = AESTHETIC_TAU_RGB) -> Tensor:
+    """``10 mean_p min(1, sum_k exp(-|x_p - c_k|^2 / (2 tau^2)))`` over pixels ``p`` of ``[B, 3, H, W]``
+    images in [0, 1], with ``c_k`` the 11 flat colours (the palette and the background grey).
+
+    ``sum_k exp(-d_k^2 / (2 tau^2)) = exp(-m / (2 tau^2))`` with ``m = -2 tau^2 log sum_k exp(-d_k^2 / (2 tau^2))``,
+    the log-sum-exp smooth minimum of the squared distances: the Gaussian kernel of the distance to the
+    nearest flat colour, made smooth. The colours are at least 0.24 apart, so away from the nearest
+    colour the others add under 1e-4; the ``min(1, .)`` keeps the scale at 0-10 exactly.
+    """
+    from rtdmd.toyworld.world import BACKGROUND, PALETTE
+
+    colours = torch.tensor([*PALETTE.values(), BACKGROUND], dtype=torch.float32, device=images.device) / 255
+    x = images.float().permute(0, 2, 3, 1).unsqueeze(-2)  # [B, H, W, 1, 3]
+    squared = (x - colours).pow(2).sum(-1)  # [B, H, W, 11]
+    kernel = torch.logsumexp(-squared / (2 * tau_rgb**2), dim=-1).exp()
+    return 10 * kernel.clamp(max=1.0).flatten(1).mean(1)
+
+
+@REWARDS.register("toy-aesthetic")
+class ToyAesthetic:
+    """How much of the image is drawn in the world's flat colours (:func:`flat_colour_score`), on the
+    LAION aesthetic 0-10 scale: clean renders score about 9.5 (only anti-aliased edges fall between
+    colours), pixel noise, blur and off-palette colours score lower. No weights; differentiable."""
+
+    info = RewardInfo(
+        version="1",
+        higher_is_better=True,
+        differentiable=True,
+        units=f"0-10, flat-colour kernel tau={AESTHETIC_TAU_RGB}",
+    )
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return flat_colour_score(images)
+
+
+# ---------------------------------------------------------------- toy FD
+
+
+def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``[D]`` and unbiased covariance ``[D, D]`` (divisor ``N - 1``) of ``[N, D]`` features, in float64."""
+    x = features.double()
+    if len(x) < 2:
+        raise ValueError("a covariance needs at least 2 samples")
+    mu = x.mean(0)
+    centred = x - mu
+    return mu, centred.T @ centred / (len(x) - 1)
+
+
+def _sqrt_psd(matrix: Tensor) -> Tensor:
+    """Symmetric square root of a symmetric PSD matrix (eigenvalues clamped at 0)."""
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})``: the squared 2-Wasserstein
+    distance of two Gaussians, in float64 (``tr (S1 S2)^{1/2}`` through symmetric eigendecompositions,
+    which stays real where the product's non-symmetric square root would not)."""
+    mu1, mu2, sigma1, sigma2 = mu1.double(), mu2.double(), sigma1.double(), sigma2.double()
+    root1 = _sqrt_psd(sigma1)
+    product = root1 @ sigma2 @ root1
+    cross = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
+    return (mu1 - mu2).pow(2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross
+
+
+def reference_renders(prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+    """Ground truth ``[N, 3, 64, 64]`` in [0, 1]: the ``k``-th occurrence of a prompt in ``prompts`` is
+    ``render(scene_for(metadata, seed_for("toy-fd", prompt, k)))``."""
+    import numpy as np
+
+    from rtdmd.seeding import seed_for
+    from rtdmd.toyworld.prompts import scene_for
+    from rtdmd.toyworld.world import render
+
+    seen: dict[str, int] = {}
+    pixels = []
+    for prompt, m in zip(prompts, meta, strict=True):
+        k = seen.get(prompt, 0)
+        seen[prompt] = k + 1
+        pixels.append(render(scene_for(m, seed_for("toy-fd", prompt, k))))
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+
+
+@REWARDS.register("toy-fd")
+class ToyFD(_UsesToyClip):
+    """Fréchet distance between ToyClip image features (:meth:`ToyClip.image_features`) of the images
+    and of ground-truth renders of the same prompts (:func:`reference_renders`): a set metric.
+
+    Like FID, the plug-in estimate is biased upwards at small N (the sample covariances' noise adds
+    to the trace term), so values are comparable only between sets of the same size N, and N should
+    well exceed the feature dimension (128) for the covariance to be full rank."""
+
+    info = RewardInfo(
+        version="1",
+        higher_is_better=False,
+        differentiable=False,
+        needs=("tag", "include"),
+        units="squared distance in ToyClip feature space",
+        aggregate="set",
+    )
+
+    batch_size = 256
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        model = self._model_on(images.device)
+        return torch.cat(
+            [model.image_features(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        )
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        if not len(images) == len(prompts) == len(meta):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(meta)} metadata rows")
+        reference = reference_renders(prompts, meta).to(images.device)
+        generated = gaussian_stats(self.features(images.float()))
+        truth = gaussian_stats(self.features(reference))
+        return frechet_distance(*generated, *truth).cpu()
+
+
+__all__ = [
+    "ToyAesthetic",
+    "ToyClipScore",
+    "ToyFD",
+    "ToyGenEval",
+    "ToyGenEvalPartial",
+    "ToyGenEvalStrict",
+    "detections",
+    "flat_colour_score",
+    "frechet_distance",
+    "gaussian_stats",
+    "load_toy_clip",
+    "reference_renders",
+]

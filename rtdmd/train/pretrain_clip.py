@@ -1,0 +1,433 @@
+"""``rtdmd-train pretrain-clip``: contrastive training of :class:`~rtdmd.toyworld.clip.ToyClip` on the toy world.
+
+* data: a pool of ``num_examples`` rendered training examples (``render_examples``; held-out from the
+  evaluation prompts), kept as uint8 on the device; step ``k`` draws its batch (with replacement),
+  its hard negatives, a palette permutation and a horizontal flip applied to images and captions
+  alike, and pixel noise from ``seed_for(seed, "clip", k)``, so a run is a function of its config;
+  an augmented caption that spells an evaluation prompt is dropped from the step;
+* loss: symmetric InfoNCE over the batch (pairs whose captions mean the same scene are not counted
+  as negatives), plus ``hard_negatives`` x a cross-entropy of each image's true caption against
+  ``negatives_per_caption`` captions that differ from it in one compositional detail (a colour, the
+  colours' binding, a shape, the relation, the count): in-batch negatives alone rarely differ in one
+  detail, and a scorer that misses details is a poor reward;
+* learning rate: linear warm-up, then cosine decay to 0; AdamW (no decay on biases, norms, the scale);
+* held-out evaluation on the ``toy-geneval`` prompts with ground-truth renders: retrieval top-1 and
+  how often the true caption beats each of its one-detail negatives, per kind.
+
+The run directory gets ``config.yaml``, ``env.json``, ``stats.jsonl``, ``summary.json`` and the
+final checkpoint (``output``, relative to ``run_dir`` unless absolute). A finished run is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rtdmd.seeding import seed_for
+from rtdmd.toyworld.clip import COLORS, KINDS, ToyClip, ToyClipArch, canonical, caption_negatives, spellings
+from rtdmd.toyworld.text import VOCAB, VOCAB_SIZE, token_ids
+from rtdmd.toyworld.world import BACKGROUND, PALETTE
+
+
+@dataclass(frozen=True)
+class ToyClipConfig:
+    """Config schema of ``rtdmd-train pretrain-clip`` (packaged YAMLs: ``rtdmd/configs/pretrain_clip/*.yaml``)."""
+
+    arch: ToyClipArch = field(default_factory=ToyClipArch)
+    seed: int = 0
+    num_examples: int = 100_000  # size of the rendered training pool
+    render_workers: int = 14
+    batch_size: int = 512
+    steps: int = 3000
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.05
+    warmup: int = 200  # steps of linear warm-up
+    grad_clip: float = 1.0  # global gradient norm (0 = off)
+    hard_negatives: float = 1.0  # weight of the hard-negative term
+    negatives_per_caption: int = 4
+    noise_std: float = 0.02  # pixel noise up to this std (images in [0, 1]): generated images are never exact renders
+    # augmentations that change the caption with the image: without them the image tower memorises
+    # which colour sits on which shape in the pool instead of learning to bind colours to shapes
+    recolor: bool = True  # permute the palette in image and caption
+    hflip: bool = True  # mirror the image, swap "left" and "right"
+    device: str = "auto"
+    precision: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of the forward passes
+    run_dir: str = "runs/pretrain-clip-toy"
+    log_every: int = 50
+    eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
+    output: str = "toy_clip.safetensors"
+
+    def validate(self) -> None:
+        if min(self.num_examples, self.batch_size, self.steps, self.log_every, self.negatives_per_caption) < 1:
+            raise ValueError("num_examples, batch_size, steps, log_every and negatives_per_caption must be >= 1")
+        if self.batch_size > self.num_examples:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the pool of {self.num_examples} examples")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or self.hard_negatives < 0 or self.noise_std < 0:
+            raise ValueError("lr must be > 0; weight_decay, warmup, hard_negatives and noise_std >= 0")
+
+
+# ---------------------------------------------------------------- hard negatives and augmentation
+
+
+@dataclass
+class NegativeTable:
+    """Hard negatives of a list of captions, as token ids on the device. Caption ``u``'s negatives
+    are grouped by kind; draw ``j`` of a caption with ``n`` kinds takes kind ``j`` if ``j < n`` (every
+    kind the caption admits, every step: the one binding swap is as present as the sixteen colour
+    replacements), else a kind uniformly; then a negative of that kind uniformly."""
+
+    ids: Tensor  # [M, L] token ids of the distinct negative captions
+    group_rows: Tensor  # [R] rows of ``ids``, grouped
+    group_start: Tensor  # [G] start of each group in ``group_rows``
+    group_size: Tensor  # [G]
+    groups: Tensor  # [U, len(KINDS)] group ids of each caption's kinds (padded)
+    num_groups: Tensor  # [U]
+
+    @classmethod
+    def build(cls, captions: list[str], device: str | torch.device = "cpu") -> NegativeTable:
+        texts: dict[str, int] = {}
+        rows, starts, sizes, groups, counts = [], [], [], [], []
+        for caption in captions:
+            kinds = []
+            for negatives in caption_negatives(caption).values():
+                kinds.append(len(starts))
+                starts.append(len(rows))
+                sizes.append(len(negatives))
+                rows += [texts.setdefault(n, len(texts)) for n in negatives]
+            if not kinds:
+                raise ValueError(f"caption {caption!r} has no hard negatives")
+            groups.append(kinds + [kinds[0]] * (len(KINDS) - len(kinds)))
+            counts.append(len(kinds))
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            ids=token_ids(list(texts)).to(device),
+            group_rows=as_long(rows),
+            group_start=as_long(starts),
+            group_size=as_long(sizes),
+            groups=as_long(groups),
+            num_groups=as_long(counts),
+        )
+
+    def sample(self, caption_index: Tensor, count: int, generator: torch.Generator) -> Tensor:
+        """``[B, count, L]`` token ids: ``count`` negatives of each caption (draws from ``generator``, CPU)."""
+        u = caption_index.to(self.groups.device)
+        pick_kind, pick_row = torch.rand(2, len(u), count, generator=generator).to(u.device)
+        slot = torch.arange(count, device=u.device).expand(len(u), count)
+        n = self.num_groups[u, None]
+        kind = torch.where(slot < n, slot, (pick_kind * n).long())
+        group = self.groups[u[:, None], kind]
+        offset = torch.minimum((pick_row * self.group_size[group]).long(), self.group_size[group] - 1)
+        return self.ids[self.group_rows[self.group_start[group] + offset]]
+
+
+def _token(word: str) -> int:
+    return int(token_ids([word])[0, 0])
+
+
+def recolor(images: Tensor, perm: Tensor) -> Tensor:
+    """Repaint renders ``[B, 3, H, W]`` (in [0, 1]) with palette colour ``k`` -> ``perm[k]``.
+
+    A render's pixel is ``x = g + a (c_k - g)``: colour ``k`` at coverage ``a`` over the background
+    ``g`` (objects do not overlap). Per pixel, ``a_k = <x - g, c_k - g> / |c_k - g|^2`` and ``k`` is
+    the colour with ``a_k > 0`` of least residual ``|x - g - a_k (c_k - g)|``; the result is
+    ``g + clamp(a_k, 0, 1) (c_perm[k] - g)``: the render of the recoloured scene, up to rounding.
+    """
+    g = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device) / 255
+    dirs = torch.tensor(list(PALETTE.values()), dtype=images.dtype, device=images.device) / 255 - g
+    d = images - g.view(1, 3, 1, 1)
+    a = torch.einsum("bchw,kc->bkhw", d, dirs) / dirs.pow(2).sum(-1).view(1, -1, 1, 1)
+    residual = (d.unsqueeze(1) - a.unsqueeze(2) * dirs.view(1, -1, 3, 1, 1)).pow(2).sum(2)
+    k = residual.masked_fill(a <= 0, torch.inf).argmin(1, keepdim=True)
+    alpha = a.gather(1, k).clamp(0, 1)
+    return g.view(1, 3, 1, 1) + alpha * dirs[perm.to(images.device)][k.squeeze(1)].permute(0, 3, 1, 2)
+
+
+def caption_token_map(perm: Tensor, flip: bool) -> Tensor:
+    """``[VOCAB_SIZE]`` token map matching :func:`recolor` with ``perm`` (colour words ``k`` ->
+    ``perm[k]``) and a horizontal flip ("left" <-> "right"; every shape is left-right symmetric)."""
+    table = torch.arange(VOCAB_SIZE)
+    for k, color in enumerate(COLORS):
+        table[_token(color)] = _token(COLORS[int(perm[k])])
+    if flip:
+        table[_token("left")], table[_token("right")] = _token("right"), _token("left")
+    return table
+
+
+def fix_articles(ids: Tensor) -> Tensor:
+    """Token ids ``[..., L]`` with each "a"/"an" chosen by the next word's first letter."""
+    a, an = _token("a"), _token("an")
+    vowel = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    vowel[[_token(w) for w in VOCAB if w[0] in "aeiou"]] = True
+    following = torch.cat([ids[..., 1:], torch.zeros_like(ids[..., :1])], dim=-1)
+    article = (ids == a) | (ids == an)
+    return torch.where(article, torch.where(vowel.to(ids.device)[following], an, a), ids)
+
+
+# ---------------------------------------------------------------- losses and schedule
+
+
+def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, same: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE ``(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2`` of unit embeddings ``[B, D]``;
+    ``same[i, j]`` (i != j) marks pairs whose captions mean the same, left out of the softmax."""
+    logits = scale * image @ text.T
+    if same is not None:
+        logits = logits.masked_fill(same & ~torch.eye(len(image), dtype=torch.bool, device=image.device), -torch.inf)
+    target = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def hard_negative_loss(image: Tensor, text: Tensor, negatives: Tensor, scale: Tensor) -> Tensor:
+    """``mean_i CE([s <I_i, T_i>, s <I_i, N_i1>, ..., s <I_iK>], 0)`` with negatives ``[B, K, D]``."""
+    positive = (image * text).sum(-1, keepdim=True)
+    logits = scale * torch.cat([positive, torch.einsum("bd,bkd->bk", image, negatives)], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(image), dtype=torch.long, device=image.device))
+
+
+def learning_rate(cfg: ToyClipConfig, step: int) -> float:
+    """``lr min(1, (k+1)/warmup) (1 + cos(pi p)) / 2`` with ``p = max(0, k - warmup) / max(1, steps - warmup)``."""
+    ramp = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    progress = max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * ramp * (1 + math.cos(math.pi * progress)) / 2
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSet:
+    """Ground-truth renders of the evaluation prompts and every one-detail negative of each."""
+
+    images: Tensor  # [N, 3, 64, 64] in [0, 1]
+    prompts: list[str]
+    negatives: list[str]
+    owner: Tensor  # [M] index of the prompt each negative belongs to
+    kind: list[str]
+
+
+def eval_set(seed: int, device: torch.device) -> EvalSet:
+    from rtdmd.toyworld.data import eval_metadata
+    from rtdmd.toyworld.prompts import scene_for
+    from rtdmd.toyworld.world import render
+
+    metadata = eval_metadata()
+    pixels = np.stack([render(scene_for(m, seed_for(seed, "clip-eval", i))) for i, m in enumerate(metadata)])
+    images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255
+    prompts = [m["prompt"] for m in metadata]
+    negatives, owner, kind = [], [], []
+    for i, prompt in enumerate(prompts):
+        for k, texts in caption_negatives(prompt).items():
+            negatives += texts
+            owner += [i] * len(texts)
+            kind += [k] * len(texts)
+    return EvalSet(images, prompts, negatives, torch.tensor(owner, device=device), kind)
+
+
+@torch.no_grad()
+def evaluate(model: ToyClip, data: EvalSet) -> dict[str, float]:
+    """Retrieval top-1 among the evaluation prompts (a caption of the same meaning counts as a hit)
+    both ways, mean cosine of true and negative captions, and the fraction of (image, negative)
+    pairs where the true caption scores higher, overall and per kind."""
+    was_training = model.training
+    model.eval()
+    image = model.encode_image(data.images)
+    text = model.encode_text(data.prompts)
+    negative = model.encode_text(data.negatives)
+    model.train(was_training)
+    cos = image @ text.T
+    meaning = [canonical(p) for p in data.prompts]
+    same = torch.tensor([[a == b for b in meaning] for a in meaning], device=cos.device)
+    true = cos.diagonal()
+    neg = (image[data.owner] * negative).sum(-1)
+    wins = (true[data.owner] > neg).float()
+    out = {
+        "eval/retrieval_i2t_top1": float(same[torch.arange(len(cos)), cos.argmax(1)].float().mean()),
+        "eval/retrieval_t2i_top1": float(same[cos.argmax(0), torch.arange(len(cos))].float().mean()),
+        "eval/cos_true": float(true.mean()),
+        "eval/cos_negative": float(neg.mean()),
+        "eval/true_beats_negative": float(wins.mean()),
+    }
+    for k in KINDS:
+        rows = [j for j, kind in enumerate(data.kind) if kind == k]
+        if rows:
+            out[f"eval/true_beats_{k}"] = float(wins[rows].mean())
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class Pool:
+    images: Tensor  # [N, 64, 64, 3] uint8 on the device
+    caption: Tensor  # [N] index into ``captions``
+    captions: list[str]
+    caption_ids: Tensor  # [U, L] token ids
+    meaning: Tensor  # [U] canonical-meaning id of each caption
+    held_out: Tensor  # [E, L] token ids of every spelling of every evaluation prompt
+
+
+def build_pool(cfg: ToyClipConfig, device: torch.device) -> Pool:
+    from rtdmd.toyworld.data import eval_metadata, render_examples
+
+    pixels, prompts = render_examples(cfg.seed, 0, cfg.num_examples, cfg.render_workers)
+    index: dict[str, int] = {}
+    caption = torch.tensor([index.setdefault(p, len(index)) for p in prompts], dtype=torch.long)
+    captions = list(index)
+    meanings: dict[str, int] = {}
+    meaning = torch.tensor([meanings.setdefault(canonical(c), len(meanings)) for c in captions], dtype=torch.long)
+    held_out = [s for m in eval_metadata() for s in spellings(m["prompt"])]
+    return Pool(
+        images=torch.from_numpy(pixels).to(device),
+        caption=caption.to(device),
+        captions=captions,
+        caption_ids=token_ids(captions).to(device),
+        meaning=meaning.to(device),
+        held_out=token_ids(held_out).to(device),
+    )
+
+
+@dataclass
+class Batch:
+    images: Tensor  # [B, 3, 64, 64] in [0, 1]
+    texts: Tensor  # [B, L] token ids
+    negatives: Tensor  # [B, K, L] token ids
+    meaning: Tensor  # [B]
+
+
+def draw_batch(cfg: ToyClipConfig, pool: Pool, negatives: NegativeTable, step: int) -> Batch:
+    """Step ``step``'s examples (with replacement), hard negatives, recolouring, flip and pixel noise,
+    all from ``seed_for(seed, "clip", step, ...)``. Examples whose augmented caption spells an
+    evaluation prompt are dropped: the evaluation compositions stay unseen as positives."""
+    device = pool.images.device
+    gen = torch.Generator().manual_seed(seed_for(cfg.seed, "clip", step))
+    index = torch.randint(len(pool.images), (cfg.batch_size,), generator=gen).to(device)
+    u = pool.caption[index]
+    texts, negative_ids = pool.caption_ids[u], negatives.sample(u, cfg.negatives_per_caption, gen)
+    images = pool.images[index].permute(0, 3, 1, 2).float() / 255
+    # one recolouring and flip per step, so captions that meant the same still do (the meaning mask holds)
+    perm = torch.randperm(len(COLORS), generator=gen) if cfg.recolor else torch.arange(len(COLORS))
+    flip = cfg.hflip and bool(torch.rand((), generator=gen) < 0.5)
+    if cfg.recolor:
+        images = recolor(images, perm)
+    if flip:
+        images = images.flip(-1)
+    table = caption_token_map(perm, flip).to(device)
+    texts, negative_ids = fix_articles(table[texts]), fix_articles(table[negative_ids])
+    # the pixel noise (millions of draws per step) comes from a generator on the device: on the CPU
+    # it would take longer than the GPU step itself
+    noise_gen = torch.Generator(device).manual_seed(seed_for(cfg.seed, "clip", step, "noise"))
+    noise_std = torch.rand(cfg.batch_size, 1, 1, 1, generator=gen).to(device) * cfg.noise_std
+    images = (images + torch.randn(images.shape, generator=noise_gen, device=device) * noise_std).clamp(0, 1)
+    keep = ~(texts[:, None, :] == pool.held_out[None]).all(-1).any(-1)
+    return Batch(images[keep], texts[keep], negative_ids[keep], pool.meaning[u][keep])
+
+
+def train_step(
+    cfg: ToyClipConfig, model: ToyClip, pool: Pool, negatives: NegativeTable, step: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of step ``step`` and its diagnostics."""
+    batch = draw_batch(cfg, pool, negatives, step)
+    n, k = batch.negatives.shape[:2]
+    with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+        image = model.encode_image(batch.images)
+        text = model.encode_text(torch.cat([batch.texts, batch.negatives.flatten(0, 1)]))
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    text, negative = text[:n], text[n:].view(n, k, -1)
+    scale = model.scale()
+    loss_batch = contrastive_loss(image, text, scale, same=batch.meaning[:, None] == batch.meaning[None, :])
+    loss_hard = hard_negative_loss(image, text, negative, scale)
+    with torch.no_grad():
+        true = (image * text).sum(-1)
+        batch_top1 = (batch.meaning[(image @ text.T).argmax(1)] == batch.meaning).float().mean()
+        hard_top1 = (true > torch.einsum("bd,bkd->bk", image, negative).amax(1)).float().mean()
+    logs = {
+        "loss/contrastive": loss_batch.detach(),
+        "loss/hard_negative": loss_hard.detach(),
+        "train/batch_top1": batch_top1,
+        "train/hard_top1": hard_top1,
+        "train/logit_scale": scale.detach(),
+        "train/kept": torch.tensor(float(n)),
+    }
+    return loss_batch + cfg.hard_negatives * loss_hard, logs
+
+
+def _optimizer(cfg: ToyClipConfig, model: ToyClip) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
+    """Train ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall times, paths)."""
+    from rtdmd import run_dir
+    from rtdmd.checkpoint import write_text_atomic
+    from rtdmd.config import to_dict
+    from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
+
+    root = run_dir.prepare(cfg.run_dir, cfg)
+    output = Path(cfg.output) if Path(cfg.output).is_absolute() else root / cfg.output
+    summary_file = root / "summary.json"
+    if summary_file.is_file() and output.is_file():
+        return json.loads(summary_file.read_text()) | {"skipped": True}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    t_start = time.perf_counter()
+    pool = build_pool(cfg, device)
+    negatives = NegativeTable.build(pool.captions, device=device)
+    held_out = eval_set(cfg.seed, device)
+    render_seconds = time.perf_counter() - t_start
+
+    model = ToyClip(cfg.arch, seed=cfg.seed).to(device).train()
+    optimizer = _optimizer(cfg, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = root / "stats.jsonl"
+    stats.unlink(missing_ok=True)  # a run that did not finish starts over (it takes minutes)
+    status = [StatusLine(cfg.steps, "pretrain toy-clip", ("loss/contrastive", "loss/hard_negative"))]
+    loggers = Loggers(JsonlLogger(stats), *(status if show_progress else []))
+    t_train = time.perf_counter()
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss, logs = train_step(cfg, model, pool, negatives, step)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            row = {k: float(v) for k, v in logs.items()}
+            row |= {"train/lr": learning_rate(cfg, step), "train/grad_norm": float(grad_norm)}
+            row["time/step_s"] = time.perf_counter() - t0
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                final = evaluate(model, held_out)
+                row |= final
+            if device.type == "cuda":
+                row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            loggers.log(done, row)
+    train_seconds = time.perf_counter() - t_train
+    loggers.close()
+    summary = {
+        "run_dir": str(root),
+        "checkpoint": str(output),
+        "steps": cfg.steps,
+        "examples": cfg.num_examples,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "render_seconds": round(render_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "final": final,
+    }
+    model.cpu().save(output, extra={"config": json.dumps(to_dict(cfg)), "metrics": json.dumps(final)})
+    write_text_atomic(summary_file, json.dumps(summary, indent=2))
+    return summary
