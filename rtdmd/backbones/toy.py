@@ -7,7 +7,12 @@ The same moving parts as SD3, at toy size:
 * text: the world's closed vocabulary (:mod:`rtdmd.toyworld.text`) -> word embeddings + positions
   -> a small pre-norm transformer encoder -> ``[B, 16, text_dim]`` and a pooled vector (masked mean,
   then a linear map); the empty prompt (all padding) is the CFG negative, learnt by caption dropout;
-* latent: the 64x64 image itself, 4x4 pixel-unshuffled (``[B, 48, 16, 16]``), as in ``tiny``.
+* latent: the 64x64 image itself, 4x4 pixel-unshuffled (``[B, 48, 16, 16]``), as in ``tiny``;
+* output: the network predicts the clean latent ``x0`` and the adapter returns the velocity
+  ``v = (x - x0_hat) / sigma`` (the contract's convention). Pixel-space tokens of 8x8x3 = 192 values
+  are as wide as the network; predicting ``eps - x0`` there left per-token colour casts in samples,
+  while ``x0`` lies on a low-dimensional manifold the network can reach (Li & He 2025, "Back to
+  Basics: Let Denoising Generative Models Denoise"). Every sampler and loss sees only velocities.
 
 Weights: the shipped ``toy_teacher`` checkpoint (sha256-verified) or a ``.safetensors`` file written by
 :func:`save_toy`; its metadata holds the :class:`ToySpec`, so a checkpoint rebuilds itself.
@@ -18,14 +23,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import BACKBONES, TORCH_DTYPES, BackboneConfig
+from rtdmd.backbones.base import BACKBONES, TORCH_DTYPES, BackboneConfig, Cond, guided_velocity
+from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.tiny import PIXELS_PER_CELL, TinyBackbone
 from rtdmd.config import from_dict
+from rtdmd.flow.path import expand_sigma
 from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids
 
 SHIPPED = "toy_teacher"
@@ -130,6 +138,14 @@ def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     return transformer.to(device).eval(), text_encoder.to(device).eval(), spec
 
 
+def toy_forward(
+    net: nn.Module, x: Tensor, sigma: Tensor, tensors: dict[str, Tensor], guidance: float | None = None
+) -> Tensor:
+    """``v = (x - x0_hat(x, sigma, c)) / sigma`` (float32) from the x0-predicting transformer."""
+    x0_hat = sd3_forward(net, x, sigma, tensors, guidance)
+    return (x.float() - x0_hat.float()) / expand_sigma(sigma, x)
+
+
 @BACKBONES.register("toy")
 class ToyBackbone(TinyBackbone):
     """The trained toy teacher; ``backbone.source``: empty (the shipped teacher) or a checkpoint path."""
@@ -147,3 +163,6 @@ class ToyBackbone(TinyBackbone):
             )
         transformer, text_encoder, _ = load_toy(path, device, TORCH_DTYPES[cfg.dtype])
         return cls(transformer, text_encoder)
+
+    def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+        return guided_velocity(partial(toy_forward, net), x, sigma, cond, guidance)

@@ -117,6 +117,8 @@ def fit_shape(
                 candidate = Obj(
                     shape, "red", best_obj.cx + dx * step, best_obj.cy + dy * step, best_obj.size + ds * step
                 )
+                if candidate.size < 1:  # a generated sliver can shrink the fit to nothing
+                    continue
                 value = score(candidate)
                 if value > best + 1e-9:
                     best, best_obj, improved = value, candidate, True

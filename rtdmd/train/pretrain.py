@@ -1,8 +1,11 @@
 """``rtdmd-train pretrain``: train the toy teacher by flow matching on the rendered toy world.
 
-Objective (rectified flow, SD3's parametrisation): for an image latent ``x0``, noise ``eps`` and
-``sigma``, ``x_sigma = (1 - sigma) x0 + sigma eps`` and the network regresses the velocity
-``v = eps - x0``:  ``L = E || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2``.
+Objective (rectified flow): for an image latent ``x0``, noise ``eps`` and ``sigma``,
+``x_sigma = (1 - sigma) x0 + sigma eps``; the toy network predicts ``x0`` (see
+:mod:`rtdmd.backbones.toy`) and the loss is the velocity error with the denominator clipped, as in
+JiT: ``v_hat = (x_sigma - x0_hat) / sigma``, so
+``L = E || x0_hat - x0 ||^2 / max(sigma, sigma_floor)^2``  (``= E || v_hat - (eps - x0) ||^2`` above
+the floor; the floor keeps the weight of nearly clean inputs finite).
 ``sigma`` is SD3's shifted logit-normal: ``u = sigmoid(m + s n)``, ``n ~ N(0, 1)``, then the static
 shift ``sigma = k u / (1 + (k - 1) u)`` with the backbone's sampling shift ``k`` (3), so training
 and sampling put their effort at the same noise levels. The caption is replaced by the empty prompt
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, save_toy
-from rtdmd.flow.path import noisy, velocity_target
+from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
 from rtdmd.sampling import SamplerSpec
 from rtdmd.seeding import seed_for
@@ -64,6 +67,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     logit_normal: tuple[float, float] = (0.0, 1.0)  # (m, s) of sigma's logit before the shift
+    sigma_floor: float = 0.05  # the loss divides by max(sigma, sigma_floor)^2
     ema_decay: float = 0.999
     precision: Literal["float32", "bfloat16"] = "bfloat16"
     checkpoint_every: int = 1000
@@ -82,7 +86,8 @@ class PretrainConfig:
 
 
 class ToyModel(nn.Module):
-    """The trained pair as one module (one optimiser, one EMA, one checkpoint role)."""
+    """The trained pair as one module (one optimiser, one EMA, one checkpoint role); ``forward``
+    returns the transformer's raw output, the ``x0`` prediction."""
 
     def __init__(self, spec: ToySpec, seed: int) -> None:
         super().__init__()
@@ -109,8 +114,14 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def x0_velocity_loss(x0_hat: Tensor, x0: Tensor, sigma: Tensor, sigma_floor: float) -> Tensor:
+    """``mean || x0_hat - x0 ||^2 / max(sigma, floor)^2`` (per-sample weights, mean over all)."""
+    weight = sigma.float().clamp(min=sigma_floor).reshape(-1, *[1] * (x0.dim() - 1)) ** -2
+    return ((x0_hat.float() - x0.float()) ** 2 * weight).mean()
+
+
 def flow_matching_loss(model: ToyModel, latents: Tensor, ids: Tensor, cfg: PretrainConfig, step: int) -> Tensor:
-    """``mean || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2`` with this step's seeded draws."""
+    """The clipped velocity loss of :func:`x0_velocity_loss` with this step's seeded draws."""
     gen = torch.Generator(latents.device).manual_seed(seed_for(cfg.seed, "pretrain", step))
     batch = latents.shape[0]
     eps = torch.randn(latents.shape, generator=gen, device=latents.device)
@@ -121,8 +132,7 @@ def flow_matching_loss(model: ToyModel, latents: Tensor, ids: Tensor, cfg: Pretr
     )
     drop = torch.rand(batch, generator=gen, device=latents.device) < cfg.caption_dropout
     ids = torch.where(drop[:, None], torch.zeros_like(ids), ids)
-    x = noisy(latents, eps, sigma)
-    return F.mse_loss(model(x, sigma, ids).float(), velocity_target(latents, eps))
+    return x0_velocity_loss(model(noisy(latents, eps, sigma), sigma, ids), latents, sigma, cfg.sigma_floor)
 
 
 def render_pool(cfg: PretrainConfig, device: torch.device) -> tuple[Tensor, Tensor]:
