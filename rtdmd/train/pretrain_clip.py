@@ -71,7 +71,7 @@ class ToyClipConfig:
             raise ValueError("lr must be > 0; weight_decay, warmup, hard_negatives and noise_std >= 0")
 
 
-# ---------------------------------------------------------------- hard negatives and augmentation
+# ---------------------------------------------------------------- hard negatives
 
 
 @dataclass
@@ -321,15 +321,19 @@ def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     pool = build_pool(cfg, device)
     negatives = NegativeTable.build(pool.captions, device=device)
     held_out = eval_set(cfg.seed, device)
-    render_seconds = time.perf_counter() - t_start
+    setup_seconds = time.perf_counter() - t_start  # mostly rendering the pool
 
     model = ToyClip(cfg.arch, seed=cfg.seed).to(device).train()
     optimizer = _optimizer(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     stats = root / "stats.jsonl"
     stats.unlink(missing_ok=True)  # a run that did not finish starts over (it takes minutes)
-    status = [StatusLine(cfg.steps, "pretrain toy-clip", ("loss/contrastive", "loss/hard_negative"))]
-    loggers = Loggers(JsonlLogger(stats), *(status if show_progress else []))
+    status = (
+        [StatusLine(cfg.steps, "pretrain toy-clip", ("loss/contrastive", "loss/hard_negative"))]
+        if show_progress
+        else []
+    )
+    loggers = Loggers(JsonlLogger(stats), *status)
     t_train = time.perf_counter()
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -359,7 +363,7 @@ def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
         "steps": cfg.steps,
         "examples": cfg.num_examples,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "render_seconds": round(render_seconds, 2),
+        "setup_seconds": round(setup_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - t_start, 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
