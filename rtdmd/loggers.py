@@ -31,6 +31,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _short(value: Any) -> str:
+    value = _jsonable(value)
+    return f"{value:.4g}" if isinstance(value, int | float) else str(value)  # "nan" stays readable
+
+
 class JsonlLogger:
     """Appends one ``{"step": ..., "time": ..., **metrics}`` line per call and flushes it."""
 
@@ -68,7 +73,7 @@ class StatusLine:
         self._progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        shown = [f"{k.split('/')[-1]}={_jsonable(metrics[k]):.4g}" for k in self.keys if k in metrics]
+        shown = [f"{k.split('/')[-1]}={_short(metrics[k])}" for k in self.keys if k in metrics]
         if torch.cuda.is_available():
             shown.append(f"mem={torch.cuda.max_memory_allocated() / 2**30:.1f}GiB")
         self._progress.update(self._task, completed=step, status=" ".join(shown))

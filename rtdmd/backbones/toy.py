@@ -37,6 +37,7 @@ from rtdmd.flow.path import expand_sigma
 from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids
 
 SHIPPED = "toy_teacher"
+SIGMA_MIN = 1e-4  # below every sampling schedule's smallest non-zero sigma
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,11 @@ def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
 def toy_forward(
     net: nn.Module, x: Tensor, sigma: Tensor, tensors: dict[str, Tensor], guidance: float | None = None
 ) -> Tensor:
-    """``v = (x - x0_hat(x, sigma, c)) / sigma`` (float32) from the x0-predicting transformer."""
+    """``v = (x - x0_hat(x, sigma, c)) / max(sigma, SIGMA_MIN)`` (float32) from the x0-predicting
+    transformer. The floor only matters at ``sigma = 0`` (e.g. AC-DMD's consistency rollback to 0),
+    where every caller recovers ``x0 = x - 0 * v = x`` and a division by zero would give NaN."""
     x0_hat = sd3_forward(net, x, sigma, tensors, guidance)
-    return (x.float() - x0_hat.float()) / expand_sigma(sigma, x)
+    return (x.float() - x0_hat.float()) / expand_sigma(sigma.float().clamp(min=SIGMA_MIN), x)
 
 
 @BACKBONES.register("toy")
