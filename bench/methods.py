@@ -201,13 +201,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
+    """``alpha / rank``: the card's value, else ``adapter_config.json`` beside the file, else the
+    ``lora_alpha``/``lora_rank`` metadata ``rtdmd-train export-lora`` writes."""
+    if entry.alpha_over_rank > 0:
+        return entry.alpha_over_rank
     config = path.parent / "adapter_config.json"
     if config.is_file():
         data = json.loads(config.read_text())
         return float(data["lora_alpha"]) / float(data["r"])
-    if entry.alpha_over_rank <= 0:
-        raise MethodError(f"{path}: no adapter_config.json beside it; set alpha_over_rank in the card")
-    return entry.alpha_over_rank
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if "lora_alpha" in meta and "lora_rank" in meta:
+            return float(meta["lora_alpha"]) / float(meta["lora_rank"])
+    raise MethodError(f"{path}: no adapter_config.json beside it and no rank in its metadata; set alpha_over_rank")
 
 
 LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -254,14 +263,10 @@ def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
 
 def merge_shipped(net: nn.Module, name: str, scale: float) -> None:
     """Merge a LoRA shipped in rtdmd's package data (written by ``export_generator_lora``)."""
-    from safetensors import safe_open
-
     from rtdmd.toyworld.weights import WeightsError, packaged
 
     try:
         path = packaged(name)
     except WeightsError as error:
         raise MethodError(str(error)) from None
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata()
-    merge_lora_state_dict(net, read_state_dict(path), scale * float(meta["lora_alpha"]) / float(meta["lora_rank"]))
+    merge_lora_state_dict(net, read_state_dict(path), scale * lora_alpha_over_rank(path, LoraEntry(source=name)))
