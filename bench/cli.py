@@ -45,6 +45,7 @@ class DefaultRun:
     reference: str = "toy-teacher"
     out: Path = Path("bench_runs")
     report: Path = Path("reports/toy/leaderboard.md")
+    claims: str = "toy"  # bench/cards/claims/toy.yaml: the aims, stated as held or not in the report
 
     def __post_init__(self) -> None:
         if self.reference and self.reference not in self.methods:
@@ -70,6 +71,7 @@ METRICS = typer.Option(
 def clean_errors() -> Iterator[None]:
     """Expected failures print one line and exit 2; only bugs show a traceback."""
     from bench.aggregate import AggregateError
+    from bench.claims import ClaimError
     from bench.methods import MethodError
     from bench.score import ScoreError
     from bench.suites import SuiteError
@@ -83,6 +85,7 @@ def clean_errors() -> Iterator[None]:
         MethodError,
         ScoreError,
         AggregateError,
+        ClaimError,
         ConfigError,
         UnknownNameError,
         PermissionError,
@@ -181,11 +184,12 @@ class RunPlan:
     reference: str
     out: Path
     report: Path | None  # None: <out>/<suite>_leaderboard.md
-    default: bool  # neither --method nor --suite was given
+    default: bool
+    claims: str = ""  # a claim card checked in the report ("" = none)  # neither --method nor --suite was given
 
 
 def resolve_run(
-    method: list[str] | None, suite: str, metrics: str, reference: str, out: Path | None, report
+    method: list[str] | None, suite: str, metrics: str, reference: str, out: Path | None, report, claims: str = ""
 ) -> RunPlan:
     """Fill what the user left out from :data:`DEFAULT_RUN` (read at call time, so tests can swap it)."""
     default = DEFAULT_RUN
@@ -198,6 +202,7 @@ def resolve_run(
         out=out or default.out,
         report=report or (default.report if not method and not suite else None),
         default=not method and not suite,
+        claims=claims or (default.claims if not method and not suite else ""),
     )
 
 
@@ -207,7 +212,8 @@ def run_help(default: DefaultRun) -> str:
         "Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.\n\n"
         f"Without arguments it runs the toy default: methods {', '.join(default.methods)} on suite {default.suite} "
         f"({metrics}), paired against {default.reference}, into {default.out}/ with the leaderboard at {default.report} "
-        "(+ .json, .png). --method and --suite replace the default methods and suite; every other option still applies.\n\n"
+        f"(+ .json, .png), stating the claims of bench/cards/claims/{default.claims}.yaml as held or not. "
+        "--method and --suite replace the default methods and suite; every other option still applies.\n\n"
         "Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness "
         "--reference tiny-teacher"
     )
@@ -237,6 +243,9 @@ def run(
     out: Path = typer.Option(
         None, "--out", "-o", help="Root of the run directories <out>/<method>/<suite>/ (default: bench_runs)."
     ),
+    claims: str = typer.Option(
+        "", "--claims", help="Claim card (name in bench/cards/claims/ or a YAML path) to check in the report."
+    ),
     prompts_dir: Path = PROMPTS_DIR,
     seed: int = SEED,
     limit: int = LIMIT,
@@ -250,7 +259,12 @@ def run(
     from bench.suites import load_suite
 
     with clean_errors():
-        plan = resolve_run(method, suite, metrics, reference, out, report)
+        plan = resolve_run(method, suite, metrics, reference, out, report, claims)
+        claim_card = None
+        if plan.claims:
+            from bench.claims import load_claims
+
+            claim_card = load_claims(plan.claims)
         loaded = load_suite(plan.suite, prompts_dir, images_per_prompt=images_per_prompt)
         names = metric_list(plan.metrics, loaded)
         cards = [(arg, load_method(arg)) for arg in plan.methods]
@@ -273,7 +287,7 @@ def run(
         summaries = [
             aggregate_stage(root, plan.reference if root.parent.name != plan.reference else "") for root in roots
         ]
-        report_stage([Path(s["run_dir"]) / "summary.json" for s in summaries], target)
+        report_stage([Path(s["run_dir"]) / "summary.json" for s in summaries], target, claims=claim_card)
         console.print(f"leaderboard: {target} (+ .json, .png)")
 
 
@@ -347,6 +361,7 @@ def report(
     published: str = typer.Option(
         "", "--published", help="Comma-separated method cards to add as published-numbers rows."
     ),
+    claims: str = typer.Option("", "--claims", help="Claim card (name or YAML path) to check against the summaries."),
 ) -> None:
     """A markdown leaderboard (+ JSON + image grid) from summary files only.
 
@@ -356,9 +371,11 @@ def report(
     from bench.report import report_stage
 
     with clean_errors():
+        from bench.claims import load_claims
+
         cards = [load_method(m.strip()) for m in published.split(",") if m.strip()]
         writable(out.parent)
-        report_stage(summaries, out, cards)
+        report_stage(summaries, out, cards, claims=load_claims(claims) if claims else None)
         console.print(f"leaderboard: {out}")
 
 

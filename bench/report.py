@@ -259,7 +259,9 @@ def image_grid(summaries: list[dict], path: Path) -> None:
     canvas.save(path, format="PNG")
 
 
-def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCard] = ()) -> dict:
+def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCard] = (), claims=None) -> dict:
+    """Write the leaderboard (markdown, JSON, image grid); ``claims``: a :class:`bench.claims.ClaimCard`
+    whose claims are checked against these summaries and stated after the tables."""
     summaries = [json.loads(Path(p).read_text()) for p in summary_paths]
     if not summaries:
         raise ValueError("no summary.json files given")
@@ -272,13 +274,23 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
         block, table = suite_table(group, published_rows(list(published), group[0]["suite"]["name"], present))
         lines += block + [""]
         tables.append(table)
+    checked = []
+    if claims is not None:
+        from bench.claims import check, claims_section
+
+        checked = check(claims, summaries)
+        lines += [*claims_section(claims, checked), ""]
     lines = lines[:-1] if lines[-1] == "" else lines
     lines += footnotes(summaries)
     out = Path(out)
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     write_text_atomic(
         out.with_suffix(".json"),
-        json.dumps({"tables": tables, "published_cards": [to_dict(c) for c in published]}, indent=2, sort_keys=True)
+        json.dumps(
+            {"tables": tables, "published_cards": [to_dict(c) for c in published], "claims": checked},
+            indent=2,
+            sort_keys=True,
+        )
         + "\n",
     )
     image_grid(next(iter(by_suite.values())), out.with_suffix(".png"))

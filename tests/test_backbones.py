@@ -24,12 +24,13 @@ def families():
         "flux1": Flux1Backbone(tiny_flux1_pipeline(guidance_embeds=True), max_sequence_length=16),
         "flux2": Flux2Backbone(tiny_flux2_klein_pipeline(), max_sequence_length=16),
         "tiny": TinyBackbone.build(),
+        "toy": build_backbone(BackboneConfig(family="toy"), torch.device("cpu")),
         "zimage": ZImageBackbone(tiny_zimage_pipeline(), max_sequence_length=16),
     }
 
 
 def test_every_family_is_registered_and_satisfies_the_protocol(families):
-    assert set(BACKBONES.names()) == {"sd3", "flux1", "flux2", "tiny", "zimage"}
+    assert set(BACKBONES.names()) == {"sd3", "flux1", "flux2", "tiny", "toy", "zimage"}
     for name, backbone in families.items():
         assert isinstance(backbone, BACKBONES.get(name))
         for attr in ("encode", "velocity", "decode", "latent_shape", "schedule", "default_timesteps", "lora_targets"):

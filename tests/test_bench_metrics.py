@@ -175,12 +175,13 @@ def test_run_without_arguments_runs_the_default(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "bench_runs" / "tiny-cps4" / "tiny_prompts" / "summary.json").read_text())
     assert summary["metrics"]["brightness"]["vs_reference"]["reference"] == "tiny-teacher"
     assert "tiny CPS-4" in report.read_text()
+    assert "## Claims: toy" in report.read_text() and "not checkable" in report.read_text()  # toy methods absent
 
 
 def test_given_options_override_the_default_run():
     default = DefaultRun()
     assert resolve_run(None, "", "", "", None, None) == bench.cli.RunPlan(
-        default.methods, default.suite, "", default.reference, default.out, default.report, True
+        default.methods, default.suite, "", default.reference, default.out, default.report, True, default.claims
     )
     own_methods = resolve_run(["tiny-cps4"], "", "", "", None, None)
     assert own_methods.methods == ("tiny-cps4",) and own_methods.reference == "" and own_methods.report is None
@@ -188,6 +189,7 @@ def test_given_options_override_the_default_run():
     own_suite = resolve_run(None, "drawbench", "", "", Path("o"), None)
     assert own_suite.suite == "drawbench" and own_suite.methods == default.methods and own_suite.out == Path("o")
     assert own_suite.report is None  # the report goes to <out>/<suite>_leaderboard.md
+    assert own_suite.claims == "" and resolve_run(None, "drawbench", "", "", None, None, "toy").claims == "toy"
 
 
 def test_the_default_run_is_the_toy_leaderboard():

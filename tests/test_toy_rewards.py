@@ -31,7 +31,6 @@ SMALL = ToyClipArch(
     text_heads=2,
     embed_dim=8,
 )
-SHIPPED = (weights.ROOT / "toy_clip.safetensors").is_file()
 
 
 def as_float(pixels: list[np.ndarray]) -> torch.Tensor:
@@ -244,7 +243,6 @@ def test_toy_clip_reads_the_env_path_and_explains_a_missing_checkpoint(clip_path
         REWARDS.get("toy-clip")()
 
 
-@pytest.mark.skipif(not SHIPPED, reason="rtdmd/toyworld/weights/toy_clip.safetensors is not shipped yet")
 def test_shipped_toy_clip_prefers_true_captions(ground_truth, monkeypatch):
     monkeypatch.delenv(toy_rewards.CLIP_ENV, raising=False)
     images, prompts, metadata = ground_truth

@@ -62,3 +62,21 @@ def test_toy_methods_build_and_the_students_differ_from_their_base():
     for name in ("toy-dmd", "toy-acdmd"):
         assert (images[name] - base).abs().mean() > 1e-2, f"{name}: the LoRA changed nothing"
     assert (images["toy-dmd"] - images["toy-acdmd"]).abs().mean() > 1e-2
+
+
+@pytest.mark.slow
+def test_the_default_run_reproduces_the_committed_toy_leaderboard(tmp_path, monkeypatch):
+    """`rtdmd-bench run` from scratch (about 4 minutes on 2 cores) gives the committed numbers."""
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "reports/toy/leaderboard.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run"])
+    assert result.exit_code == 0, result.output
+    fresh = json.loads((tmp_path / "reports/toy/leaderboard.json").read_text())
+    assert fresh["tables"] == committed["tables"] and fresh["claims"] == committed["claims"]

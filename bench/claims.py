@@ -1,0 +1,118 @@
+"""Claims: statements about a leaderboard, checked from its numbers and printed in the report.
+
+A claim card (``bench/cards/claims/<name>.yaml`` or a YAML path) lists comparisons such as "AC-DMD
+at 4 steps is within 10% of the teacher on toy GenEval": ``left op right`` where each side is a
+method's metric value (times ``factor``) or a constant. The report states each claim as held, not
+held, or not checkable (a method or metric missing), so the aims of an experiment are judged by
+the same run that produced the numbers, never by hand.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from rtdmd.config import ConfigError, from_dict
+from rtdmd.registry import did_you_mean
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+class ClaimError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Operand:
+    """``factor * summary[method].metrics[metric].value``, or the constant ``value``."""
+
+    method: str = ""
+    metric: str = ""
+    value: float | None = None
+    factor: float = 1.0
+
+    def validate(self) -> None:
+        if (self.value is None) == (not (self.method and self.metric)):
+            raise ValueError("an operand is either {method, metric[, factor]} or {value}")
+
+    def text(self) -> str:
+        if self.value is not None:
+            return f"{self.value:g}"
+        return f"{'' if self.factor == 1 else f'{self.factor:g} x '}{self.method} {self.metric}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    left: Operand
+    op: Literal[">=", ">", "<=", "<"]
+    right: Operand
+
+
+@dataclass(frozen=True)
+class ClaimCard:
+    name: str
+    description: str
+    suite: str
+    claims: tuple[Claim, ...]
+
+
+def card_names() -> list[str]:
+    root = resources.files("bench") / "cards" / "claims"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_claims(name_or_path: str) -> ClaimCard:
+    import yaml
+
+    packaged = resources.files("bench") / "cards" / "claims" / f"{name_or_path}.yaml"
+    path = packaged if packaged.is_file() else Path(name_or_path)
+    if not path.is_file():
+        raise ClaimError(f"unknown claim card {name_or_path!r}{did_you_mean(name_or_path, card_names())}")
+    try:
+        return from_dict(ClaimCard, yaml.safe_load(path.read_text()))
+    except ConfigError as error:
+        raise ClaimError(f"claim card {name_or_path}: {error}") from None
+
+
+def operand_value(operand: Operand, summaries: dict[str, dict]) -> float | None:
+    if operand.value is not None:
+        return operand.value
+    entry = summaries.get(operand.method, {}).get("metrics", {}).get(operand.metric)
+    return None if entry is None else operand.factor * entry["value"]
+
+
+def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:
+    """One row per claim: the two sides' values and ``held`` (True, False, or None = not checkable)."""
+    by_method = {s["method"]["name"]: s for s in summaries if s["suite"]["name"] == card.suite}
+    rows = []
+    for claim in card.claims:
+        left, right = operand_value(claim.left, by_method), operand_value(claim.right, by_method)
+        held = None if left is None or right is None else bool(OPS[claim.op](left, right))
+        rows.append(
+            {
+                "claim": claim.text,
+                "test": f"{claim.left.text()} {claim.op} {claim.right.text()}",
+                "left": left,
+                "right": right,
+                "held": held,
+            }
+        )
+    return rows
+
+
+def claims_section(card: ClaimCard, rows: list[dict]) -> list[str]:
+    """The report's markdown for a claim card."""
+    show = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    verdict = {True: "held", False: "**not held**", None: "not checkable (missing)"}
+    lines = [f"## Claims: {card.name}", "", card.description, "", "| Claim | Test | Left | Right | Verdict |"]
+    lines.append("|---|---|---:|---:|---|")
+    for row in rows:
+        lines.append(
+            f"| {row['claim']} | `{row['test']}` | {show(row['left'])} | {show(row['right'])} | {verdict[row['held']]} |"
+        )
+    held = sum(r["held"] is True for r in rows)
+    return [*lines, "", f"{held} of {len(rows)} claims held."]

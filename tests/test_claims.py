@@ -1,0 +1,70 @@
+"""Claim cards: comparisons checked from summaries and stated in the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.claims import ClaimCard, ClaimError, check, claims_section, load_claims
+from rtdmd.config import ConfigError, from_dict
+
+
+def summary(method: str, **values: float) -> dict:
+    return {
+        "method": {"name": method},
+        "suite": {"name": "s"},
+        "metrics": {metric.replace("_", "-"): {"value": v} for metric, v in values.items()},
+    }
+
+
+CARD = {
+    "name": "t",
+    "description": "test claims",
+    "suite": "s",
+    "claims": [
+        {"text": "a is good", "left": {"method": "a", "metric": "m"}, "op": ">=", "right": {"value": 0.8}},
+        {
+            "text": "a within 10% of b",
+            "left": {"method": "a", "metric": "m"},
+            "op": ">=",
+            "right": {"method": "b", "metric": "m", "factor": 0.9},
+        },
+        {
+            "text": "a lower fd",
+            "left": {"method": "a", "metric": "fd"},
+            "op": "<",
+            "right": {"method": "b", "metric": "fd"},
+        },
+        {"text": "c exists", "left": {"method": "c", "metric": "m"}, "op": ">", "right": {"value": 0.0}},
+    ],
+}
+
+
+def test_claims_are_checked_with_factors_and_missing_values():
+    card = from_dict(ClaimCard, CARD)
+    rows = check(card, [summary("a", m=0.85, fd=3.0), summary("b", m=0.95, fd=3.0)])
+    assert [r["held"] for r in rows] == [True, False, False, None]
+    assert rows[1]["right"] == pytest.approx(0.855) and rows[1]["test"] == "a m >= 0.9 x b m"
+    text = "\n".join(claims_section(card, rows))
+    assert "**not held**" in text and "not checkable" in text and "1 of 4 claims held." in text
+
+
+def test_a_summary_of_another_suite_does_not_count():
+    card = from_dict(ClaimCard, CARD)
+    other = summary("a", m=0.99) | {"suite": {"name": "other"}}
+    assert check(card, [other])[0]["held"] is None
+
+
+def test_malformed_operands_and_unknown_cards_are_refused():
+    bad = {**CARD, "claims": [{**CARD["claims"][0], "right": {"value": 1.0, "method": "b", "metric": "m"}}]}
+    with pytest.raises(ConfigError, match="either"):
+        from_dict(ClaimCard, bad)
+    with pytest.raises(ClaimError, match="unknown claim card 'tyo'.*toy"):
+        load_claims("tyo")
+
+
+def test_the_toy_claims_name_the_toy_methods_and_metrics():
+    from bench.cli import DEFAULT_RUN
+
+    card = load_claims(DEFAULT_RUN.claims)
+    methods = {c.left.method for c in card.claims} | {c.right.method for c in card.claims} - {""}
+    assert methods - {""} <= set(DEFAULT_RUN.methods) and card.suite == DEFAULT_RUN.suite
