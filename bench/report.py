@@ -22,7 +22,7 @@ from bench.methods import MethodCard
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import to_dict
 
-GRID_PROMPTS = 4
+GRID_PROMPTS = 6
 GRID_CELL = 128
 
 
@@ -240,22 +240,37 @@ def footnotes(summaries: list[dict]) -> list[str]:
     ]
 
 
+def grid_prompts(manifest: list[dict], count: int) -> list[str]:
+    """Prompt ids for the grid: the first prompt of each category (GenEval's tasks), then the
+    following prompts, ``count`` in all."""
+    ids = list(dict.fromkeys(r["prompt_id"] for r in manifest))
+    first = list({r["category"]: r["prompt_id"] for r in reversed(manifest)}.values())[::-1]
+    return list(dict.fromkeys(first + ids))[:count]
+
+
 def image_grid(summaries: list[dict], path: Path) -> None:
-    """The first prompts' first image for every method of the first suite: one row per method."""
-    rows = []
-    for s in summaries:
-        manifest = [r for r in read_jsonl(Path(s["run_dir"]) / MANIFEST) if r["sample_index"] == 0][:GRID_PROMPTS]
-        rows.append((s["method"]["display"], [Path(s["run_dir"]) / r["file"] for r in manifest]))
-    label_w = 160
-    canvas = Image.new("RGB", (label_w + GRID_CELL * GRID_PROMPTS, GRID_CELL * len(rows)), "white")
+    """Image 0 of a few prompts (one per category first) for every method of the first suite: one
+    row per method, the prompts written above their column."""
+    import textwrap
+
+    manifests = [[r for r in read_jsonl(Path(s["run_dir"]) / MANIFEST) if r["sample_index"] == 0] for s in summaries]
+    chosen = grid_prompts(manifests[0], GRID_PROMPTS)
+    header, label_w = 44, 160
+    canvas = Image.new("RGB", (label_w + GRID_CELL * len(chosen), header + GRID_CELL * len(summaries)), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (name, files) in enumerate(rows):
-        draw.text((4, i * GRID_CELL + GRID_CELL // 2 - 6), name[:24], fill="black")
-        for j, file in enumerate(files):
-            canvas.paste(
-                Image.open(file).convert("RGB").resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS),
-                (label_w + j * GRID_CELL, i * GRID_CELL),
-            )
+    prompts = {r["prompt_id"]: r["prompt"] for r in manifests[0]}
+    for j, prompt_id in enumerate(chosen):
+        draw.multiline_text((label_w + j * GRID_CELL + 2, 2), textwrap.fill(prompts[prompt_id], 21)[:90], fill="black")
+    for i, (s, manifest) in enumerate(zip(summaries, manifests, strict=True)):
+        top = header + i * GRID_CELL
+        draw.multiline_text((4, top + GRID_CELL // 2 - 12), textwrap.fill(s["method"]["display"], 26), fill="black")
+        files = {r["prompt_id"]: Path(s["run_dir"]) / r["file"] for r in manifest}
+        for j, prompt_id in enumerate(chosen):
+            if prompt_id in files:
+                image = Image.open(files[prompt_id]).convert("RGB")
+                canvas.paste(
+                    image.resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS), (label_w + j * GRID_CELL, top)
+                )
     canvas.save(path, format="PNG")
 
 
