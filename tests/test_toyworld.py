@@ -83,3 +83,18 @@ def test_detector_reads_colour_shape_and_penalises_malformed_blobs():
     (found,) = detect(blob)
     assert found.score < 0.8 and found.color == "red"
     assert detect(np.full((64, 64, 3), BACKGROUND, np.uint8)) == []
+
+
+def test_fast_downsampling_equals_the_float_block_mean():
+    from PIL import Image, ImageDraw
+
+    from rtdmd.toyworld.world import SUPERSAMPLE, _block_mean_uint8, _downsample, _draw
+
+    canvas = Image.new("RGB", (64 * SUPERSAMPLE, 64 * SUPERSAMPLE), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in (Obj("star", "red", 20.3, 21.7, 17.0), Obj("cross", "white", 45.1, 40.9, 13.0)):
+        _draw(draw, obj, PALETTE[obj.color])
+    pixels = np.asarray(canvas)
+    assert np.array_equal(_block_mean_uint8(pixels), _downsample(pixels.astype(np.float64)))
+    noise = np.random.default_rng(0).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
+    assert np.array_equal(_block_mean_uint8(noise), _downsample(noise.astype(np.float64)))
