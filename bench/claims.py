@@ -9,6 +9,7 @@ the same run that produced the numbers, never by hand.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from importlib import resources
@@ -35,8 +36,11 @@ class Operand:
     factor: float = 1.0
 
     def validate(self) -> None:
-        if (self.value is None) == (not (self.method and self.metric)):
+        named = bool(self.method or self.metric)
+        if (self.value is not None) == named or (named and not (self.method and self.metric)):
             raise ValueError("an operand is either {method, metric[, factor]} or {value}")
+        if self.value is not None and self.factor != 1.0:
+            raise ValueError("a constant operand takes no factor (write the product as the value)")
 
     def text(self) -> str:
         if self.value is not None:
@@ -73,16 +77,38 @@ def load_claims(name_or_path: str) -> ClaimCard:
     if not path.is_file():
         raise ClaimError(f"unknown claim card {name_or_path!r}{did_you_mean(name_or_path, card_names())}")
     try:
-        return from_dict(ClaimCard, yaml.safe_load(path.read_text()))
+        card = from_dict(ClaimCard, yaml.safe_load(path.read_text()))
     except ConfigError as error:
         raise ClaimError(f"claim card {name_or_path}: {error}") from None
+    check_names(card)
+    return card
+
+
+def check_names(card: ClaimCard) -> None:
+    """Every metric must be registered and every method a known card: a typo would otherwise read
+    as "not checkable" forever."""
+    from bench.methods import card_names as method_names
+    from rtdmd.rewards import REWARDS
+
+    methods = method_names()
+    for claim in card.claims:
+        for operand in (claim.left, claim.right):
+            if operand.value is not None:
+                continue
+            REWARDS.get(operand.metric)  # unknown names raise with a did-you-mean
+            if operand.method not in methods and not Path(operand.method).suffix:
+                raise ClaimError(
+                    f"claim {claim.text!r}: unknown method {operand.method!r}{did_you_mean(operand.method, methods)}"
+                )
 
 
 def operand_value(operand: Operand, summaries: dict[str, dict]) -> float | None:
     if operand.value is not None:
         return operand.value
     entry = summaries.get(operand.method, {}).get("metrics", {}).get(operand.metric)
-    return None if entry is None else operand.factor * entry["value"]
+    if entry is None or not math.isfinite(entry["value"]):
+        return None  # missing or NaN: not checkable rather than "not held"
+    return operand.factor * entry["value"]
 
 
 def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:

@@ -58,8 +58,30 @@ def test_malformed_operands_and_unknown_cards_are_refused():
     bad = {**CARD, "claims": [{**CARD["claims"][0], "right": {"value": 1.0, "method": "b", "metric": "m"}}]}
     with pytest.raises(ConfigError, match="either"):
         from_dict(ClaimCard, bad)
+    with pytest.raises(ConfigError, match="no factor"):
+        from_dict(ClaimCard, {**CARD, "claims": [{**CARD["claims"][0], "right": {"value": 0.8, "factor": 2.0}}]})
     with pytest.raises(ClaimError, match="unknown claim card 'tyo'.*toy"):
         load_claims("tyo")
+
+
+def test_typos_in_a_claim_card_fail_at_load(tmp_path):
+    import yaml
+
+    from rtdmd.registry import UnknownNameError
+
+    card = {**CARD, "claims": [{**CARD["claims"][0], "left": {"method": "toy-acdmd", "metric": "toy-genevl"}}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(card))
+    with pytest.raises(UnknownNameError, match="toy-geneval"):
+        load_claims(str(tmp_path / "c.yaml"))
+    card["claims"][0]["left"] = {"method": "toy-acdm", "metric": "toy-geneval"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(card))
+    with pytest.raises(ClaimError, match="unknown method 'toy-acdm'.*toy-acdmd"):
+        load_claims(str(tmp_path / "c.yaml"))
+
+
+def test_a_nan_value_is_not_checkable():
+    card = from_dict(ClaimCard, CARD)
+    assert check(card, [summary("a", m=float("nan")), summary("b", m=0.5)])[0]["held"] is None
 
 
 def test_the_toy_claims_name_the_toy_methods_and_metrics():

@@ -209,3 +209,30 @@ def test_full_fine_tuning_and_bf16_autocast_paths(tmp_path):
     logs = [train_step(sess, step) for step in range(2)]
     assert all(torch.isfinite(torch.tensor(v)) for row in logs for v in row.values())
     assert "loss/generator" in logs[1]
+
+
+def test_export_lora_writes_rank_and_alpha_and_refuses_unfinished_runs(tmp_path):
+    from bench.methods import LoraEntry, lora_alpha_over_rank
+    from rtdmd.train.distill import export_generator_lora
+
+    run = tmp_path / "run"
+    ok = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={run}", "device=cpu", "eval.every=0", "checkpoint_every=1"]
+    )
+    assert ok.exit_code == 0, ok.output
+    path = export_generator_lora(run, tmp_path / "lora.safetensors")
+    exported = load_file(str(path))
+    assert exported and all("lora_" in k for k in exported) and next(iter(exported.values())).dtype == torch.float16
+    assert lora_alpha_over_rank(path, LoraEntry(source=str(path), kind="state_dict")) == 8.0 / 4
+    (run / "checkpoints" / "step_00000004.safetensors").unlink()
+    refused = runner.invoke(app, ["export-lora", str(run), "--out", str(tmp_path / "b.safetensors")])
+    assert refused.exit_code == 2 and "stopped at step 3 of 4" in " ".join(refused.output.split())
+    partial = runner.invoke(app, ["export-lora", str(run), "--out", str(tmp_path / "b.safetensors"), "--allow-partial"])
+    assert partial.exit_code == 0 and json.loads(load_file_metadata(tmp_path / "b.safetensors"))["step"] == "3"
+
+
+def load_file_metadata(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.dumps(handle.metadata())

@@ -132,3 +132,37 @@ def test_packaged_pretrain_config_is_valid():
     assert cfg.caption_dropout == 0.1 and cfg.model == ToySpec()
     bad = runner.invoke(app, ["pretrain", "--config", "toy", "caption_dropout=1.5", "--dry-run"])
     assert bad.exit_code == 2 and "caption_dropout" in bad.output
+
+
+def test_velocity_at_sigma_zero_is_finite_and_gives_back_x():
+    transformer, text = build_toy(SMALL)
+    backbone = ToyBackbone(transformer.eval(), text.eval())
+    x = torch.randn(2, 48, 16, 16)
+    with torch.no_grad():
+        v = backbone.velocity(transformer, x, torch.tensor([0.0, 1e-5]), backbone.encode(["a photo of a star"] * 2))
+        x0_hat = transformer(
+            hidden_states=x[1:],
+            timestep=torch.tensor([1e-5 * 1000]),
+            encoder_hidden_states=text(["a photo of a star"])[0],
+            pooled_projections=text(["a photo of a star"])[1],
+            return_dict=False,
+        )[0]
+    assert torch.isfinite(v).all() and torch.equal(x[:1] - 0.0 * v[:1], x[:1])
+    torch.testing.assert_close(x[1:] - 1e-5 * v[1:], x0_hat, rtol=1e-4, atol=1e-4)  # exact for sigma > 0
+
+
+def test_build_is_refused_and_a_foreign_checkpoint_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(TypeError, match="trained"):
+        ToyBackbone.build()
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a toy checkpoint"):
+        load_toy(tmp_path / "x.safetensors")
+
+
+def test_set_metrics_are_refused_as_training_evaluation_rewards():
+    from rtdmd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="toy-fd scores whole sets"):
+        load(PretrainConfig, "toy", ["eval.rewards=[toy-fd]"], group="pretrain")

@@ -6,7 +6,13 @@
 # `rtdmd-bench run`. Extra arguments go to every `rtdmd-train` call (e.g. device=cuda:1).
 set -euo pipefail
 OUT=${OUT:-toy_rebuild}
-RUNS=${RUNS:-runs}
+RUNS=${RUNS:-runs/toy_rebuild}
+for run in pretrain-toy pretrain-clip-toy distill-toy distill-toy-dmd; do
+  if [ -e "$RUNS/$run" ]; then  # the trainers resume or skip existing runs: not "from scratch"
+    echo "error: $RUNS/$run exists; pick a fresh RUNS=... or remove it" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT"
 rtdmd-train pretrain --config toy run_dir="$RUNS/pretrain-toy" --export "$OUT/toy_teacher.safetensors" "$@"
 rtdmd-train pretrain-clip --config toy run_dir="$RUNS/pretrain-clip-toy" "$@"
@@ -16,7 +22,9 @@ rtdmd-train distill --config toy "$TEACHER" run_dir="$RUNS/distill-toy" "$@" &
 acdmd=$!
 rtdmd-train distill --config toy_dmd "$TEACHER" run_dir="$RUNS/distill-toy-dmd" "$@" &
 dmd=$!
-wait "$acdmd" && wait "$dmd"  # both students share the GPU; either failing stops the script
+# both students share the GPU; either failing stops the script (set -e ignores the left of `&&`)
+wait "$acdmd" || { kill "$dmd" 2>/dev/null; exit 1; }
+wait "$dmd"
 rtdmd-train export-lora "$RUNS/distill-toy" --out "$OUT/toy_acdmd.safetensors"
 rtdmd-train export-lora "$RUNS/distill-toy-dmd" --out "$OUT/toy_dmd.safetensors"
 sha256sum "$OUT"/*.safetensors

@@ -37,7 +37,6 @@ from rtdmd.flow.path import expand_sigma
 from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids
 
 SHIPPED = "toy_teacher"
-SIGMA_MIN = 1e-4  # below every sampling schedule's smallest non-zero sigma
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,10 @@ def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     from rtdmd.checkpoint import load_tensors
 
     with safe_open(str(path), framework="pt") as handle:
-        spec = from_dict(ToySpec, json.loads(handle.metadata()["spec"]))
+        meta = handle.metadata() or {}
+    if "spec" not in meta:
+        raise ValueError(f"{path} is not a toy checkpoint (no `spec` metadata; write one with save_toy)")
+    spec = from_dict(ToySpec, json.loads(meta["spec"]))
     tensors = load_tensors(path)
     transformer, text_encoder = build_toy(spec)
     for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
@@ -142,11 +144,12 @@ def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
 def toy_forward(
     net: nn.Module, x: Tensor, sigma: Tensor, tensors: dict[str, Tensor], guidance: float | None = None
 ) -> Tensor:
-    """``v = (x - x0_hat(x, sigma, c)) / max(sigma, SIGMA_MIN)`` (float32) from the x0-predicting
-    transformer. The floor only matters at ``sigma = 0`` (e.g. AC-DMD's consistency rollback to 0),
-    where every caller recovers ``x0 = x - 0 * v = x`` and a division by zero would give NaN."""
+    """``v = (x - x0_hat(x, sigma, c)) / sigma`` (float32) from the x0-predicting transformer, and
+    ``v = x - x0_hat`` at ``sigma = 0`` (e.g. AC-DMD's consistency rollback to 0), where every caller
+    recovers ``x0 = x - 0 * v = x`` and a division by zero would give NaN."""
     x0_hat = sd3_forward(net, x, sigma, tensors, guidance)
-    return (x.float() - x0_hat.float()) / expand_sigma(sigma.float().clamp(min=SIGMA_MIN), x)
+    sigma = sigma.float()
+    return (x.float() - x0_hat.float()) / expand_sigma(torch.where(sigma > 0, sigma, torch.ones_like(sigma)), x)
 
 
 @BACKBONES.register("toy")
@@ -154,6 +157,10 @@ class ToyBackbone(TinyBackbone):
     """The trained toy teacher; ``backbone.source``: empty (the shipped teacher) or a checkpoint path."""
 
     name = "toy"
+
+    @classmethod
+    def build(cls, *args, **kwargs) -> ToyBackbone:
+        raise TypeError("the toy backbone is trained, not built from a seed: use from_config or load_toy")
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig, device: torch.device) -> ToyBackbone:

@@ -62,6 +62,8 @@ def score(
     batch_size: int = 16,
 ) -> Tensor:
     """Scores ``[N]`` (float32, CPU) without gradient, in chunks of ``batch_size`` images."""
+    if reward.info.aggregate == "set":
+        raise ValueError(f"{type(reward).__name__} scores a whole set at once; call it on all images, not in chunks")
     meta = list(meta) if meta is not None else [{} for _ in prompts]
     out = [
         reward(images[i : i + batch_size], prompts[i : i + batch_size], meta[i : i + batch_size]).float().cpu()

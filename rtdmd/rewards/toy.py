@@ -26,7 +26,7 @@ DETECTION_CACHE_SIZE = 8192  # images; a detection is a few small arrays
 _DETECTIONS: OrderedDict[str, list] = OrderedDict()
 
 
-def detections(pixels) -> list:
+def detections(pixels) -> tuple:
     """Toy detections of one ``[H, W, 3]`` uint8 image, cached by the sha256 of its bytes."""
     import numpy as np
 
@@ -37,7 +37,7 @@ def detections(pixels) -> list:
     if key in _DETECTIONS:
         _DETECTIONS.move_to_end(key)
         return _DETECTIONS[key]
-    found = detector.detect(pixels)
+    found = tuple(detector.detect(pixels))  # immutable: the three toy-geneval variants share it
     _DETECTIONS[key] = found
     while len(_DETECTIONS) > DETECTION_CACHE_SIZE:
         _DETECTIONS.popitem(last=False)
@@ -149,8 +149,9 @@ def flat_colour_score(images: Tensor, tau_rgb: float = AESTHETIC_TAU_RGB) -> Ten
 
     ``sum_k exp(-d_k^2 / (2 tau^2)) = exp(-m / (2 tau^2))`` with ``m = -2 tau^2 log sum_k exp(-d_k^2 / (2 tau^2))``,
     the log-sum-exp smooth minimum of the squared distances: the Gaussian kernel of the distance to the
-    nearest flat colour, made smooth. The colours are at least 0.24 apart, so away from the nearest
-    colour the others add under 1e-4; the ``min(1, .)`` keeps the scale at 0-10 exactly.
+    nearest flat colour, made smooth. The closest two flat colours are 0.34 apart, so on a flat pixel
+    the other colours add at most 3e-3 and ``min(1, .)`` holds it at exactly 1 (zero gradient: there
+    is nothing to improve); the clamp keeps the scale at 0-10.
     """
     from rtdmd.toyworld.world import BACKGROUND, PALETTE
 
@@ -164,7 +165,7 @@ def flat_colour_score(images: Tensor, tau_rgb: float = AESTHETIC_TAU_RGB) -> Ten
 @REWARDS.register("toy-aesthetic")
 class ToyAesthetic:
     """How much of the image is drawn in the world's flat colours (:func:`flat_colour_score`), on the
-    LAION aesthetic 0-10 scale: clean renders score about 9.5 (only anti-aliased edges fall between
+    LAION aesthetic 0-10 scale: clean renders score about 9.9 (only anti-aliased edges fall between
     colours), pixel noise, blur and off-palette colours score lower. No weights; differentiable."""
 
     info = RewardInfo(
@@ -205,7 +206,8 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     root1 = _sqrt_psd(sigma1)
     product = root1 @ sigma2 @ root1
     cross = torch.linalg.eigvalsh((product + product.T) / 2).clamp(min=0).sqrt().sum()
-    return (mu1 - mu2).pow(2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross
+    distance = (mu1 - mu2).pow(2).sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * cross
+    return distance.clamp(min=0)  # rounding gives about -1e-6 for identical sets
 
 
 def reference_renders(prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:

@@ -127,8 +127,9 @@ def fit_shape(
 
 def detect(image: np.ndarray) -> list[Detection]:
     """Detections of a ``[H, W, 3]`` uint8 (or float in [0, 1]) toy image."""
+    floating = np.issubdtype(np.asarray(image).dtype, np.floating)
     pixels = np.asarray(image, dtype=np.float64)
-    if pixels.max() <= 1.0:
+    if floating:  # float images are in [0, 1]; uint8 ones (even all-black) are already 0-255
         pixels = pixels * 255
     foreground = np.linalg.norm(pixels - np.array(BACKGROUND, dtype=np.float64), axis=-1) > FOREGROUND
     out = []

@@ -197,17 +197,26 @@ def export_lora(
     run: str = typer.Argument(..., help="A finished `rtdmd-train distill` run directory."),
     out: str = typer.Option(..., "--out", "-o", help="The .safetensors file to write."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32."),
+    allow_partial: bool = typer.Option(
+        False, "--allow-partial", help="Export an unfinished run's last checkpoint (its step goes into the metadata)."
+    ),
 ) -> None:
     """Write a run's EMA generator LoRA (latest checkpoint) as one small peft-named safetensors file.
 
     Bench method cards load it with `loras: [{kind: state_dict, source: FILE}]` (rank and alpha are
     in the file's metadata), or, once shipped in the package, with `kind: shipped`.
     """
-    import torch
-
+    from rtdmd.backbones.base import TORCH_DTYPES
     from rtdmd.train.distill import export_generator_lora
 
-    path = export_generator_lora(run, out, getattr(torch, dtype))
+    if dtype not in TORCH_DTYPES:
+        err.print(f"[bold red]error:[/] --dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+        raise typer.Exit(2)
+    try:
+        path = export_generator_lora(run, out, TORCH_DTYPES[dtype], allow_partial=allow_partial)
+    except (FileNotFoundError, ValueError) as error:
+        err.print(f"[bold red]error:[/] {error}")
+        raise typer.Exit(2) from None
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
 
 

@@ -119,6 +119,9 @@ class DistillConfig:
             raise ValueError("eval.every > 0 needs eval.prompts or eval.prompt_file")
         if self.eval.prompts and self.eval.prompt_file:
             raise ValueError("give eval.prompts or eval.prompt_file, not both")
+        if self.eval.num_prompts < 0 or self.eval.images_per_prompt < 1:
+            raise ValueError("eval.num_prompts must be >= 0 and eval.images_per_prompt >= 1")
+        per_image_rewards(self.eval.rewards, "eval.rewards")
 
 
 @dataclass
@@ -372,6 +375,15 @@ def batch_prompts(sess: Session, step: int) -> list[str]:
     return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
 
 
+def per_image_rewards(names: tuple[str, ...], key: str) -> None:
+    """Refuse unknown rewards and set metrics (a Fréchet distance of a few eval images means nothing)."""
+    from rtdmd.rewards import REWARDS
+
+    for name in names:
+        if REWARDS.get(name).info.aggregate == "set":
+            raise ValueError(f"{key}: {name} scores whole sets; evaluate it with rtdmd-bench instead")
+
+
 def eval_records(spec: EvalSpec) -> list[dict]:
     """The evaluation prompts as records (``{"prompt": ...}`` plus any metadata of the prompt file)."""
     if spec.prompt_file:
@@ -474,9 +486,12 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
     }
 
 
-def export_generator_lora(run: str | Path, path: str | Path, dtype: torch.dtype = torch.float16, **meta: str) -> Path:
-    """The EMA generator LoRA of a finished run (latest checkpoint) as a peft-named safetensors file
-    in ``dtype``; the metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method."""
+def export_generator_lora(
+    run: str | Path, path: str | Path, dtype: torch.dtype = torch.float16, allow_partial: bool = False, **meta: str
+) -> Path:
+    """The EMA generator LoRA of a finished run (its last checkpoint; an unfinished run only with
+    ``allow_partial``) as a peft-named safetensors file in ``dtype``; the metadata holds
+    ``lora_rank``, ``lora_alpha``, the step and the run's method."""
     import yaml
 
     from rtdmd.checkpoint import save_tensors
@@ -490,6 +505,8 @@ def export_generator_lora(run: str | Path, path: str | Path, dtype: torch.dtype 
     cfg = from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text()))
     if cfg.generator.lora is None:
         raise ValueError(f"{run} trained every weight: there is no LoRA to export")
+    if latest[0] != cfg.steps and not allow_partial:
+        raise ValueError(f"{run} stopped at step {latest[0]} of {cfg.steps}: finish it, or pass --allow-partial")
     ema = {k[len("ema/") :]: v.to(dtype) for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
     info = {"lora_rank": str(cfg.generator.lora.rank), "lora_alpha": str(cfg.generator.lora.alpha)}
-    return save_tensors(ema, path, metadata={**info, "step": str(latest[0]), "method": cfg.method, **meta})
+    return save_tensors(ema, path, metadata={**meta, "step": str(latest[0]), "method": cfg.method, **info})

@@ -83,6 +83,9 @@ class PretrainConfig:
             raise ValueError("caption_dropout must lie in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
+        from rtdmd.train.distill import per_image_rewards
+
+        per_image_rewards(self.eval.rewards, "eval.rewards")
 
 
 class ToyModel(nn.Module):
