@@ -39,8 +39,9 @@ class LoraEntry:
     * ``state_dict``: a peft-named LoRA state dict (``.pt`` or ``.safetensors``; keys
       ``<module>.lora_A[.<adapter>].weight``, prefixes ``base_model.model.``/``module.``/``transformer.``
       stripped) as the official RTDMD and Flow-GRPO releases ship; ``source`` is a hub repo or a local
-      directory/file, ``weight_name`` the file inside it; ``alpha_over_rank`` from ``adapter_config.json``
-      beside the file, else as given here;
+      directory/file, ``weight_name`` the file inside it; ``alpha / rank``: the card's
+      ``alpha_over_rank`` if set, else ``adapter_config.json`` beside the file, else the file's
+      ``lora_alpha``/``lora_rank`` metadata (``rtdmd-train export-lora`` writes them);
     * ``rtdmd``: an ``rtdmd-train`` run directory: its latest checkpoint's EMA generator LoRA;
     * ``shipped``: a LoRA shipped with rtdmd (``source`` = its name in ``rtdmd/toyworld/weights``,
       sha256-verified; rank and alpha from the file's metadata), e.g. the toy students.
@@ -269,4 +270,8 @@ def merge_shipped(net: nn.Module, name: str, scale: float) -> None:
         path = packaged(name)
     except WeightsError as error:
         raise MethodError(str(error)) from None
-    merge_lora_state_dict(net, read_state_dict(path), scale * lora_alpha_over_rank(path, LoraEntry(source=name)))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:  # the file's own rank and alpha, nothing beside it
+        meta = handle.metadata() or {}
+    merge_lora_state_dict(net, read_state_dict(path), scale * float(meta["lora_alpha"]) / float(meta["lora_rank"]))

@@ -236,3 +236,9 @@ def load_file_metadata(path: Path) -> str:
 
     with safe_open(str(path), framework="pt") as handle:
         return json.dumps(handle.metadata())
+
+
+def test_an_eval_reward_without_its_metadata_fails_before_training(tmp_path):
+    cfg = tiny(tmp_path, "run", "eval.rewards=[toy-geneval]")
+    with pytest.raises(ValueError, match="needs per-prompt metadata"):
+        build_session(cfg, distributed.init("cpu"), tmp_path)

@@ -338,3 +338,11 @@ def test_trainer_smoke_run(tmp_path):
     assert model.arch == SMALL
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
     assert trainer.train(cfg, show_progress=False)["skipped"]
+
+
+def test_the_toy_clip_metric_versions_name_the_shipped_weights():
+    version = REWARDS.get("toy-clip").info.version
+    assert REWARDS.get("toy-fd").info.version == version
+    assert weights.expected_sha256()["toy_clip.safetensors"] == toy_rewards.TOY_CLIP_SHA256[version], (
+        "toy_clip was re-shipped: bump the toy-clip and toy-fd versions and record the new sha256"
+    )

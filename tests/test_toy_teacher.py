@@ -107,9 +107,13 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 def test_pretrain_resumes_bit_for_bit_and_exports_the_ema_teacher(tmp_path):
     straight = runner.invoke(app, small_run(tmp_path, "a", "steps=4"))
-    first = runner.invoke(app, small_run(tmp_path, "b", "steps=2"))
+    first = runner.invoke(app, small_run(tmp_path, "b", "steps=4"))
+    (tmp_path / "b" / "checkpoints" / "step_00000004.safetensors").unlink()  # as if killed after step 2's save
     resumed = runner.invoke(app, small_run(tmp_path, "b", "steps=4"))
     assert straight.exit_code == first.exit_code == resumed.exit_code == 0, resumed.output
+    assert "steps 2 -> 4" in " ".join(resumed.output.split())
+    changed = runner.invoke(app, small_run(tmp_path, "b", "steps=6"))
+    assert changed.exit_code == 2 and "steps: 4 -> 6" in " ".join(changed.output.split())  # fixed cosine horizon
     a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000004.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

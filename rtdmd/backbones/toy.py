@@ -21,6 +21,7 @@ Weights: the shipped ``toy_teacher`` checkpoint (sha256-verified) or a ``.safete
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -34,7 +35,7 @@ from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.tiny import PIXELS_PER_CELL, TinyBackbone
 from rtdmd.config import from_dict
 from rtdmd.flow.path import expand_sigma
-from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids
+from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids, unknown_words
 
 SHIPPED = "toy_teacher"
 
@@ -80,6 +81,8 @@ class ToyTextEncoder(nn.Module):
         return hidden, pooled
 
     def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if unknown := unknown_words(prompts):  # read as one "unknown" token: conditioning is lost
+            warnings.warn(f"the toy teacher does not know the words {unknown[:8]}", stacklevel=2)
         return self.forward_ids(token_ids(prompts).to(self.position.device))
 
 

@@ -98,6 +98,10 @@ class ToyGenEvalPartial:
 # ---------------------------------------------------------------- toy CLIP
 
 CLIP_ENV = "RTDMD_TOY_CLIP"
+# The versions of toy-clip and toy-fd name the shipped ToyClip: cached scores are keyed by version,
+# so shipping other weights must bump both (a test holds this sha against SHA256SUMS). Scores from
+# other weights (a path or $RTDMD_TOY_CLIP) belong in a run directory of their own.
+TOY_CLIP_SHA256 = {"1": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc"}
 
 
 def load_toy_clip(path: str | Path | None = None):

@@ -168,7 +168,11 @@ def pretrain(
     if dry_run:
         console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
         return
-    summary = train(cfg, export=export or None)
+    try:
+        summary = train(cfg, export=export or None)
+    except ConfigError as error:
+        err.print(f"[bold red]config error:[/] {error}")
+        raise typer.Exit(2) from None
     console.print(
         f"pretrain: steps {summary['start_step']} -> {summary['steps']} · render {summary['render_s']}s · "
         f"train {summary['train_s']}s on {summary['device']} · final {summary['final']} · weights {summary['weights']}"

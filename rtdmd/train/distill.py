@@ -314,6 +314,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
             f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
         )
     models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
+    check_eval_metadata(cfg.eval)
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
         from rtdmd.data import read_prompt_file
@@ -382,6 +383,20 @@ def per_image_rewards(names: tuple[str, ...], key: str) -> None:
     for name in names:
         if REWARDS.get(name).info.aggregate == "set":
             raise ValueError(f"{key}: {name} scores whole sets; evaluate it with rtdmd-bench instead")
+
+
+def check_eval_metadata(spec: EvalSpec) -> None:
+    """Fail before training when an eval reward needs metadata the eval prompts lack."""
+    from rtdmd.rewards import REWARDS
+
+    records = eval_records(spec) if spec.rewards else []
+    for name in spec.rewards:
+        lacking = [key for key in REWARDS.get(name).info.needs if any(key not in r for r in records)]
+        if lacking:
+            raise ValueError(
+                f"eval reward {name} needs per-prompt metadata {lacking}: use an eval.prompt_file whose .jsonl "
+                "records carry it (e.g. package:rtdmd.toyworld/suites/toy_geneval.jsonl)"
+            )
 
 
 def eval_records(spec: EvalSpec) -> list[dict]:

@@ -196,7 +196,7 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     if world.size != 1:
         raise ValueError("pretrain runs in one process (the toy teacher needs one GPU for minutes)")
     device, root = world.device, Path(cfg.run_dir)
-    run_dir.prepare(root, cfg, mutable=("steps",))
+    run_dir.prepare(root, cfg)  # `steps` is fixed too: the cosine schedule's horizon depends on it
     t_start = time.perf_counter()
     model = ToyModel(cfg.model, cfg.seed).to(device).train()
     params = trainable(model)
@@ -219,8 +219,7 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     from rtdmd.data import batch_indices
 
-    t0 = time.perf_counter()
-    logs: dict[str, float] = {}
+    t0, last_logged = time.perf_counter(), start
     for step in range(start, cfg.steps):
         index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
         latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
@@ -236,12 +235,13 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             logs = {"loss": loss.item(), "grad_norm": norm.item(), "lr": learning_rate(step, cfg)}
-            logs["time/step_s"] = (time.perf_counter() - t0) / cfg.log_every
-            t0 = time.perf_counter()
-            if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.steps:
-                with ema.swapped_in(params):
-                    logs |= evaluate(model, cfg, device, root, done)
+            logs["time/step_s"] = (time.perf_counter() - t0) / (done - last_logged)
             loggers.log(done, logs)
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.steps:
+            with ema.swapped_in(params):
+                loggers.log(done, evaluate(model, cfg, device, root, done))
+        if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+            t0, last_logged = time.perf_counter(), done  # step times leave the evaluation out
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             state.save(state.checkpoint_path(root, done), done, roles, ema, True)
     t_train = time.perf_counter() - t_start - t_data
