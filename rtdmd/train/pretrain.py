@@ -14,8 +14,10 @@ guidance needs. Text encoder and transformer train together; an EMA of both is w
 
 The data are a pool of ``num_examples`` rendered training examples (rendered once, in parallel,
 held on the device); the batch of step ``k`` is ``rtdmd.data.batch_indices`` of ``k`` and its
-noise, sigmas and dropout come from a generator seeded by ``seed_for(seed, "pretrain", k)``, so a
-resumed run continues exactly. One process (the toy teacher trains in minutes on one GPU).
+noise, sigmas and dropout come from a generator on the training device seeded by
+``seed_for(seed, "pretrain", k)``, so a resumed run continues exactly. Unlike sampling, these draws
+are per batch, not per sample: a run reproduces for the same batch size and device type (CPU and
+CUDA generators differ). One process (the toy teacher trains in minutes on one GPU).
 """
 
 from __future__ import annotations
