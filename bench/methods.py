@@ -233,6 +233,9 @@ def merge_lora_state_dict(net: nn.Module, tensors: dict[str, torch.Tensor], fact
         if match:
             pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = value
     params = dict(net.named_parameters())
+    incomplete = sorted(name for name, ab in pairs.items() if len(ab) != 2)
+    if incomplete:
+        raise MethodError(f"LoRA state dict has lora_A without lora_B (or the reverse) for {incomplete[:3]}")
     unknown = sorted(name for name in pairs if name not in params)
     if unknown or not pairs:
         raise MethodError(f"LoRA keys do not match this transformer: {unknown[:3] or 'no lora_A/lora_B pairs found'}")
