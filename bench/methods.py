@@ -210,14 +210,22 @@ def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
     if config.is_file():
         data = json.loads(config.read_text())
         return float(data["lora_alpha"]) / float(data["r"])
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if "lora_alpha" in meta and "lora_rank" in meta:
-            return float(meta["lora_alpha"]) / float(meta["lora_rank"])
+    if (ratio := metadata_alpha_over_rank(path)) is not None:
+        return ratio
     raise MethodError(f"{path}: no adapter_config.json beside it and no rank in its metadata; set alpha_over_rank")
+
+
+def metadata_alpha_over_rank(path: Path) -> float | None:
+    """``lora_alpha / lora_rank`` from a safetensors file's metadata (``rtdmd-train export-lora``), if there."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if "lora_alpha" in meta and "lora_rank" in meta:
+        return float(meta["lora_alpha"]) / float(meta["lora_rank"])
+    return None
 
 
 LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -273,8 +281,7 @@ def merge_shipped(net: nn.Module, name: str, scale: float) -> None:
         path = packaged(name)
     except WeightsError as error:
         raise MethodError(str(error)) from None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:  # the file's own rank and alpha, nothing beside it
-        meta = handle.metadata() or {}
-    merge_lora_state_dict(net, read_state_dict(path), scale * float(meta["lora_alpha"]) / float(meta["lora_rank"]))
+    ratio = metadata_alpha_over_rank(path)  # the file's own rank and alpha, nothing beside it
+    if ratio is None:
+        raise MethodError(f"shipped LoRA {path} has no lora_rank/lora_alpha metadata")
+    merge_lora_state_dict(net, read_state_dict(path), scale * ratio)

@@ -26,7 +26,7 @@ from bench.generate import MANIFEST, read_jsonl
 from rtdmd import distributed
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.rewards import REWARDS
-from rtdmd.rewards.base import RewardInfo, score
+from rtdmd.rewards.base import RewardInfo, lacking_metadata, score
 
 SCORES = "scores.jsonl"
 SET_SCORES = "set_scores.json"
@@ -43,14 +43,14 @@ def cache_key(row: dict, metric: str, info: RewardInfo) -> tuple[str, str, str, 
 def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[str, object]:
     """Instantiate the rewards; refuse a suite that lacks the metadata a metric needs."""
     rewards = {}
+    meta = [json.loads(row["metadata"]) for row in manifest]  # parsed once for every metric
     for name in metrics:
         cls = REWARDS.get(name)  # unknown names raise with a did-you-mean
-        for key in cls.info.needs:
-            lacking = sum(key not in json.loads(row["metadata"]) for row in manifest)
-            if lacking:
-                raise ScoreError(
-                    f"metric {name} needs per-prompt metadata {key!r}, which suite {suite} lacks ({lacking} of {len(manifest)} images)"
-                )
+        if lacking := lacking_metadata(cls.info, meta):
+            key, count = next(iter(lacking.items()))
+            raise ScoreError(
+                f"metric {name} needs per-prompt metadata {key!r}, which suite {suite} lacks ({count} of {len(manifest)} images)"
+            )
         rewards[name] = cls()
     return rewards
 

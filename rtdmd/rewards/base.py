@@ -70,3 +70,17 @@ def score(
         for i in range(0, len(prompts), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def lacking_metadata(info: RewardInfo, meta: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """``{key: rows without it}`` for each metadata key ``info.needs`` that some row lacks."""
+    counts = {key: sum(key not in row for row in meta) for key in info.needs}
+    return {key: n for key, n in counts.items() if n}
+
+
+def require_per_image(names: Sequence[str], key: str) -> None:
+    """Refuse unknown rewards and set metrics where each image is scored on its own (a training
+    evaluation: a Fréchet distance of a few eval images means nothing)."""
+    for name in names:
+        if REWARDS.get(name).info.aggregate == "set":
+            raise ValueError(f"{key}: {name} scores whole sets; evaluate it with rtdmd-bench instead")

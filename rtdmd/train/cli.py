@@ -7,8 +7,10 @@ rtdmd-train sample --config tiny --dry-run            # print the resolved confi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
@@ -31,9 +33,21 @@ CONFIG_HELP = "Packaged config name (e.g. 'tiny') or a path to a YAML file."
 OVERRIDES_HELP = "Typed overrides, e.g. sampler.eta=0.0 images_per_prompt=2 backbone.dtype=bfloat16."
 
 
-def _load(schema, group: str, config: str, overrides: list[str] | None):
+def _load(schema, group: str, config: str, overrides: list[str] | None, dry_run: bool = False):
+    """The resolved config; with ``dry_run`` print it and exit. Config errors exit 2 with one line."""
+    with _config_errors():
+        cfg = load(schema, config, overrides or [], group=group)
+    if dry_run:
+        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
+        raise typer.Exit(0)
+    return cfg
+
+
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """A config error (here, or a run directory holding another config) prints one line and exits 2."""
     try:
-        return load(schema, config, overrides or [], group=group)
+        yield
     except (ConfigError, UnknownNameError) as error:
         err.print(f"[bold red]config error:[/] {error}")
         raise typer.Exit(2) from None
@@ -78,16 +92,9 @@ def sample(
     """
     from rtdmd.train.sample import SampleConfig, run
 
-    cfg = _load(SampleConfig, "sample", config, overrides)
-    if dry_run:
-        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
-        return
-    with _LazyBar("sampling") as bar:
-        try:
-            summary = run(cfg, progress=bar.update)
-        except ConfigError as error:
-            err.print(f"[bold red]config error:[/] {error}")
-            raise typer.Exit(2) from None
+    cfg = _load(SampleConfig, "sample", config, overrides, dry_run)
+    with _LazyBar("sampling") as bar, _config_errors():
+        summary = run(cfg, progress=bar.update)
     table = Table(
         title=f"{cfg.backbone.family} · {cfg.sampler.num_steps} steps · eta {cfg.sampler.eta} · guidance {cfg.sampler.guidance}"
     )
@@ -129,15 +136,9 @@ def distill(
     """
     from rtdmd.train.distill import DistillConfig, train
 
-    cfg = _load(DistillConfig, "distill", config, overrides)
-    if dry_run:
-        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
-        return
-    try:
+    cfg = _load(DistillConfig, "distill", config, overrides, dry_run)
+    with _config_errors():
         summary = train(cfg)
-    except ConfigError as error:
-        err.print(f"[bold red]config error:[/] {error}")
-        raise typer.Exit(2) from None
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         console.print(
             f"steps {summary['start_step']} -> {summary['steps']} in {summary['seconds']:.1f}s on {summary['world_size']} process(es) · "
@@ -164,15 +165,9 @@ def pretrain(
     """
     from rtdmd.train.pretrain import PretrainConfig, train
 
-    cfg = _load(PretrainConfig, "pretrain", config, overrides)
-    if dry_run:
-        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
-        return
-    try:
+    cfg = _load(PretrainConfig, "pretrain", config, overrides, dry_run)
+    with _config_errors():
         summary = train(cfg, export=export or None)
-    except ConfigError as error:
-        err.print(f"[bold red]config error:[/] {error}")
-        raise typer.Exit(2) from None
     console.print(
         f"pretrain: steps {summary['start_step']} -> {summary['steps']} · render {summary['render_s']}s · "
         f"train {summary['train_s']}s on {summary['device']} · final {summary['final']} · weights {summary['weights']}"
@@ -188,10 +183,7 @@ def pretrain_clip(
     """Train toy-clip, the contrastive image-text model behind the toy-clip and toy-fd metrics."""
     from rtdmd.train.pretrain_clip import ToyClipConfig, train
 
-    cfg = _load(ToyClipConfig, "pretrain_clip", config, overrides)
-    if dry_run:
-        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
-        return
+    cfg = _load(ToyClipConfig, "pretrain_clip", config, overrides, dry_run)
     summary = train(cfg)
     console.print(f"pretrain-clip: {summary}")
 

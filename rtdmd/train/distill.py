@@ -121,7 +121,9 @@ class DistillConfig:
             raise ValueError("give eval.prompts or eval.prompt_file, not both")
         if self.eval.num_prompts < 0 or self.eval.images_per_prompt < 1:
             raise ValueError("eval.num_prompts must be >= 0 and eval.images_per_prompt >= 1")
-        per_image_rewards(self.eval.rewards, "eval.rewards")
+        from rtdmd.rewards.base import require_per_image
+
+        require_per_image(self.eval.rewards, "eval.rewards")
 
 
 @dataclass
@@ -283,6 +285,7 @@ class Session:
     roles: dict
     ema: object
     prompts: list[str]
+    eval_records: list[dict]  # read once: the evaluation prompts and their metadata
 
 
 def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
@@ -314,7 +317,8 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
             f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
         )
     models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
-    check_eval_metadata(cfg.eval)
+    records = eval_records(cfg.eval) if cfg.eval.every or cfg.eval.rewards else []
+    check_eval_metadata(cfg.eval, records)
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
         from rtdmd.data import read_prompt_file
@@ -332,6 +336,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
         roles={"generator": (generator_run, optimizers["generator"]), "fake": (fake_run, optimizers["fake"])},
         ema=EMA(gen_params, cfg.ema_decay),
         prompts=prompts,
+        eval_records=records,
     )
 
 
@@ -376,22 +381,13 @@ def batch_prompts(sess: Session, step: int) -> list[str]:
     return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
 
 
-def per_image_rewards(names: tuple[str, ...], key: str) -> None:
-    """Refuse unknown rewards and set metrics (a Fréchet distance of a few eval images means nothing)."""
-    from rtdmd.rewards import REWARDS
-
-    for name in names:
-        if REWARDS.get(name).info.aggregate == "set":
-            raise ValueError(f"{key}: {name} scores whole sets; evaluate it with rtdmd-bench instead")
-
-
-def check_eval_metadata(spec: EvalSpec) -> None:
+def check_eval_metadata(spec: EvalSpec, records: list[dict]) -> None:
     """Fail before training when an eval reward needs metadata the eval prompts lack."""
     from rtdmd.rewards import REWARDS
+    from rtdmd.rewards.base import lacking_metadata
 
-    records = eval_records(spec) if spec.rewards else []
     for name in spec.rewards:
-        lacking = [key for key in REWARDS.get(name).info.needs if any(key not in r for r in records)]
+        lacking = list(lacking_metadata(REWARDS.get(name).info, records))
         if lacking:
             raise ValueError(
                 f"eval reward {name} needs per-prompt metadata {lacking}: use an eval.prompt_file whose .jsonl "
@@ -416,7 +412,7 @@ def evaluate(sess: Session, step: int) -> dict[str, float]:
     from rtdmd.train.sample import grid, to_uint8
 
     spec, cfg = sess.cfg.eval, sess.cfg
-    records = eval_records(spec)
+    records = sess.eval_records
     prompts = [r["prompt"] for r in records for _ in range(spec.images_per_prompt)]
     meta = [r for r in records for _ in range(spec.images_per_prompt)]
     keys = [(f"eval/{j}", k) for j in range(len(records)) for k in range(spec.images_per_prompt)]

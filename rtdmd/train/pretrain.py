@@ -23,6 +23,7 @@ CUDA generators differ). One process (the toy teacher trains in minutes on one G
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, save_toy
+from rtdmd.data import batch_indices
 from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
 from rtdmd.sampling import SamplerSpec
@@ -85,9 +87,9 @@ class PretrainConfig:
             raise ValueError("caption_dropout must lie in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
-        from rtdmd.train.distill import per_image_rewards
+        from rtdmd.rewards.base import require_per_image
 
-        per_image_rewards(self.eval.rewards, "eval.rewards")
+        require_per_image(self.eval.rewards, "eval.rewards")
 
 
 class ToyModel(nn.Module):
@@ -111,8 +113,6 @@ def training_sigmas(u_normal: Tensor, logit_normal: tuple[float, float], shift: 
 
 def learning_rate(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr / 10`` at ``steps``."""
-    import math
-
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -219,8 +219,6 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     status = [StatusLine(cfg.steps, "pretrain toy", ("loss",))] if show_progress else []
     loggers = Loggers(JsonlLogger(stats), *status)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
-    from rtdmd.data import batch_indices
-
     t0, last_logged = time.perf_counter(), start
     for step in range(start, cfg.steps):
         index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
