@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,6 +85,19 @@ def test_checkpoint_round_trip_rebuilds_the_spec_and_the_outputs(tmp_path):
         a = ref.velocity(transformer, x, sigma, ref.encode(["a photo of a cross"]))
         b = backbone.velocity(backbone.transformer, x, sigma, backbone.encode(["a photo of a cross"]))
     assert torch.equal(a, b)
+
+
+def test_a_checkpoint_samples_with_the_shift_it_was_trained_with(tmp_path):
+    spec = dataclasses.replace(SMALL, shift=1.0)
+    transformer, text = build_toy(spec)
+    path = save_toy(tmp_path / "s1.safetensors", transformer, text, spec)
+    backbone = build_backbone(BackboneConfig(family="toy", source=str(path)), torch.device("cpu"))
+    # shift 1 is the identity on the raw times; the shipped family default (3) is not
+    assert torch.allclose(backbone.schedule(4, 64, 64, [1.0, 0.75, 0.5, 0.25]), torch.tensor([1.0, 0.75, 0.5, 0.25, 0]))
+    shipped = ToyBackbone(transformer, text).schedule(4, 64, 64, [1.0, 0.75, 0.5, 0.25])
+    assert torch.allclose(shipped[1], shift_static(torch.tensor(0.75), 3.0))
+    with pytest.raises(ValueError, match="multiples"):
+        backbone.schedule(4, 60, 60)
 
 
 def test_missing_shipped_or_given_checkpoint_fails_with_the_command_to_make_one(tmp_path):

@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import BACKBONES, TORCH_DTYPES, BackboneConfig, Cond, guided_velocity
+from rtdmd.backbones.base import BACKBONES, TORCH_DTYPES, BackboneConfig, Cond, check_resolution, guided_velocity
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.tiny import PIXELS_PER_CELL, TinyBackbone
 from rtdmd.config import from_dict
 from rtdmd.flow.path import expand_sigma
+from rtdmd.flow.schedules import TimeShift
 from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids, unknown_words
 
 SHIPPED = "toy_teacher"
@@ -52,6 +53,7 @@ class ToySpec:
     text_heads: int = 4
     sample_size: int = 16  # latent cells of a 64x64 image
     patch_size: int = 2
+    shift: float = 3.0  # static time shift k of training and sampling: sigma = k u / (1 + (k - 1) u)
 
     @property
     def width(self) -> int:
@@ -161,6 +163,11 @@ class ToyBackbone(TinyBackbone):
 
     name = "toy"
 
+    def __init__(self, transformer: nn.Module, text_encoder: nn.Module, spec: ToySpec | None = None) -> None:
+        super().__init__(transformer, text_encoder)
+        # the shift the checkpoint was trained with (its spec) is the one it samples with
+        self.time_shift = TimeShift(mu_rule="none", shift=(spec or ToySpec()).shift)
+
     @classmethod
     def build(cls, *args, **kwargs) -> ToyBackbone:
         raise TypeError("the toy backbone is trained, not built from a seed: use from_config or load_toy")
@@ -174,8 +181,13 @@ class ToyBackbone(TinyBackbone):
             raise FileNotFoundError(
                 f"toy checkpoint {path} does not exist (train one: rtdmd-train pretrain --config toy)"
             )
-        transformer, text_encoder, _ = load_toy(path, device, TORCH_DTYPES[cfg.dtype])
-        return cls(transformer, text_encoder)
+        transformer, text_encoder, spec = load_toy(path, device, TORCH_DTYPES[cfg.dtype])
+        return cls(transformer, text_encoder, spec)
+
+    def schedule(self, num_steps: int, height: int, width: int, timesteps: Sequence[float] | None = None) -> Tensor:
+        """This checkpoint's shift (static: the token count does not enter)."""
+        check_resolution(height, width, PIXELS_PER_CELL * 2, self.name)
+        return self.time_shift.sigmas(timesteps or self.default_timesteps(num_steps), 0)
 
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         return guided_velocity(partial(toy_forward, net), x, sigma, cond, guidance)

@@ -7,8 +7,8 @@ JiT: ``v_hat = (x_sigma - x0_hat) / sigma``, so
 ``L = E || x0_hat - x0 ||^2 / max(sigma, sigma_floor)^2``  (``= E || v_hat - (eps - x0) ||^2`` above
 the floor; the floor keeps the weight of nearly clean inputs finite).
 ``sigma`` is SD3's shifted logit-normal: ``u = sigmoid(m + s n)``, ``n ~ N(0, 1)``, then the static
-shift ``sigma = k u / (1 + (k - 1) u)`` with the backbone's sampling shift ``k`` (3), so training
-and sampling put their effort at the same noise levels. The caption is replaced by the empty prompt
+shift ``sigma = k u / (1 + (k - 1) u)`` with ``model.shift`` ``k``, which the checkpoint keeps in its
+spec and samples with, so training and sampling put their effort at the same noise levels. The caption is replaced by the empty prompt
 with probability ``caption_dropout``, which teaches the unconditional branch classifier-free
 guidance needs. Text encoder and transformer train together; an EMA of both is what ships.
 
@@ -133,7 +133,7 @@ def flow_matching_loss(model: ToyModel, latents: Tensor, ids: Tensor, cfg: Pretr
     sigma = training_sigmas(
         torch.randn(batch, generator=gen, device=latents.device),
         cfg.logit_normal,
-        ToyBackbone.time_shift.shift,
+        cfg.model.shift,
     )
     drop = torch.rand(batch, generator=gen, device=latents.device) < cfg.caption_dropout
     ids = torch.where(drop[:, None], torch.zeros_like(ids), ids)
@@ -164,7 +164,7 @@ def evaluate(model: ToyModel, cfg: PretrainConfig, device: torch.device, root: P
 
     metadata = list(eval_metadata())[: cfg.eval.num_prompts or None]
     prompts = [m["prompt"] for m in metadata]
-    backbone = ToyBackbone(model.transformer.eval(), model.text_encoder.eval())
+    backbone = ToyBackbone(model.transformer.eval(), model.text_encoder.eval(), cfg.model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     with autocast:
         images = generate(
