@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench.weights_cli import weights_app
+
 app = typer.Typer(
     help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards. "
     "`rtdmd-bench run` without arguments runs the toy default (toy methods on toy-geneval, reports/toy/leaderboard.md).",
@@ -33,6 +36,19 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _options(
+    weights_dir: Path | None = typer.Option(
+        None,
+        "--weights-dir",
+        help="Root folder of all reward weights (<root>/<hub repo>/...; sets $RTDMD_WEIGHTS for this run). "
+        "Default: $RTDMD_WEIGHTS, else the Hugging Face cache. See `rtdmd-bench weights list`.",
+    ),
+) -> None:
+    if weights_dir is not None:
+        os.environ["RTDMD_WEIGHTS"] = str(weights_dir)
 
 
 @dataclass(frozen=True)
@@ -505,6 +521,9 @@ def schedules(
             sigmas = reference_schedule(BACKBONES.get(family), steps, res, res, timesteps)
             table.add_row(family, str(res), ", ".join(f"{s:.4f}" for s in sigmas.tolist()))
     console.print(table)
+
+
+app.add_typer(weights_app, name="weights")
 
 
 def main() -> None:

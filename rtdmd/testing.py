@@ -363,3 +363,31 @@ def tiny_flux1_pipeline(seed: int = 0, guidance_embeds: bool = True):
 
 def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     return flux2_klein_pipeline(TINY_FLUX2_KLEIN, seed, is_distilled)
+
+
+def save_tiny_clip(
+    model_dir, processor_dir=None, projection_dim: int = 16, seed: int = 0, logit_scale: float | None = None
+) -> None:
+    """A random ``CLIPModel`` at 224 px (2 layers, width 32, patch 32) saved with ``save_pretrained``
+    in ``model_dir`` and its byte-level tokenizer and PIL image processor in ``processor_dir``
+    (default: the same folder): the file layout of the hub's CLIP repositories."""
+    import transformers
+
+    tok = clip_tokenizer()
+    specials = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tok), "max_position_embeddings": 77, **specials, **small},
+        vision_config={"image_size": 224, "patch_size": 32, **small},
+        projection_dim=projection_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.CLIPModel(config)
+    if logit_scale is not None:
+        model.logit_scale.data.fill_(logit_scale)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(processor_dir or model_dir)
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size=224).save_pretrained(
+        processor_dir or model_dir
+    )

@@ -84,3 +84,21 @@ def require_per_image(names: Sequence[str], key: str) -> None:
     for name in names:
         if REWARDS.get(name).info.aggregate == "set":
             raise ValueError(f"{key}: {name} scores whole sets; evaluate it with rtdmd-bench instead")
+
+
+class OnDevice:
+    """A frozen scoring network that follows the images: moved (once per change) to the device of
+    the batch it scores, in the reward's ``dtype``; eval mode, no parameter requires grad, so
+    gradients flow to the images only."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+        self.module = module.to(dtype=dtype).eval().requires_grad_(False)
+        self.dtype = dtype
+
+    def on(self, device: torch.device) -> torch.nn.Module:
+        if next(self.module.parameters()).device != device:
+            self.module = self.module.to(device)
+        return self.module
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
