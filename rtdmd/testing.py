@@ -365,20 +365,32 @@ def tiny_flux2_klein_pipeline(seed: int = 0, is_distilled: bool = False):
     return flux2_klein_pipeline(TINY_FLUX2_KLEIN, seed, is_distilled)
 
 
+TINY_CLIP = {
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "patch_size": 32,
+}
+
+
 def save_tiny_clip(
-    model_dir, processor_dir=None, projection_dim: int = 16, seed: int = 0, logit_scale: float | None = None
+    model_dir,
+    processor_dir=None,
+    projection_dim: int = 16,
+    seed: int = 0,
+    logit_scale: float | None = None,
+    sizes: dict[str, Any] = TINY_CLIP,
 ) -> None:
-    """A random ``CLIPModel`` at 224 px (2 layers, width 32, patch 32) saved with ``save_pretrained``
-    in ``model_dir`` and its byte-level tokenizer and PIL image processor in ``processor_dir``
-    (default: the same folder): the file layout of the hub's CLIP repositories."""
+    """A random ``CLIPModel`` at 224 px (``sizes``: default 2 layers, width 32, patch 32) saved with
+    ``save_pretrained`` in ``model_dir``, its byte-level tokenizer and PIL image processor in
+    ``processor_dir`` (default: the same folder): the file layout of the hub's CLIP repositories.
+    ``bench/perf/rewards.py`` passes the released models' sizes."""
     import transformers
 
     tok = clip_tokenizer()
     specials = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(tok), "max_position_embeddings": 77, **specials, **small},
-        vision_config={"image_size": 224, "patch_size": 32, **small},
+        text_config={"vocab_size": len(tok), "max_position_embeddings": 77, **specials, **sizes["text"]},
+        vision_config={"image_size": 224, "patch_size": sizes["patch_size"], **sizes["vision"]},
         projection_dim=projection_dim,
     )
     with torch.random.fork_rng(devices=[]):
