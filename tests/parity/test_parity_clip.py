@@ -49,6 +49,21 @@ def _report(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return diff
 
 
+class _FeaturesAsTensors(torch.nn.Module):
+    """torchmetrics 1.9 expects ``get_*_features`` to return tensors, as transformers 4 did;
+    transformers 5 returns an output whose ``pooler_output`` is that tensor."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
 def test_clipscore_is_torchmetrics_clip_score_over_100(tmp_path):
     from torchmetrics.functional.multimodal.clip_score import _clip_score_update
     from transformers import CLIPModel
@@ -56,7 +71,7 @@ def test_clipscore_is_torchmetrics_clip_score_over_100(tmp_path):
     save_tiny_clip(tmp_path / CLIP_DIR, seed=3, logit_scale=math.log(100))
     x = _images(200)
     uint8 = (x * 255).round().to(torch.uint8)
-    model = CLIPModel.from_pretrained(tmp_path / CLIP_DIR).eval()
+    model = _FeaturesAsTensors(CLIPModel.from_pretrained(tmp_path / CLIP_DIR).eval())
     with torch.no_grad():
         theirs, _ = _clip_score_update(list(uint8), PROMPTS, model, _pil_processor(tmp_path / CLIP_DIR))
     ours = 100 * clip_rewards.ClipScore(tmp_path).reference(uint8.permute(0, 2, 3, 1), PROMPTS)
