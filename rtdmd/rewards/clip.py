@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rtdmd.rewards.base import DTYPES, REWARDS, OnDevice, RewardInfo
+from rtdmd.rewards.heads import linear_head
 from rtdmd.rewards.preprocess import Interpolation, clip_reference, clip_tensor, to_pil
 from rtdmd.rewards.weights import WeightFiles, resolve_all
 
@@ -54,19 +55,8 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def aesthetic_mlp() -> nn.Sequential:
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1 with dropouts between the first four layers and no
-    activations (the predictor's ReLUs are commented out): an affine map in eval mode. The
-    indices match the released state dict (``layers.{0,2,4,6,7}``)."""
-    return nn.Sequential(
-        nn.Linear(768, 1024),
-        nn.Dropout(0.2),
-        nn.Linear(1024, 128),
-        nn.Dropout(0.2),
-        nn.Linear(128, 64),
-        nn.Dropout(0.1),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    )
+    """The aesthetic predictor's head on the 768-wide CLIP ViT-L/14 embedding."""
+    return linear_head(768)
 
 
 class ClipModel:
