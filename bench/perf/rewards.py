@@ -4,9 +4,11 @@ For each metric: images per second of
 
 * ``ours fp32`` / ``ours bf16``: the differentiable tensor path, ``--batch-size`` images per
   forward, under ``no_grad`` (as the benchmark harness scores);
-* ``per-image fp32``: the reference path (PIL preprocessing on the CPU) with one image per forward,
-  the loop of the official scripts (``hpsv2.score`` and ImageReward's ``score`` go one image at a
-  time);
+* ``per-image fp32``: one image per forward with PIL preprocessing. For ``hpsv2`` and
+  ``imagereward`` this is the reference package's own loop (``hpsv2.img_score.score``, which also
+  reloads the checkpoint on every call and runs under CUDA fp16 autocast; ``ImageReward.score``),
+  set up as in ``tests/parity/`` (which needs ``hpsv2x``, ``image-reward`` and pytest installed);
+  for the CLIP family (whose reference scripts batch) it is our reference path, one image at a time;
 
 plus the score drift bf16 brings (max and mean ``|bf16 - fp32|``) and the tensor-vs-reference
 difference at this resolution (a real resize: 512 -> 224). Prints a table and writes JSON with the
@@ -23,12 +25,15 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from rtdmd.rewards import clip as clip_rewards
 from rtdmd.rewards.base import score
+from rtdmd.rewards.preprocess import to_pil
 from rtdmd.rewards.weights import WeightFiles
 from rtdmd.testing import save_tiny_clip
 
@@ -83,7 +88,57 @@ def build_pickscore(root: Path):
     return lambda dtype: clip_rewards.PickScore(root, dtype=dtype)
 
 
-BUILDERS = {"clipscore": build_clipscore, "aesthetic": build_aesthetic, "pickscore": build_pickscore}
+class _Patch:
+    """The ``setattr`` of pytest's ``monkeypatch``, for the parity tests' reference set-ups (the
+    patches live as long as this process)."""
+
+    def setattr(self, target, name, value, raising: bool = True) -> None:
+        setattr(target, name, value)
+
+
+def build_hpsv2(root: Path):
+    from hpsv2 import img_score
+
+    from rtdmd.rewards import hps
+    from tests.parity.test_parity_hps import official_model, save_random_checkpoint
+
+    model, preprocess_val = official_model("ViT-H-14", root, None)
+    checkpoint = save_random_checkpoint(model, root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    img_score.device = str(device)
+    img_score.model_dict = {"model": model.to(device), "preprocess_val": preprocess_val}
+
+    def reference_loop(pictures, prompts):  # one prompt per call, as its benchmark loop
+        return torch.tensor(
+            [img_score.score([im], p, cp=str(checkpoint))[0] for im, p in zip(pictures, prompts, strict=True)]
+        )
+
+    return (lambda dtype: hps.HpsV2(root, dtype=dtype)), reference_loop
+
+
+def build_imagereward(root: Path):
+    from rtdmd.rewards import imagereward
+    from tests.parity.test_parity_imagereward import build
+
+    reference, _ = build(root, _Patch(), tiny=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reference = reference.to(device)
+    reference.device = device
+
+    def reference_loop(pictures, prompts):
+        with torch.no_grad():
+            return torch.tensor([reference.score(p, im) for im, p in zip(pictures, prompts, strict=True)])
+
+    return (lambda dtype: imagereward.ImageReward(root, dtype=dtype)), reference_loop
+
+
+BUILDERS = {
+    "clipscore": build_clipscore,
+    "aesthetic": build_aesthetic,
+    "pickscore": build_pickscore,
+    "hpsv2": build_hpsv2,
+    "imagereward": build_imagereward,
+}
 
 
 def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -96,8 +151,16 @@ def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
-def measure(name: str, make, images: torch.Tensor, prompts: list[str], args, device: torch.device) -> dict:
-    row: dict = {"metric": name}
+def per_image_ours(reward, images: torch.Tensor, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """Our reference path (PIL preprocessing), one image per forward."""
+    return torch.cat(
+        [reward.reference(images[i : i + 1].cpu(), prompts[i : i + 1], device).cpu() for i in range(len(prompts))]
+    )
+
+
+def measure(name: str, built, images: torch.Tensor, prompts: list[str], args, device: torch.device) -> dict:
+    make, reference_loop = built if isinstance(built, tuple) else (built, None)
+    row: dict = {"metric": name, "per_image_loop": "reference package" if reference_loop else "ours, reference path"}
     scores = {}
     for dtype in ("float32", "bfloat16"):
         reward = make(dtype)
@@ -106,13 +169,15 @@ def measure(name: str, make, images: torch.Tensor, prompts: list[str], args, dev
         row[f"ours_{dtype}_images_per_s"] = len(prompts) / seconds
         if dtype == "float32":
             n = args.per_image
-            reward.reference(images[:1].cpu(), prompts[:1], device)  # warm-up
-            reference, seconds = timed(
-                lambda r=reward, n=n: torch.cat(
-                    [r.reference(images[i : i + 1].cpu(), prompts[i : i + 1], device).cpu() for i in range(n)]
-                ),
-                device,
-            )
+            if reference_loop is None:
+                reward.reference(images[:1].cpu(), prompts[:1], device)  # warm-up
+                loop = partial(per_image_ours, reward, images[:n], prompts[:n], device)
+            else:
+                pictures = to_pil(images[:n])
+                reference_loop(pictures[:1], prompts[:1])  # warm-up
+                loop = partial(reference_loop, pictures, prompts[:n])
+            reference, seconds = timed(loop, device)
+            reference = reference.float().cpu()
             row["per_image_float32_images_per_s"] = n / seconds
             row["tensor_vs_reference_max_abs"] = float((scores[dtype][:n] - reference).abs().max())
         del reward
@@ -142,7 +207,11 @@ def main() -> None:
     rows = []
     for name in args.metrics.split(","):
         with tempfile.TemporaryDirectory() as root:
-            rows.append(measure(name, BUILDERS[name](Path(root)), images, prompts, args, device))
+            try:
+                rows.append(measure(name, BUILDERS[name](Path(root)), images, prompts, args, device))
+            except Exception as error:  # e.g. a reference package missing: record it, measure the rest
+                traceback.print_exc()
+                rows.append({"metric": name, "skipped": f"{type(error).__name__}: {error}"})
         print(json.dumps(rows[-1]), flush=True)
     import diffusers
     import transformers
@@ -162,6 +231,9 @@ def main() -> None:
     header = f"{'metric':<10} {'ours fp32':>10} {'ours bf16':>10} {'per-image':>10} {'bf16 drift max':>15} {'tensor-ref':>11}"
     print(f"\n{card}, {args.num_images} images at {args.resolution}px, batch {args.batch_size} (images/s)\n{header}")
     for r in rows:
+        if "skipped" in r:
+            print(f"{r['metric']:<10} skipped: {r['skipped']}")
+            continue
         print(
             f"{r['metric']:<10} {r['ours_float32_images_per_s']:>10.1f} {r['ours_bfloat16_images_per_s']:>10.1f} "
             f"{r['per_image_float32_images_per_s']:>10.1f} {r['bf16_drift_max_abs']:>15.2e} {r['tensor_vs_reference_max_abs']:>11.2e}"
