@@ -6,7 +6,8 @@ For each metric: images per second of
   forward, under ``no_grad`` (as the benchmark harness scores);
 * ``per-image fp32``: one image per forward with PIL preprocessing. For ``hpsv2`` and
   ``imagereward`` this is the reference package's own loop (``hpsv2.img_score.score``, which also
-  reloads the checkpoint on every call and runs under CUDA fp16 autocast; ``ImageReward.score``),
+  loads the checkpoint on every call, here once for the loop, and runs under CUDA fp16 autocast;
+  ``ImageReward.score``; both loops score one prompt),
   set up as in ``tests/parity/`` (which needs ``hpsv2x``, ``image-reward`` and pytest installed);
   for the CLIP family (whose reference scripts batch) it is our reference path, one image at a time;
 
@@ -108,17 +109,28 @@ def build_hpsv2(root: Path):
     img_score.device = str(device)
     img_score.model_dict = {"model": model.to(device), "preprocess_val": preprocess_val}
 
-    def reference_loop(pictures, prompts):  # one prompt per call, as its benchmark loop
-        return torch.tensor(
-            [img_score.score([im], p, cp=str(checkpoint))[0] for im, p in zip(pictures, prompts, strict=True)]
-        )
+    def reference_loop(pictures, prompts):
+        """``img_score.score(images, prompt)`` once per distinct prompt: it loads the checkpoint
+        once per call, then goes image by image."""
+        out = torch.zeros(len(pictures))
+        for prompt in dict.fromkeys(prompts):
+            rows = [i for i, p in enumerate(prompts) if p == prompt]
+            out[rows] = torch.tensor(img_score.score([pictures[i] for i in rows], prompt, cp=str(checkpoint)))
+        return out
 
     return (lambda dtype: hps.HpsV2(root, dtype=dtype)), reference_loop
 
 
 def build_imagereward(root: Path):
+    import importlib.util
+    import sys
+    import types
+
     from rtdmd.rewards import imagereward
     from tests.parity.test_parity_imagereward import build
+
+    if importlib.util.find_spec("datasets") is None:  # ImageReward's ReFL (training) imports it; scoring never does
+        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=None)
 
     reference, _ = build(root, _Patch(), tiny=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,18 +180,20 @@ def measure(name: str, built, images: torch.Tensor, prompts: list[str], args, de
         scores[dtype], seconds = timed(lambda r=reward: score(r, images, prompts, batch_size=args.batch_size), device)
         row[f"ours_{dtype}_images_per_s"] = len(prompts) / seconds
         if dtype == "float32":
-            n = args.per_image
+            # one prompt for the whole loop: hpsv2's score takes one prompt per call (and loads its
+            # checkpoint once per call), as its benchmark does per image folder
+            n, loop_prompts = args.per_image, [prompts[0]] * args.per_image
             if reference_loop is None:
-                reward.reference(images[:1].cpu(), prompts[:1], device)  # warm-up
-                loop = partial(per_image_ours, reward, images[:n], prompts[:n], device)
+                reward.reference(images[:1].cpu(), loop_prompts[:1], device)  # warm-up
+                loop = partial(per_image_ours, reward, images[:n], loop_prompts, device)
             else:
                 pictures = to_pil(images[:n])
-                reference_loop(pictures[:1], prompts[:1])  # warm-up
-                loop = partial(reference_loop, pictures, prompts[:n])
+                reference_loop(pictures[:1], loop_prompts[:1])  # warm-up
+                loop = partial(reference_loop, pictures, loop_prompts)
             reference, seconds = timed(loop, device)
-            reference = reference.float().cpu()
+            ours_same = score(reward, images[:n], loop_prompts, batch_size=args.batch_size)
             row["per_image_float32_images_per_s"] = n / seconds
-            row["tensor_vs_reference_max_abs"] = float((scores[dtype][:n] - reference).abs().max())
+            row["tensor_vs_reference_max_abs"] = float((ours_same - reference.float().cpu()).abs().max())
         del reward
         if device.type == "cuda":
             row[f"peak_memory_{dtype}_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
