@@ -115,7 +115,7 @@ def build_hpsv2(root: Path):
         out = torch.zeros(len(pictures))
         for prompt in dict.fromkeys(prompts):
             rows = [i for i, p in enumerate(prompts) if p == prompt]
-            out[rows] = torch.tensor(img_score.score([pictures[i] for i in rows], prompt, cp=str(checkpoint)))
+            out[rows] = torch.tensor(img_score.score([pictures[i] for i in rows], prompt, cp=str(checkpoint))).float()
         return out
 
     return (lambda dtype: hps.HpsV2(root, dtype=dtype)), reference_loop
