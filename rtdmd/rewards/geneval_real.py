@@ -1,0 +1,242 @@
+"""The real GenEval metric (metrics.md §8): Mask2Former Swin-S detections, the CLIP colour classifier
+and the official decision rules of :func:`rtdmd.rewards.geneval.judge`.
+
+Per image: float ``[3, H, W]`` in [0, 1] -> uint8 (``round(255 x)``, the pixels a saved PNG holds) ->
+PNG -> the detector worker (mmdet 3.x in ``tox -e geneval-mmdet``, reads the file with OpenCV, BGR,
+as the official script) -> :class:`Detection` per instance (GenEval's class name, the box, score and
+mask) -> ``judge(metadata, detections, image, colour classifier)``.
+
+``geneval`` scores 1.0 / 0.0 by the official rule; ``geneval-strict`` and ``geneval-partial`` are the
+RL repositories' variants (exact counts; per-clause partial credit). The three share one
+:class:`GenEvalScorer` per configuration, and its verdicts are cached by the sha256 of the pixels and
+the metadata, so scoring the three costs one detection.
+
+Weights: the mmdet-3.x Mask2Former checkpoint (URL below; checked against the sha256 prefix in its
+name) and OpenAI CLIP ViT-L/14 through open_clip. The overall GenEval score is the mean of the six
+per-task means (``aggregate="category_mean"``; :mod:`rtdmd.geneval.summary` writes the official text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rtdmd.geneval.client import DetectorClient, ImageDetections, default_python, worker_command
+from rtdmd.geneval.colour import CLIP_L14_OPENAI
+from rtdmd.geneval.worker import CHECKPOINT_URL
+from rtdmd.rewards.base import REWARDS, RewardInfo
+from rtdmd.rewards.geneval import ColorClassifier, Detection, Verdict, filter_detections, judge
+from rtdmd.rewards.weights import WeightFiles, resolve_all, sha256_of
+
+MASK2FORMER = WeightFiles(url=CHECKPOINT_URL)
+# OpenMMLab names each published checkpoint with the first 8 hex digits of its sha256
+CHECKPOINT_SHA256_PREFIX = CHECKPOINT_URL.rsplit("-", 1)[-1].removesuffix(".pth")
+# evaluation/object_names.txt of djghosh13/geneval: the 80 COCO classes in mmdet's label order,
+# three of them renamed (mouse, remote, keyboard); the prompts' metadata uses these names
+CLASSNAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+MIN_SCORE = 0.3  # the lowest GenEval threshold: the worker drops detections at or below it (judge keeps > 0.3)
+VERDICT_CACHE_SIZE = 8192
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` float in [0, 1] -> ``[B, H, W, 3]`` uint8, ``round(255 clamp(x, 0, 1))`` (half to even)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_detections(found: ImageDetections, classnames: Sequence[str] = CLASSNAMES) -> list[Detection]:
+    """The worker's arrays as :class:`Detection` objects in mmdet's order (the judge sorts per class)."""
+    return [
+        Detection(label=classnames[int(label)], box=tuple(float(v) for v in box), score=float(score), mask=mask)
+        for box, score, label, mask in zip(found.boxes, found.scores, found.labels, found.masks, strict=True)
+    ]
+
+
+def official_details(detections: Sequence[Detection], tag: str) -> dict[str, list[list[float]]]:
+    """The ``details`` column of ``evaluate_images.py``: per kept class, ``[x1, y1, x2, y2, score]`` rows."""
+    return {label: [[*d.box, d.score] for d in dets] for label, dets in filter_detections(detections, tag).items()}
+
+
+def check_checkpoint(path: Path, prefix: str = CHECKPOINT_SHA256_PREFIX) -> None:
+    """Refuse a checkpoint whose sha256 does not start with the digits in its published name."""
+    digest = sha256_of(path)
+    if not digest.startswith(prefix):
+        raise ValueError(
+            f"{path}: sha256 {digest[:16]}... does not start with {prefix} (download it from {CHECKPOINT_URL})"
+        )
+
+
+def _key(pixels: np.ndarray, metadata: dict) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes() + str(pixels.shape).encode())
+    return digest.hexdigest() + json.dumps(metadata, sort_keys=True)
+
+
+class GenEvalScorer:
+    """Detections from a worker, colours from ``color_classifier``, verdicts from ``judge``; cached."""
+
+    def __init__(self, detector: DetectorClient, color_classifier: ColorClassifier) -> None:
+        if detector.classes and len(detector.classes) != len(CLASSNAMES):
+            raise ValueError(f"the detector has {len(detector.classes)} classes; GenEval needs the 80 COCO classes")
+        self.detector = detector
+        self.color_classifier = color_classifier
+        self._verdicts: OrderedDict[str, tuple[Verdict, dict]] = OrderedDict()
+
+    def evaluate(self, pixels: np.ndarray, meta: Sequence[dict[str, Any]]) -> list[tuple[Verdict, dict]]:
+        """``(verdict, details)`` per uint8 ``[H, W, 3]`` image; undetected images go to the worker in one call."""
+        from PIL import Image
+
+        if len(meta) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(meta)} metadata rows")
+        keys = [_key(p, m) for p, m in zip(pixels, meta, strict=True)]
+        todo = [keys.index(key) for key in dict.fromkeys(keys) if key not in self._verdicts]
+        for i, found in zip(todo, self.detector.detect([pixels[i] for i in todo]), strict=True):
+            detections = to_detections(found)
+            image = Image.fromarray(pixels[i], "RGB")
+            verdict = judge(meta[i], detections, image, self.color_classifier)
+            self._verdicts[keys[i]] = (verdict, official_details(detections, meta[i]["tag"]))
+        out = []
+        for key in keys:
+            self._verdicts.move_to_end(key)
+            out.append(self._verdicts[key])
+        while len(self._verdicts) > VERDICT_CACHE_SIZE:
+            self._verdicts.popitem(last=False)
+        return out
+
+    def close(self) -> None:
+        self.detector.close()
+
+
+_SCORERS: dict[tuple, GenEvalScorer] = {}  # one worker per configuration, shared by the three variants
+
+
+def open_scorer(
+    weights_dir: str | Path | None = None,
+    device: str = "auto",
+    color_device: str | None = None,
+    amp: bool = True,
+    python: str | Path | None = None,
+    batch_size: int = 64,
+) -> GenEvalScorer:
+    """The shared :class:`GenEvalScorer` for these settings, started on first use.
+
+    ``device``: the detector's (``auto``: this process's GPU when the detector environment has CUDA
+    ops, else the CPU); ``color_device``: the colour CLIP's (default: this process's GPU, else the
+    CPU); ``amp``: fp16 autocast of the colour CLIP on a GPU, as clip-benchmark; ``python``: the
+    detector environment's interpreter (:func:`default_python`). Checks, in order: both weight files
+    (one message naming each missing file and its source), the detector environment, the
+    checkpoint's sha256 prefix."""
+    from rtdmd.geneval.colour import ClipColorClassifier
+
+    if device == "auto" and torch.cuda.is_available():  # each rank's worker on that rank's GPU
+        device = f"auto:{torch.cuda.current_device()}"
+    key = (str(weights_dir), device, color_device, amp, str(python), batch_size)
+    if key in _SCORERS and _SCORERS[key].detector.proc.poll() is None:
+        return _SCORERS[key]
+    ckpt_dir, _ = resolve_all("geneval", (MASK2FORMER, CLIP_L14_OPENAI), weights_dir)
+    python = python or default_python()
+    checkpoint = ckpt_dir / MASK2FORMER.names[0]
+    check_checkpoint(checkpoint)
+    command = worker_command(python, checkpoint, device=device)
+    if color_device is None and torch.cuda.is_available():
+        color_device = f"cuda:{torch.cuda.current_device()}"
+    colour = ClipColorClassifier.from_weights(weights_dir, device=color_device, amp=amp)
+    _SCORERS[key] = GenEvalScorer(DetectorClient(command, batch_size=batch_size, min_score=MIN_SCORE), colour)
+    return _SCORERS[key]
+
+
+def _info(variant: str) -> RewardInfo:
+    return RewardInfo(
+        version="mask2former_swin-s-coco-c9d0c4f2+ViT-L-14-quickgelu-openai",
+        higher_is_better=True,
+        differentiable=False,
+        needs=("tag", "include"),
+        units=f"fraction correct (GenEval rule{variant})",
+        aggregate="category_mean",
+    )
+
+
+class _GenEval:
+    """``verdict -> float`` over a :class:`GenEvalScorer` (given, or opened with the keyword arguments
+    of :func:`open_scorer`)."""
+
+    name: ClassVar[str]
+    info: ClassVar[RewardInfo]
+    weights: ClassVar[tuple[WeightFiles, ...]] = (MASK2FORMER, CLIP_L14_OPENAI)
+    value: ClassVar[Callable[[Verdict], float]]
+
+    def __init__(self, scorer: GenEvalScorer | None = None, **kwargs) -> None:
+        self.scorer = scorer or open_scorer(**kwargs)
+
+    def verdicts(self, images: Tensor, meta: Sequence[dict[str, Any]]) -> list[tuple[Verdict, dict]]:
+        return self.scorer.evaluate(to_uint8(images), meta)
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return torch.tensor([self.value(v) for v, _ in self.verdicts(images, meta)], dtype=torch.float32)
+
+
+@REWARDS.register("geneval")
+class GenEval(_GenEval):
+    """1.0 if the image satisfies its prompt's GenEval metadata by the official rule, else 0.0."""
+
+    name = "geneval"
+    info = _info("")
+
+    @staticmethod
+    def value(verdict: Verdict) -> float:
+        return float(verdict.correct)
+
+
+@REWARDS.register("geneval-strict")
+class GenEvalStrict(_GenEval):
+    """The strict variant: exactly ``count`` detections per clause, ``exclude`` ignored."""
+
+    name = "geneval-strict"
+    info = _info(", strict: exact counts")
+
+    @staticmethod
+    def value(verdict: Verdict) -> float:
+        return float(verdict.strict_correct)
+
+
+@REWARDS.register("geneval-partial")
+class GenEvalPartial(_GenEval):
+    """The partial-credit variant of Flow-GRPO / DiffusionNFT / RTDMD: the mean of per-clause credits."""
+
+    name = "geneval-partial"
+    info = _info(", partial credit")
+
+    @staticmethod
+    def value(verdict: Verdict) -> float:
+        return float(verdict.partial)
+
+
+__all__ = [
+    "CLASSNAMES",
+    "MASK2FORMER",
+    "GenEval",
+    "GenEvalPartial",
+    "GenEvalScorer",
+    "GenEvalStrict",
+    "check_checkpoint",
+    "official_details",
+    "open_scorer",
+    "to_detections",
+    "to_uint8",
+]
