@@ -182,3 +182,14 @@ def test_overall_score_is_the_mean_over_tasks_not_over_images():
     assert result["image_accuracy"] == pytest.approx(4 / 5)
     assert "Overall score (avg. over tasks): 0.75000" in text
     assert "single_object    = 100.00% (3 / 3)" in text and "% correct prompts: 80.00%" in text
+
+
+def test_reasons_are_the_official_texts():
+    two_red = meta("counting", [{"class": "cat", "count": 2, "color": "red"}])
+    verdict = judge(two_red, [det("cat", color="red"), det("cat", box=(30, 30, 40, 40), color="blue")])
+    assert verdict.reason == "expected red cat>=2, found 1 red; and 1 red, 1 blue"
+    # overlapping boxes: no relation at all, so the official join of an empty set leaves two spaces
+    left = meta("position", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["left of", 0]}])
+    assert judge(left, [det("dog"), det("cat")]).reason == "expected cat left of target, found  target"
+    far = [det("dog", box=(0, 0, 10, 10)), det("cat", box=(50, 50, 60, 60))]
+    assert judge(left, far).reason == "expected cat left of target, found below and right of target"

@@ -121,7 +121,8 @@ def _position_failure(found: list[Detection], targets: list[Detection], relation
         for target in targets:
             rels = relative_position(obj, target)
             if relation not in rels:
-                return f"expected {classname} {relation} target, found {' and '.join(sorted(rels)) or 'no relation to the'} target"
+                # the official text joins a set (order varies with PYTHONHASHSEED); sorted here
+                return f"expected {classname} {relation} target, found {' and '.join(sorted(rels))} target"
     return None
 
 
@@ -140,7 +141,8 @@ def _official(
             if got.count(req["color"]) < count:
                 matched = False
                 reasons.append(
-                    f"expected {req['color']} {cls}>={count}, found {got.count(req['color'])} {req['color']}"
+                    f"expected {req['color']} {cls}>={count}, found {got.count(req['color'])} {req['color']}; and "
+                    + ", ".join(f"{got.count(c)} {c}" for c in COLORS if c in got)
                 )
         if matched and "position" in req:
             relation, group = req["position"]
