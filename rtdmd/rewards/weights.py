@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "RTDMD_WEIGHTS"
+URL_CACHE = Path.home() / ".cache" / "rtdmd"  # URL files without a root (the hub has its own cache)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def fetch(spec: WeightFiles, root: Path | None) -> Path:
         local = str(root / spec.folder) if root else None
         paths = [hf_hub_download(spec.repo, name, local_dir=local) for name in spec.files]
         return Path(paths[0]).parent
-    target_dir = (root or Path.home() / ".cache" / "rtdmd") / spec.folder
+    target_dir = (root or URL_CACHE) / spec.folder
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / spec.names[0]
     partial = target.with_suffix(target.suffix + ".part")
@@ -107,7 +108,7 @@ def locate(spec: WeightFiles, root: Path | None) -> Path | None:
     """The folder holding all of ``spec``'s files, without downloading; None if absent."""
     if (found := _in_root(spec, root)) is not None:
         return found
-    if spec.url and root is None and (default := _in_root(spec, Path.home() / ".cache" / "rtdmd")):
+    if spec.url and root is None and (default := _in_root(spec, URL_CACHE)):
         return default
     return _in_cache(spec)
 
@@ -116,9 +117,9 @@ def fetch_command(metric: str, root: Path | None) -> str:
     return f"rtdmd-bench weights fetch {metric}" + (f" --weights-dir {root}" if root else "")
 
 
-def resolve(metric: str, spec: WeightFiles, weights_dir: str | Path | None = None) -> Path:
-    """The folder with ``spec``'s files (see the module docstring for the search order)."""
-    root = weights_root(weights_dir)
+def _find_or_fetch(metric: str, spec: WeightFiles, root: Path | None) -> Path | str:
+    """The folder with ``spec``'s files (found, else downloaded unless offline), or the sentence
+    that says what is missing and why."""
     if (found := locate(spec, root)) is not None:
         if spec.sha256 and sha256_of(found / spec.names[0]) != spec.sha256:
             raise ValueError(f"{found / spec.names[0]}: sha256 differs from the published {spec.sha256}")
@@ -132,21 +133,20 @@ def resolve(metric: str, spec: WeightFiles, weights_dir: str | Path | None = Non
         reason = " (HF_HUB_OFFLINE=1: no download attempted)"
     where = f"{root / spec.folder}/" if root else f"${ENV}/{spec.folder}/ (or the Hugging Face cache)"
     source = f"hub repo {spec.repo}" if spec.repo else spec.url
-    raise MissingWeights(
-        f"{metric} needs {', '.join(spec.names)} from {source} in {where}{reason}. "
-        f"Fetch them with: {fetch_command(metric, root)}"
-    )
+    return f"{metric} needs {', '.join(spec.names)} from {source} in {where}{reason}"
 
 
 def resolve_all(metric: str, specs: Sequence[WeightFiles], weights_dir: str | Path | None = None) -> list[Path]:
-    """:func:`resolve` for each spec, naming every missing file in one message."""
-    found, missing = [], []
-    for spec in specs:
-        try:
-            found.append(resolve(metric, spec, weights_dir))
-        except MissingWeights as error:
-            missing.append(str(error).split(". Fetch them")[0])
-    if missing:
-        root = weights_root(weights_dir)
+    """The folder of each spec (see the module docstring for the search order); one
+    :class:`MissingWeights` naming every missing file and the fetch command."""
+    root = weights_root(weights_dir)
+    results = [_find_or_fetch(metric, spec, root) for spec in specs]
+    if missing := [result for result in results if isinstance(result, str)]:
         raise MissingWeights("; ".join(missing) + f". Fetch them with: {fetch_command(metric, root)}")
-    return found
+    return results
+
+
+def resolve(metric: str, spec: WeightFiles, weights_dir: str | Path | None = None) -> Path:
+    """:func:`resolve_all` of one spec."""
+    (folder,) = resolve_all(metric, (spec,), weights_dir)
+    return folder
