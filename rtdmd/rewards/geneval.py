@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from rtdmd.rewards.base import RewardInfo
+
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 THRESHOLD = 0.3
@@ -56,6 +58,27 @@ class Verdict:
     partial: float
     reason: str = ""
     detected: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
+
+    def value(self, variant: str) -> float:
+        """The per-image score of a reward variant: ``official`` (``correct``), ``strict``
+        (``strict_correct``) or ``partial`` (the partial credit)."""
+        return float({"official": self.correct, "strict": self.strict_correct, "partial": self.partial}[variant])
+
+
+VARIANT_UNITS = {"official": "", "strict": ", strict: exact counts", "partial": ", partial credit"}
+
+
+def geneval_info(version: str, variant: str) -> RewardInfo:
+    """What a GenEval reward variant (toy or real detector) declares: per-image verdicts that need
+    the prompt's metadata, aggregated as GenEval's task-averaged overall score."""
+    return RewardInfo(
+        version=version,
+        higher_is_better=True,
+        differentiable=False,
+        needs=("tag", "include"),
+        units=f"fraction correct (GenEval rule{VARIANT_UNITS[variant]})",
+        aggregate="category_mean",
+    )
 
 
 def filter_detections(detections: Sequence[Detection], tag: str) -> dict[str, list[Detection]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +33,7 @@ from rtdmd.geneval.client import DetectorClient, ImageDetections, default_python
 from rtdmd.geneval.colour import CLIP_L14_OPENAI
 from rtdmd.geneval.worker import CHECKPOINT_URL
 from rtdmd.rewards.base import REWARDS, RewardInfo
-from rtdmd.rewards.geneval import ColorClassifier, Detection, Verdict, filter_detections, judge
+from rtdmd.rewards.geneval import ColorClassifier, Detection, Verdict, filter_detections, geneval_info, judge
 from rtdmd.rewards.weights import WeightFiles, resolve_all, sha256_of
 
 MASK2FORMER = WeightFiles(url=CHECKPOINT_URL)
@@ -161,15 +161,7 @@ def open_scorer(
     return _SCORERS[key]
 
 
-def _info(variant: str) -> RewardInfo:
-    return RewardInfo(
-        version="mask2former_swin-s-coco-c9d0c4f2+ViT-L-14-quickgelu-openai",
-        higher_is_better=True,
-        differentiable=False,
-        needs=("tag", "include"),
-        units=f"fraction correct (GenEval rule{variant})",
-        aggregate="category_mean",
-    )
+VERSION = "mask2former_swin-s-coco-c9d0c4f2+ViT-L-14-quickgelu-openai"
 
 
 class _GenEval:
@@ -179,7 +171,7 @@ class _GenEval:
     name: ClassVar[str]
     info: ClassVar[RewardInfo]
     weights: ClassVar[tuple[WeightFiles, ...]] = (MASK2FORMER, CLIP_L14_OPENAI)
-    value: ClassVar[Callable[[Verdict], float]]
+    variant: ClassVar[str] = "official"
 
     def __init__(self, scorer: GenEvalScorer | None = None, **kwargs) -> None:
         self.scorer = scorer or open_scorer(**kwargs)
@@ -188,7 +180,7 @@ class _GenEval:
         return self.scorer.evaluate(to_uint8(images), meta)
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
-        return torch.tensor([self.value(v) for v, _ in self.verdicts(images, meta)], dtype=torch.float32)
+        return torch.tensor([v.value(self.variant) for v, _ in self.verdicts(images, meta)], dtype=torch.float32)
 
 
 @REWARDS.register("geneval")
@@ -196,11 +188,7 @@ class GenEval(_GenEval):
     """1.0 if the image satisfies its prompt's GenEval metadata by the official rule, else 0.0."""
 
     name = "geneval"
-    info = _info("")
-
-    @staticmethod
-    def value(verdict: Verdict) -> float:
-        return float(verdict.correct)
+    info = geneval_info(VERSION, "official")
 
 
 @REWARDS.register("geneval-strict")
@@ -208,11 +196,8 @@ class GenEvalStrict(_GenEval):
     """The strict variant: exactly ``count`` detections per clause, ``exclude`` ignored."""
 
     name = "geneval-strict"
-    info = _info(", strict: exact counts")
-
-    @staticmethod
-    def value(verdict: Verdict) -> float:
-        return float(verdict.strict_correct)
+    variant = "strict"
+    info = geneval_info(VERSION, variant)
 
 
 @REWARDS.register("geneval-partial")
@@ -220,11 +205,8 @@ class GenEvalPartial(_GenEval):
     """The partial-credit variant of Flow-GRPO / DiffusionNFT / RTDMD: the mean of per-clause credits."""
 
     name = "geneval-partial"
-    info = _info(", partial credit")
-
-    @staticmethod
-    def value(verdict: Verdict) -> float:
-        return float(verdict.partial)
+    variant = "partial"
+    info = geneval_info(VERSION, variant)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from rtdmd.rewards.base import REWARDS, RewardInfo
+from rtdmd.rewards.geneval import geneval_info
 
 # ---------------------------------------------------------------- toy GenEval
 
@@ -54,45 +55,34 @@ def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]]) -> list:
     return [judge(m, detections(p)) for m, p in zip(meta, pixels, strict=True)]
 
 
-def _geneval_info(variant: str) -> RewardInfo:
-    return RewardInfo(
-        version="1",
-        higher_is_better=True,
-        differentiable=False,
-        needs=("tag", "include"),
-        units=f"fraction correct (GenEval rule{variant})",
-        aggregate="category_mean",
-    )
+class _ToyGenEval:
+    variant = "official"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return torch.tensor([v.value(self.variant) for v in _verdicts(images, meta)])
 
 
 @REWARDS.register("toy-geneval")
-class ToyGenEval:
+class ToyGenEval(_ToyGenEval):
     """1.0 if the toy detector's detections satisfy the prompt's GenEval metadata by the official rule."""
 
-    info = _geneval_info("")
-
-    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
-        return torch.tensor([float(v.correct) for v in _verdicts(images, meta)])
+    info = geneval_info("1", "official")
 
 
 @REWARDS.register("toy-geneval-strict")
-class ToyGenEvalStrict:
+class ToyGenEvalStrict(_ToyGenEval):
     """The strict variant: exactly ``count`` detections per clause, ``exclude`` ignored."""
 
-    info = _geneval_info(", strict: exact counts")
-
-    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
-        return torch.tensor([float(v.strict_correct) for v in _verdicts(images, meta)])
+    variant = "strict"
+    info = geneval_info("1", variant)
 
 
 @REWARDS.register("toy-geneval-partial")
-class ToyGenEvalPartial:
+class ToyGenEvalPartial(_ToyGenEval):
     """The partial-credit variant: the mean of the per-clause credit terms, in [0, 1]."""
 
-    info = _geneval_info(", partial credit")
-
-    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
-        return torch.tensor([float(v.partial) for v in _verdicts(images, meta)])
+    variant = "partial"
+    info = geneval_info("1", variant)
 
 
 # ---------------------------------------------------------------- toy CLIP
