@@ -177,14 +177,14 @@ def test_reference_accepts_pil_and_antialias_matters_only_when_downscaling(rewar
 
 def test_resize_max_size_geometry_and_agreement_with_the_batched_resize():
     image = torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(7)) + 0.5  # no zeros inside
-    out = hps.resize_max_size(image, 224)
+    out = resize_longest_pad(image, 224)  # one image, as the reference path resizes
     assert out.shape == (3, 224, 224)
     # 200 * 224/300 = 149.33 -> 149 columns; 75 padding columns: 37 left, 38 right
     assert (out[:, :, :37] == 0).all() and (out[:, :, -38:] == 0).all()
     assert (out[:, :, 37] != 0).all() and (out[:, :, 224 - 39] != 0).all()
     torch.testing.assert_close(resize_longest_pad(image[None], 224)[0], out, atol=1e-6, rtol=0)
     # a longest side of 224 passes unchanged, as in hpsv2 (unpadded, even when not square)
-    assert torch.equal(hps.resize_max_size(image[:, :224, :100], 224), image[:, :224, :100])
+    assert torch.equal(resize_longest_pad(image[:, :224, :100], 224), image[:, :224, :100])
 
 
 def test_hpsv21_loads_its_own_checkpoint(root, reward):

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from rtdmd.rewards.base import DTYPES, REWARDS, OnDevice, RewardInfo
-from rtdmd.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize, resize_longest_pad, to_pil
+from rtdmd.rewards.preprocess import normalize, resize_longest_pad, to_pil
 from rtdmd.rewards.weights import WeightFiles, resolve
 
 HPS_REPO = "xswu/HPSv2"
@@ -110,41 +110,19 @@ def load_hps(path: Path, model_cfg: dict[str, Any] = VIT_H_14) -> nn.Module:
     return model.eval()
 
 
-def resize_max_size(image: Tensor, size: int, antialias: bool = True) -> Tensor:
-    """hpsv2's ``ResizeMaxSize(size)`` on one float tensor ``[C, H, W]``: scale both sides by
-    ``size / max(H, W)`` (``round`` of each), bicubic, then zero-pad to ``size x size`` with the odd
-    pixel on the right/bottom; an image whose longest side is ``size`` passes unchanged.
-
-    The official transform leaves ``antialias`` to torchvision's default for tensors: True since
-    torchvision 0.17, False before (the 2023 benchmark tables predate the change)."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
-    height, width = image.shape[-2:]
-    scale = size / float(max(height, width))
-    if scale == 1.0:
-        return image
-    new_h, new_w = round(height * scale), round(width * scale)
-    image = F.resize(image, [new_h, new_w], InterpolationMode.BICUBIC, antialias=antialias)
-    pad_h, pad_w = size - new_h, size - new_w
-    return F.pad(image, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
-
-
 def reference_pixels(images, size: int = 224, antialias: bool = True) -> Tensor:
     """The official ``preprocess_val`` (``image_transform(is_train=False, resize_longest_max=True)``)
-    per image: RGB PIL -> ``ToTensor`` (uint8 / 255) -> :func:`resize_max_size` -> OpenAI
-    normalisation; stacked to ``[B, 3, size, size]``."""
+    per image: RGB PIL -> ``ToTensor`` (uint8 / 255) -> ``ResizeMaxSize`` (:func:`resize_longest_pad`,
+    bicubic) -> OpenAI normalisation; stacked to ``[B, 3, size, size]``."""
     from torchvision.transforms import functional as F
 
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    pixels = [(resize_max_size(F.to_tensor(image), size, antialias) - mean) / std for image in to_pil(images)]
-    return torch.stack(pixels)
+    resized = [resize_longest_pad(F.to_tensor(image), size, "bicubic", antialias) for image in to_pil(images)]
+    return normalize(torch.stack(resized))
 
 
 def tensor_pixels(images: Tensor, size: int = 224) -> Tensor:
     """The differentiable path: ``normalize(resize_longest_pad(x, size, bicubic))`` on ``[B, 3, H, W]``
-    in [0, 1] (antialiased, the arithmetic of :func:`resize_max_size` on a batch)."""
+    in [0, 1] (antialiased, the reference's arithmetic on a batch)."""
     return normalize(resize_longest_pad(images.float(), size, "bicubic"))
 
 

@@ -49,10 +49,13 @@ def resize_shortest_crop(images: Tensor, size: int, interpolation: Interpolation
     return TF.center_crop(resized, [size, size])
 
 
-def resize_longest_pad(images: Tensor, size: int, interpolation: Interpolation = "bicubic") -> Tensor:
+def resize_longest_pad(
+    images: Tensor, size: int, interpolation: Interpolation = "bicubic", antialias: bool = True
+) -> Tensor:
     """HPSv2's ``ResizeMaxSize``: scale so the longest side is ``size`` (``round`` of each side),
-    then zero-pad to ``size x size``, the odd pixel on the right/bottom; square inputs of side
-    ``size`` pass unchanged."""
+    then zero-pad to ``size x size``, the odd pixel on the right/bottom; inputs whose longest side is
+    ``size`` pass unchanged. ``antialias=False`` is torchvision < 0.17's tensor resize (the official
+    transform leaves it to torchvision's default)."""
     from torchvision.transforms.v2 import functional as TF
 
     height, width = images.shape[-2:]
@@ -60,7 +63,7 @@ def resize_longest_pad(images: Tensor, size: int, interpolation: Interpolation =
     if scale == 1.0:
         return images
     new_h, new_w = round(height * scale), round(width * scale)
-    images = TF.resize(images, [new_h, new_w], interpolation=_mode(interpolation), antialias=True)
+    images = TF.resize(images, [new_h, new_w], interpolation=_mode(interpolation), antialias=antialias)
     pad_h, pad_w = size - new_h, size - new_w
     return TF.pad(images, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0.0)
 
