@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,6 +21,14 @@ from torch import nn
 
 from rtdmd.backbones.base import BackboneConfig, build_backbone
 from rtdmd.config import ConfigError, from_dict, to_dict
+from rtdmd.lora import (
+    SHIPPED_PREFIX,
+    LoraError,
+    merge_lora_file,
+    merge_lora_state_dict,
+    metadata_alpha_over_rank,
+    read_state_dict,
+)
 from rtdmd.registry import did_you_mean
 from rtdmd.sampling import SamplerSpec
 
@@ -153,6 +160,13 @@ def missing_weights_message(source: str, error: Exception) -> str:
 
 def merge_lora_entry(backbone, net: nn.Module, entry: LoraEntry) -> None:
     """Merge one LoRA into ``net``'s weights (``W += scale (alpha / r) B A``)."""
+    try:
+        _merge_lora_entry(backbone, net, entry)
+    except LoraError as error:
+        raise MethodError(str(error)) from None
+
+
+def _merge_lora_entry(backbone, net: nn.Module, entry: LoraEntry) -> None:
     if entry.kind == "rtdmd":
         merge_rtdmd_run(net, Path(entry.source), entry.scale)
         return
@@ -193,14 +207,6 @@ def resolve_file(source: str, weight_name: str) -> Path:
         raise MethodError(missing_weights_message(f"{source}/{weight_name}", error)) from None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
     """``alpha / rank``: the card's value, else ``adapter_config.json`` beside the file, else the
     ``lora_alpha``/``lora_rank`` metadata ``rtdmd-train export-lora`` writes."""
@@ -213,46 +219,6 @@ def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
     if (ratio := metadata_alpha_over_rank(path)) is not None:
         return ratio
     raise MethodError(f"{path}: no adapter_config.json beside it and no rank in its metadata; set alpha_over_rank")
-
-
-def metadata_alpha_over_rank(path: Path) -> float | None:
-    """``lora_alpha / lora_rank`` from a safetensors file's metadata (``rtdmd-train export-lora``), if there."""
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    if "lora_alpha" in meta and "lora_rank" in meta:
-        return float(meta["lora_alpha"]) / float(meta["lora_rank"])
-    return None
-
-
-LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def merge_lora_state_dict(net: nn.Module, tensors: dict[str, torch.Tensor], factor: float) -> int:
-    """``W += factor * B A`` for every (A, B) pair; returns how many weights changed."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        for prefix in ("base_model.model.", "module.", "_orig_mod.", "transformer."):
-            key = key.removeprefix(prefix)
-        match = LORA_KEY.match(key)
-        if match:
-            pairs.setdefault(match["module"] + ".weight", {})[match["which"]] = value
-    params = dict(net.named_parameters())
-    incomplete = sorted(name for name, ab in pairs.items() if len(ab) != 2)
-    if incomplete:
-        raise MethodError(f"LoRA state dict has lora_A without lora_B (or the reverse) for {incomplete[:3]}")
-    unknown = sorted(name for name in pairs if name not in params)
-    if unknown or not pairs:
-        raise MethodError(f"LoRA keys do not match this transformer: {unknown[:3] or 'no lora_A/lora_B pairs found'}")
-    with torch.no_grad():
-        for name, ab in pairs.items():
-            weight = params[name]
-            delta = ab["B"].to(weight.device, torch.float32) @ ab["A"].to(weight.device, torch.float32)
-            weight.add_((factor * delta.reshape(weight.shape)).to(weight.dtype))
-    return len(pairs)
 
 
 def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
@@ -275,13 +241,4 @@ def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
 
 def merge_shipped(net: nn.Module, name: str, scale: float) -> None:
     """Merge a LoRA shipped in rtdmd's package data (written by ``export_generator_lora``)."""
-    from rtdmd.toyworld.weights import WeightsError, packaged
-
-    try:
-        path = packaged(name)
-    except WeightsError as error:
-        raise MethodError(str(error)) from None
-    ratio = metadata_alpha_over_rank(path)  # the file's own rank and alpha, nothing beside it
-    if ratio is None:
-        raise MethodError(f"shipped LoRA {path} has no lora_rank/lora_alpha metadata")
-    merge_lora_state_dict(net, read_state_dict(path), scale * ratio)
+    merge_lora_file(net, SHIPPED_PREFIX + name, scale)

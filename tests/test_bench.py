@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 import bench.generate
 import bench.suites
 from bench.cli import app
-from bench.methods import MethodError, build_method, card_names, load_method, merge_lora_state_dict
+from bench.methods import MethodError, build_method, card_names, load_method
+from rtdmd.lora import LoraError, merge_lora_state_dict
 from bench.suites import SuiteError, build_dpg, load_card, load_suite, sha256_bytes
 from bench.suites import card_names as suite_names
 from rtdmd.rewards import REWARDS
@@ -410,7 +411,7 @@ def test_state_dict_and_run_dir_loras_merge_into_the_weights(tmp_path):
             ),
             torch.device("cpu"),
         )
-    with pytest.raises(MethodError, match="lora_A without lora_B"):
+    with pytest.raises(LoraError, match="lora_A without lora_B"):
         merge_lora_state_dict(plain, {"x.lora_A.weight": torch.zeros(1, 1)}, 1.0)
 
 

@@ -147,6 +147,38 @@ def distill(
 
 
 @app.command()
+def rl(
+    config: str = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(
+        None,
+        help="Typed overrides, e.g. epochs=20 arm=no-bp grpo.log_prob=simplified grpo.clip_range=1e-5.",
+        show_default=False,
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config and exit without loading weights."
+    ),
+) -> None:
+    """Stage 2: RTDMD reward fine-tuning of a stage-1 generator (SubGRPO + reward back-propagation + AC-DMD).
+
+    Packaged configs: tiny, toy, sd3m, sd35m, flux2_4b, flux2_9b, flux1_dev (see `rtdmd-train configs`).
+    Point `stage1.run=` at the `rtdmd-train distill` run to start from (or stage1.generator_lora= /
+    stage1.fake_lora= at exported LoRA files). Ablations are one switch: arm=rtdmd | grpo-all-steps |
+    no-bp | no-dm | bp-only | dmd-only. Rerunning the same command resumes from the last checkpoint;
+    raising `epochs=` extends a finished run. Multi-GPU: `torchrun --nproc_per_node N -m rtdmd.train.cli rl ...`.
+    """
+    from rtdmd.train.rl import RLConfig, train
+
+    cfg = _load(RLConfig, "rl", config, overrides, dry_run)
+    with _config_errors():
+        summary = train(cfg)
+    if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        console.print(
+            f"epochs {summary['start_epoch']} -> {summary['epochs']} in {summary['seconds']:.1f}s on "
+            f"{summary['world_size']} process(es) · run directory: {summary['run_dir']} (stats.jsonl, checkpoints/, eval/)"
+        )
+
+
+@app.command()
 def pretrain(
     config: str = typer.Option("toy", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(

@@ -19,6 +19,7 @@ rollback per-sample ones (the same on any world size).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -152,11 +153,15 @@ class Models:
     latent_shape: tuple[int, int, int]
 
 
+def renoise_levels(spec: RenoiseSpec, s: float, seeds: list[int]) -> torch.Tensor:
+    """Per-sample ``t = clamp(s + margin + u (1 - s - margin), *clamp)``, ``u ~ U[0, 1)`` from each seed."""
+    lo = s + spec.margin
+    t = [lo + uniform(seed) * (1 - lo) for seed in seeds]
+    return torch.tensor(t, dtype=torch.float32).clamp(*spec.clamp)
+
+
 def draw_renoise_levels(cfg: DistillConfig, phase: str, step: int, samples: list[int], s: float) -> torch.Tensor:
-    """Per-sample ``t = clamp(s + margin + u (1 - s - margin), *clamp)``, ``u ~ U[0, 1)`` by coordinates."""
-    lo = s + cfg.renoise.margin
-    t = [lo + uniform(seed_for(cfg.seed, phase, step, i, "t")) * (1 - lo) for i in samples]
-    return torch.tensor(t, dtype=torch.float32).clamp(*cfg.renoise.clamp)
+    return renoise_levels(cfg.renoise, s, [seed_for(cfg.seed, phase, step, i, "t") for i in samples])
 
 
 def sample_subinterval(
@@ -226,7 +231,17 @@ def fake_loss(
     logs = {"loss/fake_ambient": float(loss_amb.detach()), "train/fake_stop": sub.stop}
     loss = loss_amb
     if ac.consistency_weight:
-        loss_cons = consistency_term(cfg, models, step, samples, cond, sub, v)
+        loss_cons = consistency_term(
+            models,
+            sub.x_t,
+            sub.t,
+            v,
+            cond,
+            cfg.sampler.eta,
+            ac.consistency_max_rollback,
+            samples,
+            lambda i, *what: seed_for(cfg.seed, "fake", step, i, *what),
+        )
         loss = loss + ac.consistency_weight * loss_cons
         logs["loss/fake_consistency"] = float(loss_cons.detach())
     logs["loss/fake"] = float(loss.detach())
@@ -234,29 +249,34 @@ def fake_loss(
 
 
 def consistency_term(
-    cfg: DistillConfig, models: Models, step: int, samples: list[int], cond: Cond, sub: SubInterval, v: torch.Tensor
+    models: Models,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    cond: Cond,
+    eta: float,
+    max_rollback: int,
+    samples: list[int],
+    seed_of: Callable[..., int],
 ) -> torch.Tensor:
     """``mean((h'_1 - h_a)(h'_2 - h_a))``: two independent stop-gradient CPS moves ``t -> t'`` with the
-    fake's own (detached) velocity; the gradient reaches the fake through ``h_a``, ``h'_1``, ``h'_2``."""
-    ac, device = cfg.ac, sub.x_t.device
-    rollback = [
-        randint(seed_for(cfg.seed, "fake", step, i, "rollback"), 1, ac.consistency_max_rollback) for i in samples
-    ]
-    t_prev = (sub.t - torch.tensor(rollback, device=device, dtype=torch.float32) / 1000).clamp(min=0)
-    anchor = x0_from_velocity(sub.x_t, v.float(), sub.t)
+    fake's own (detached) velocity; the gradient reaches the fake through ``h_a``, ``h'_1``, ``h'_2``.
+
+    ``seed_of(i, *what)`` addresses sample ``i``'s draws: the rollback ``t - t' ~ U{1..max}/1000``
+    and the two moves' noises."""
+    device = x_t.device
+    rollback = [randint(seed_of(i, "rollback"), 1, max_rollback) for i in samples]
+    t_prev = (t - torch.tensor(rollback, device=device, dtype=torch.float32) / 1000).clamp(min=0)
+    anchor = x0_from_velocity(x_t, v.float(), t)
     with torch.no_grad():
         moves = [
             cps_step(
-                sub.x_t,
+                x_t,
                 v.detach(),
-                sub.t,
+                t,
                 t_prev,
-                cfg.sampler.eta,
-                randn_rows(
-                    [seed_for(cfg.seed, "fake", step, i, "consistency", j) for i in samples],
-                    models.latent_shape,
-                    device,
-                ),
+                eta,
+                randn_rows([seed_of(i, "consistency", j) for i in samples], models.latent_shape, device),
             )
             for j in (1, 2)
         ]
@@ -341,8 +361,14 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
 
 
 def optimizer_step(loss: torch.Tensor, params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
-    """Backward, global-norm clipping (0 = off), AdamW step; returns the pre-clip gradient norm."""
+    """Backward, then :func:`clip_and_step`; returns the pre-clip gradient norm."""
     loss.backward()
+    return clip_and_step(params, optimizer, clip)
+
+
+def clip_and_step(params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
+    """Global-norm clipping of the accumulated gradients (0 = off), AdamW step, zeroed gradients;
+    returns the pre-clip gradient norm."""
     grads = [p for p in params.values() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):

@@ -22,12 +22,14 @@ from rtdmd.seeding import seed_for
 @dataclass(frozen=True)
 class LoraSpec:
     """peft LoRA: ``W + (alpha / rank) B A``. ``targets`` empty = the family's ``lora_targets``.
-    ``init``: peft's ``"gaussian"`` (A ~ N(0, 1/rank), B = 0; the official setting) or ``"default"``."""
+    ``init`` (always ``B = 0``): peft's ``"gaussian"`` (A ~ N(0, 1/rank^2); the official stage-1
+    setting), peft's ``"default"`` (Kaiming-uniform A), or ``"normal"`` (A ~ N(0, 1): the official
+    stage 2's fresh LoRA after merging stage 1's)."""
 
     rank: int = 32
     alpha: float = 64.0
     targets: tuple[str, ...] = ()
-    init: Literal["gaussian", "default"] = "gaussian"
+    init: Literal["gaussian", "default", "normal"] = "gaussian"
 
     def validate(self) -> None:
         if self.rank < 1 or self.alpha <= 0:
@@ -79,12 +81,16 @@ def attach_lora(net: nn.Module, spec: LoraSpec, default_targets: tuple[str, ...]
         r=spec.rank,
         lora_alpha=spec.alpha,
         target_modules=list(spec.targets or default_targets),
-        init_lora_weights="gaussian" if spec.init == "gaussian" else True,
+        init_lora_weights="gaussian" if spec.init in ("gaussian", "normal") else True,
         use_rslora=False,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net.add_adapter(config)
+        if spec.init == "normal":
+            for name, param in net.named_parameters():
+                if "lora_A" in name:
+                    torch.nn.init.normal_(param.data, 0.0, 1.0)
     for name, param in net.named_parameters():  # LoRA weights train in float32 on bf16 bases
         if "lora_" in name:
             param.data = param.data.float()
@@ -137,8 +143,10 @@ class EMA:
         self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
 
     @torch.no_grad()
-    def update(self, params: dict[str, nn.Parameter]) -> None:
-        decay = warmup_decay(self.num_updates, self.decay) if self.warmup else self.decay
+    def update(self, params: dict[str, nn.Parameter], decay: float | None = None) -> None:
+        """One update with the configured decay (or ``decay``, e.g. a schedule kept by the caller)."""
+        if decay is None:
+            decay = warmup_decay(self.num_updates, self.decay) if self.warmup else self.decay
         for name, p in params.items():
             ema_update_(self.shadow[name], p, decay)
         self.num_updates += 1
