@@ -89,10 +89,17 @@ class GRPOSpec:
     or the official ``simplified`` ``-mean((x' - mean)^2)``, whose ratios stay within ~1e-5 of 1
     (clip 1e-5). The exact log-ratio is the simplified one times ``N / (2 rho^2)`` (N latent elements,
     rho the step's noise std): 1e-5 in simplified units is 0.4-1.3 in exact units for SD3.5-M at
-    512, so the exact default clip is PPO's usual 0.2."""
+    512, so the exact default clip is PPO's usual 0.2.
+
+    ``exact_scale``: the exact log-density's gradient is ``N / (2 rho^2)`` times the simplified
+    one's, which would swamp the final-step terms (DMD 1e-3, BP 1e-4 are tuned against the
+    simplified scale). ``per_element`` (default) multiplies step k's exact PPO term by
+    ``2 rho_k^2 / N``: the ratio and its clipping use exact densities, and at the old policy the
+    gradient equals the official one. ``density`` leaves the term unscaled."""
 
     group_size: int = 24
     log_prob: Literal["exact", "simplified"] = "exact"
+    exact_scale: Literal["per_element", "density"] = "per_element"
     clip_range: float = 0.2
     advantage_clip: float = 5.0
     step_range: tuple[int, int] = (0, 2)  # the stochastic steps SubGRPO chooses from (inclusive)

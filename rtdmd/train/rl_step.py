@@ -404,6 +404,8 @@ def ppo_term(
     clipped = adv.to(log_prob.device).clamp(-cfg.grpo.advantage_clip, cfg.grpo.advantage_clip)
     eps = cfg.grpo.clip_range
     per_sample = ppo_clipped_loss(log_prob, old, clipped, eps, eps)
+    if cfg.grpo.log_prob == "exact" and cfg.grpo.exact_scale == "per_element":
+        per_sample = per_sample * (2 * float(std) ** 2 / x_next[0].numel())  # the official gradient scale
     ratio = torch.exp(log_prob.detach() - old)
     logs = {
         "loss/ppo": float(per_sample.mean().detach()),

@@ -1,0 +1,165 @@
+"""Seconds per stage-2 (RTDMD) epoch and peak memory, one GPU's share, at real model size with random weights.
+
+One GPU's share of an official epoch: ``iterations_per_epoch`` (16) sampler iterations of the
+packaged config's per-GPU batch (SD3.5-M 9, FLUX.2-klein 4B 6 images), each rolled out over 4 CPS
+steps, decoded and scored; the fake-score step; the generator's 16 x 3 micro-steps (PPO on 2
+SubGRPO steps, AC-DMD and reward back-propagation through the VAE on the final step); one
+optimiser step. Exactly ``rtdmd-train rl``'s ``run_epoch`` with the packaged config's values
+(LoRA rank 32, bf16 autocast, gradient checkpointing, BP/fake chunks), the released checkpoints'
+component sizes (``bench/perf/real_sizes.py``) and the real reward architectures with random
+weights: CLIPScore (CLIP ViT-L/14), PickScore (CLIP ViT-H/14), HPSv2.1 (open_clip ViT-H-14).
+GenEval (the fourth training reward) needs the mmdet worker environment and is left out. The
+group size is set to the per-GPU batch (one prompt per iteration): it changes only the
+advantages' grouping, not the work. With 8 (SD3.5-M) or 16 (FLUX.2 4B) GPUs the epoch takes this
+time plus the gradient all-reduces.
+
+    python bench/perf/rl_epoch.py --family sd35m --out rl_epoch_sd35m.json [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.perf.distill_step import PROMPTS, build_backbone  # noqa: E402
+from rtdmd import distributed  # noqa: E402
+from rtdmd.config import load  # noqa: E402
+from rtdmd.train.rl import RewardTerm, RLConfig  # noqa: E402
+from rtdmd.train.rl_step import build_session, run_epoch  # noqa: E402
+
+BATCH = {"sd35m": 9, "sd3m": 2, "flux2_4b": 6}  # per GPU, rtdmd_method.md §6.2
+
+
+def random_rewards(root: Path, tiny: bool) -> dict:
+    """CLIPScore, PickScore (/26) and HPSv2.1 at released sizes with random weights."""
+    from bench.perf.rewards import CLIP_H14, CLIP_L14
+    from rtdmd.rewards import clip as clip_rewards
+    from rtdmd.rewards import hps
+    from rtdmd.testing import save_tiny_clip
+
+    l14, h14 = ({}, {}) if tiny else ({"sizes": CLIP_L14}, {"sizes": CLIP_H14})
+    save_tiny_clip(root / clip_rewards.CLIP_L14.repo, projection_dim=768, **l14)
+    save_tiny_clip(
+        root / clip_rewards.PICKSCORE_V1.repo,
+        root / clip_rewards.CLIP_H14_PROCESSOR.repo,
+        projection_dim=1024,
+        logit_scale=4.6052,
+        **h14,
+    )
+    model_cfg = hps.VIT_H_14
+    if tiny:
+        model_cfg = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+        }
+    path = root / hps.HPS_REPO / hps.HPS_V21_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": hps.build_clip(model_cfg).half().state_dict()}, path)
+    return {
+        "clipscore": clip_rewards.ClipScore(root, dtype="bfloat16"),
+        "pickscore": clip_rewards.PickScore(root, dtype="bfloat16", scale="div26"),
+        "hpsv21": hps.HpsV21(root, dtype="bfloat16", model_cfg=model_cfg),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", required=True, choices=sorted(BATCH))
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
+    parser.add_argument("--out", default="rl_epoch.json")
+    args = parser.parse_args()
+
+    world = distributed.init("auto")
+    device = world.device
+    cfg = load(RLConfig, args.family, group="rl")
+    batch = BATCH[args.family]
+    cfg = dataclasses.replace(
+        cfg,
+        stage1=dataclasses.replace(cfg.stage1, run=""),  # random weights: no stage-1 LoRAs
+        generator=dataclasses.replace(cfg.generator, source=""),
+        prompt_file="",
+        prompts=PROMPTS,
+        rewards=tuple(t for t in cfg.rewards if t.name != "geneval-partial"),
+        grpo=dataclasses.replace(cfg.grpo, group_size=batch),
+        batch_size=batch,
+        iterations_per_epoch=args.iterations or cfg.iterations_per_epoch,
+        distributed="none",
+        eval=dataclasses.replace(cfg.eval, every=0),
+        height=64 if args.tiny else cfg.height,
+        width=64 if args.tiny else cfg.width,
+    )
+    assert all(isinstance(t, RewardTerm) for t in cfg.rewards)
+    t0 = time.perf_counter()
+    backbone = build_backbone(args.family, args.tiny, device)
+    rewards = random_rewards(Path(tempfile.mkdtemp()), args.tiny)
+    sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone, rewards=rewards)
+    build_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    run_epoch(sess, 0)  # warm-up
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        t = time.perf_counter()
+        logs = run_epoch(sess, epoch)
+        sync()
+        rows.append(
+            {
+                "epoch": epoch,
+                "seconds": time.perf_counter() - t,
+                "trained_steps": [k for k in range(3) if int(logs["train/trained_steps"]) >> k & 1],
+                "ppo_ratio_deviation_max": logs.get("ppo/ratio_deviation_max"),
+            }
+        )
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    mean_s = sum(r["seconds"] for r in rows) / len(rows)
+    images = cfg.batch_size * cfg.iterations_per_epoch
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "peft", "open_clip_torch")},
+        "family": args.family,
+        "sizes": "tiny" if args.tiny else "released",
+        "resolution": cfg.height,
+        "images_per_gpu_per_epoch": images,
+        "batch_per_gpu": cfg.batch_size,
+        "iterations_per_epoch": cfg.iterations_per_epoch,
+        "rewards": [t.name for t in cfg.rewards],
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "build_seconds": build_s,
+        "epochs": rows,
+        "seconds_per_epoch": mean_s,
+        "peak_memory_gib": peak_gib,
+    }
+    table = Table(title=f"RTDMD epoch · {args.family} · {cfg.height}px · {images} images/GPU · {record['device']}")
+    for col in ("epoch", "trained steps", "seconds", "max |ratio - 1|"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["epoch"]), str(r["trained_steps"]), f"{r['seconds']:.1f}", str(r["ppo_ratio_deviation_max"]))
+    Console().print(table)
+    Console().print(
+        f"mean {mean_s:.1f} s/epoch ({images / mean_s:.2f} images/s) · peak memory "
+        f"{peak_gib if peak_gib is None else f'{peak_gib:.1f} GiB'}"
+    )
+    Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
