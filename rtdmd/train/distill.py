@@ -526,24 +526,26 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
 def export_generator_lora(
     run: str | Path, path: str | Path, dtype: torch.dtype = torch.float16, allow_partial: bool = False, **meta: str
 ) -> Path:
-    """The EMA generator LoRA of a finished run (its last checkpoint; an unfinished run only with
-    ``allow_partial``) as a peft-named safetensors file in ``dtype``; the metadata holds
-    ``lora_rank``, ``lora_alpha``, the step and the run's method."""
+    """The EMA generator LoRA of a finished ``distill`` or ``rl`` run (its last checkpoint; an
+    unfinished run only with ``allow_partial``) as a peft-named safetensors file in ``dtype``; the
+    metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method (or RL arm)."""
     import yaml
 
     from rtdmd.checkpoint import save_tensors
-    from rtdmd.config import from_dict
     from rtdmd.train import state
 
     run = Path(run)
     latest = state.latest_checkpoint(run)
     if latest is None or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not an rtdmd-train run directory with a checkpoint")
-    cfg = from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text()))
-    if cfg.generator.lora is None:
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    lora = (raw.get("generator") or {}).get("lora")
+    if not lora:
         raise ValueError(f"{run} trained every weight: there is no LoRA to export")
-    if latest[0] != cfg.steps and not allow_partial:
-        raise ValueError(f"{run} stopped at step {latest[0]} of {cfg.steps}: finish it, or pass --allow-partial")
+    total = raw.get("steps", raw.get("epochs"))
+    if latest[0] != total and not allow_partial:
+        raise ValueError(f"{run} stopped at step {latest[0]} of {total}: finish it, or pass --allow-partial")
     ema = {k[len("ema/") :]: v.to(dtype) for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
-    info = {"lora_rank": str(cfg.generator.lora.rank), "lora_alpha": str(cfg.generator.lora.alpha)}
-    return save_tensors(ema, path, metadata={**meta, "step": str(latest[0]), "method": cfg.method, **info})
+    info = {"lora_rank": str(lora["rank"]), "lora_alpha": str(float(lora["alpha"]))}
+    method = str(raw.get("method") or f"rtdmd-{raw.get('arm')}")
+    return save_tensors(ema, path, metadata={**meta, "step": str(latest[0]), "method": method, **info})

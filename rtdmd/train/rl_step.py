@@ -203,20 +203,29 @@ def rollout_batch(sess: Session, epoch: int, iteration: int, trained: tuple[int,
         )
         images = models.backbone.decode(traj.final).float().clamp(0, 1)
     meta = [sess.records[i] for i in ids]
-    rewards = {t.name: sess.rewards[t.name](images, prompts, meta).double().cpu() for t in cfg.rewards}
+    rewards = {t.name: sess.rewards[t.name](images, prompts, meta).double().cpu() for t in scored_rewards(sess)}
     log_probs = traj.log_probs if cfg.grpo.log_prob == "exact" else traj.log_probs_simplified
     return Batch(samples, ids, cond, traj.states.detach(), log_probs.detach(), rewards)
+
+
+def scored_rewards(sess: Session) -> list:
+    """The rewards each rollout is scored with: all of the mixture for a policy gradient; without
+    one only the back-propagated ones are logged (a GenEval detector costs more than the rest)."""
+    cfg = sess.cfg
+    if cfg.terms.ppo:
+        return list(cfg.rewards)
+    return [t for t in cfg.rewards if sess.rewards[t.name].info.differentiable]
 
 
 def epoch_advantages(sess: Session, batches: list[Batch]) -> tuple[list[Tensor], dict[str, float]]:
     """Group advantages over every image of the epoch on every rank; this rank's, per batch."""
     import torch.distributed as dist
 
-    cfg = sess.cfg
+    terms = scored_rewards(sess)
     local = {
         "samples": [s for b in batches for s in b.samples],
         "groups": [g for b in batches for g in b.prompt_ids],
-        "rewards": {t.name: torch.cat([b.rewards[t.name] for b in batches]) for t in cfg.rewards},
+        "rewards": {t.name: torch.cat([b.rewards[t.name] for b in batches]) for t in terms},
     }
     parts = [local]
     if dist.is_initialized():
@@ -225,10 +234,10 @@ def epoch_advantages(sess: Session, batches: list[Batch]) -> tuple[list[Tensor],
     samples = [s for p in parts for s in p["samples"]]
     order = sorted(range(len(samples)), key=samples.__getitem__)  # global sample order: any world size
     groups = [g for p in parts for g in p["groups"]]
-    rewards = {t.name: torch.cat([p["rewards"][t.name] for p in parts])[order] for t in cfg.rewards}
-    adv = group_advantages(rewards, {t.name: t.weight for t in cfg.rewards}, [groups[i] for i in order])
+    rewards = {t.name: torch.cat([p["rewards"][t.name] for p in parts])[order] for t in terms}
+    adv = group_advantages(rewards, {t.name: t.weight for t in terms}, [groups[i] for i in order])
     by_sample = dict(zip([samples[i] for i in order], adv.tolist(), strict=True))
-    mixture = sum(t.weight * rewards[t.name] for t in cfg.rewards)
+    mixture = sum(t.weight * rewards[t.name] for t in terms)
     logs = {f"reward/{name}": float(r.mean()) for name, r in rewards.items()}
     logs |= {"reward/mixture": float(mixture.mean()), "adv/zero_fraction": float((adv == 0).double().mean())}
     logs["reward/group_std"] = float(
