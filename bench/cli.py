@@ -55,7 +55,18 @@ def _options(
 class DefaultRun:
     """What ``rtdmd-bench run`` does without arguments: the toy-world leaderboard, minutes on one GPU."""
 
-    methods: tuple[str, ...] = ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")
+    methods: tuple[str, ...] = (
+        "toy-teacher",
+        "toy-euler4",
+        "toy-dmd",
+        "toy-acdmd",
+        "toy-rtdmd",
+        "toy-rtdmd-grpo-all-steps",
+        "toy-rtdmd-no-bp",
+        "toy-rtdmd-no-dm",
+        "toy-rtdmd-bp-only",
+        "toy-rtdmd-dmd-only",
+    )
     suite: str = "toy-geneval"
     metrics: tuple[str, ...] = ()  # () = the suite card's default metrics
     reference: str = "toy-teacher"

@@ -21,9 +21,9 @@ import bench.generate
 import bench.suites
 from bench.cli import app
 from bench.methods import MethodError, build_method, card_names, load_method
-from rtdmd.lora import LoraError, merge_lora_state_dict
 from bench.suites import SuiteError, build_dpg, load_card, load_suite, sha256_bytes
 from bench.suites import card_names as suite_names
+from rtdmd.lora import LoraError, merge_lora_state_dict
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo
 

@@ -228,15 +228,27 @@ def test_two_sample_estimator_expectation():
 
 
 def test_consistency_gradient_flows_through_denoisers_not_transitions():
+    from rtdmd.seeding import seed_for
+
     cfg, models = tiny_models(ToyBackbone())
     net = models.fake_run
     sub = sample_subinterval(cfg, models, "fake", 3, [0, 1], toy_cond(2), grad=False)
     v = ToyBackbone().velocity(net, sub.x_t, sub.t, None)
-    loss = consistency_term(cfg, models, 3, [0, 1], toy_cond(2), sub, v)
+    loss = consistency_term(
+        models,
+        sub.x_t,
+        sub.t,
+        v,
+        toy_cond(2),
+        0.9,
+        200,
+        [0, 1],
+        lambda i, *what: seed_for(cfg.seed, "fake", 3, i, *what),
+    )
     ours = torch.autograd.grad(loss, [net.c], retain_graph=True)[0]
 
     # the same estimator written out with constant transitions
-    from rtdmd.seeding import randint, randn_rows, seed_for
+    from rtdmd.seeding import randint, randn_rows
 
     rollback = torch.tensor([randint(seed_for(cfg.seed, "fake", 3, i, "rollback"), 1, 200) for i in (0, 1)]) / 1000
     t_prev = (sub.t - rollback).clamp(min=0)

@@ -144,7 +144,9 @@ def test_k_repeat_sampler_gives_every_chosen_prompt_exactly_g_times(world_size):
         batch = k_repeat_batch(0, 3, iteration, num_prompts=20, batch_size=24, group_size=6)
         counts = {p: batch.count(p) for p in set(batch)}
         assert len(counts) == 4 and set(counts.values()) == {6}
-        shards = [[batch[i] for i in World(r, world_size, torch.device("cpu")).local_slice(24)] for r in range(world_size)]
+        shards = [
+            [batch[i] for i in World(r, world_size, torch.device("cpu")).local_slice(24)] for r in range(world_size)
+        ]
         assert all(len(s) == 24 // world_size for s in shards)
         assert sorted(p for s in shards for p in s) == sorted(batch)
     assert k_repeat_batch(0, 3, 1, 20, 24, 6) != k_repeat_batch(0, 4, 1, 20, 24, 6)
@@ -219,7 +221,11 @@ def test_subgrpo_gradient_reaches_only_the_trained_steps(monkeypatch):
 
 
 def test_final_step_gets_only_dmd_and_bp_gradient_and_no_bp_above_the_margin(monkeypatch):
-    cfg = step_config(arm="bp-only", dm=dataclasses.replace(RLConfig().dm, weight=0.0), bp=dataclasses.replace(RLConfig().bp, scale=1.0))
+    cfg = step_config(
+        arm="bp-only",
+        dm=dataclasses.replace(RLConfig().dm, weight=0.0),
+        bp=dataclasses.replace(RLConfig().bp, scale=1.0),
+    )
     grads, _ = captured_gradients(monkeypatch, step_session(cfg))
     assert [bool(grads["w"][k] != 0) for k in range(4)] == [False, False, False, True]  # x_3 is a stored leaf
     assert float(grads["b"][3]) > 0  # brighter images need a larger x0 = x_3 - sigma_3 v: b_3 goes down
@@ -281,7 +287,9 @@ def test_rollout_log_probs_are_the_exact_gaussian_densities():
     seeds = [[1, 2, 3, 4, 5]]
     traj = rollout(backbone, net, backbone.encode(["a"]), SIGMAS, seeds, SHAPE, eta=0.9)
     for k in range(3):
-        mean, std = cps_mean_std(traj.states[:, k], net(traj.states[:, k], SIGMAS[k].expand(1)), float(SIGMAS[k]), float(SIGMAS[k + 1]), 0.9)
+        mean, std = cps_mean_std(
+            traj.states[:, k], net(traj.states[:, k], SIGMAS[k].expand(1)), float(SIGMAS[k]), float(SIGMAS[k + 1]), 0.9
+        )
         direct = torch.distributions.Normal(mean.double(), float(std)).log_prob(traj.states[:, k + 1].double()).sum()
         torch.testing.assert_close(traj.log_probs[0, k], direct)
         torch.testing.assert_close(gaussian_log_prob(traj.states[:, k + 1], mean, std)[0], direct)

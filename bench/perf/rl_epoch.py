@@ -78,8 +78,11 @@ def random_rewards(root: Path, tiny: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True, choices=sorted(BATCH))
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
-    parser.add_argument("--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up")
+    parser.add_argument("--warmup-iterations", type=int, default=2, help="sampler iterations of the warm-up epoch")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="rl_epoch.json")
     args = parser.parse_args()
@@ -111,7 +114,9 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    run_epoch(sess, 0)  # warm-up
+    sess.cfg = dataclasses.replace(cfg, iterations_per_epoch=args.warmup_iterations)
+    run_epoch(sess, 0)  # warm-up: kernels, allocator, cuDNN/cuBLAS choices
+    sess.cfg = cfg
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -152,7 +157,9 @@ def main() -> None:
     for col in ("epoch", "trained steps", "seconds", "max |ratio - 1|"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["epoch"]), str(r["trained_steps"]), f"{r['seconds']:.1f}", str(r["ppo_ratio_deviation_max"]))
+        table.add_row(
+            str(r["epoch"]), str(r["trained_steps"]), f"{r['seconds']:.1f}", str(r["ppo_ratio_deviation_max"])
+        )
     Console().print(table)
     Console().print(
         f"mean {mean_s:.1f} s/epoch ({images / mean_s:.2f} images/s) · peak memory "

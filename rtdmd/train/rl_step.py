@@ -160,9 +160,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
 
 
 def autocast(sess: Session):
-    return torch.autocast(
-        sess.world.device.type, dtype=torch.bfloat16, enabled=sess.cfg.precision == "bfloat16"
-    )
+    return torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=sess.cfg.precision == "bfloat16")
 
 
 @contextlib.contextmanager
@@ -185,9 +183,7 @@ def rollout_batch(sess: Session, epoch: int, iteration: int, trained: tuple[int,
     from rtdmd.train.rl_plan import k_repeat_batch, noise_seeds
 
     cfg, models = sess.cfg, sess.models
-    prompt_ids = k_repeat_batch(
-        cfg.seed, epoch, iteration, len(sess.records), cfg.batch_size, cfg.grpo.group_size
-    )
+    prompt_ids = k_repeat_batch(cfg.seed, epoch, iteration, len(sess.records), cfg.batch_size, cfg.grpo.group_size)
     local = list(sess.world.local_slice(cfg.batch_size))
     samples = [iteration * cfg.batch_size + i for i in local]
     ids = [prompt_ids[i] for i in local]
@@ -195,7 +191,9 @@ def rollout_batch(sess: Session, epoch: int, iteration: int, trained: tuple[int,
     num_steps = cfg.sampler.num_steps
     stochastic = range(num_steps - 1)  # the last step lands on sigma = 0: deterministic
     own = trained if cfg.terms.subgrpo else tuple(stochastic)  # without SubGRPO no noise is shared
-    seeds = [noise_seeds(cfg.seed, epoch, s, p, stochastic, own, num_steps) for s, p in zip(samples, prompts, strict=True)]
+    seeds = [
+        noise_seeds(cfg.seed, epoch, s, p, stochastic, own, num_steps) for s, p in zip(samples, prompts, strict=True)
+    ]
     cond = models.backbone.encode(prompts, guidance=cfg.teacher_guidance[1])
     with autocast(sess):
         traj = rollout(
@@ -256,18 +254,16 @@ def fake_update(sess: Session, epoch: int, batches: list[Batch]) -> dict[str, fl
     cfg, models = sess.cfg, sess.models
     obj = cfg.fake_objective
     total = sum(len(b.samples) for b in batches)
-    chunks = [
-        (b, rows)
-        for b in batches
-        for rows in _chunks(len(b.samples), cfg.fake_chunk or len(b.samples))
-    ]
+    chunks = [(b, rows) for b in batches for rows in _chunks(len(b.samples), cfg.fake_chunk or len(b.samples))]
     sums = {"loss/fake": 0.0, "loss/fake_consistency": 0.0}
     for n, (batch, rows) in enumerate(chunks):
         samples = [batch.samples[i] for i in rows]
         x0 = batch.states[rows, -1].float()
         device = x0.device
         t = renoise_levels(cfg.renoise, 0.0, [seed_for(cfg.seed, "rl-fake", epoch, i, "t") for i in samples]).to(device)
-        eps = randn_rows([seed_for(cfg.seed, "rl-fake", epoch, i, "renoise") for i in samples], models.latent_shape, device)
+        eps = randn_rows(
+            [seed_for(cfg.seed, "rl-fake", epoch, i, "renoise") for i in samples], models.latent_shape, device
+        )
         x_t = renoise(x0, 0.0, t, eps)
         cond = batch.cond.select(rows)
         with grad_sync(models.fake_run, n == len(chunks) - 1), autocast(sess):
@@ -311,7 +307,9 @@ def final_step_loss(
     if terms.dm:
         device = x0.device
         t = renoise_levels(cfg.renoise, 0.0, [seed_for(cfg.seed, "rl-dm", epoch, i, "t") for i in samples]).to(device)
-        eps = randn_rows([seed_for(cfg.seed, "rl-dm", epoch, i, "renoise") for i in samples], models.latent_shape, device)
+        eps = randn_rows(
+            [seed_for(cfg.seed, "rl-dm", epoch, i, "renoise") for i in samples], models.latent_shape, device
+        )
         with torch.no_grad():
             x_t = renoise(x0.detach().float(), 0.0, t, eps)
             x_real = x0_from_velocity(x_t, models.backbone.velocity(models.teacher, x_t, t, cond, w).float(), t)
