@@ -197,9 +197,13 @@ def test_the_default_run_is_the_toy_leaderboard():
     assert default.suite == "toy-geneval" and default.reference == "toy-teacher"
     with pytest.raises(ValueError, match="default reference toy-teacher is not one of the default methods"):
         DefaultRun(methods=("tiny-cps4",))
-    assert default.methods == ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")
+    assert default.methods[:4] == ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")
+    assert default.methods[4:] == tuple(
+        f"toy-rtdmd{'' if arm == 'rtdmd' else '-' + arm}"
+        for arm in ("rtdmd", "grpo-all-steps", "no-bp", "no-dm", "bp-only", "dmd-only")
+    )
     assert default.report == Path("reports/toy/leaderboard.md") and default.out == Path("bench_runs")
-    assert "toy-teacher, toy-euler4, toy-dmd, toy-acdmd on suite toy-geneval" in " ".join(
+    assert "toy-teacher, toy-euler4, toy-dmd, toy-acdmd, toy-rtdmd," in " ".join(
         runner.invoke(app, ["run", "--help"]).output.split()
     )
 

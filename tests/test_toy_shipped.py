@@ -12,8 +12,9 @@ from rtdmd.sampling import generate
 from rtdmd.toyworld import weights
 from rtdmd.toyworld.data import eval_metadata
 
-SHIPPED = ("toy_teacher", "toy_clip", "toy_acdmd", "toy_dmd")
-TOY_METHODS = ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")
+ARMS = ("grpo_all_steps", "no_bp", "no_dm", "bp_only", "dmd_only")
+SHIPPED = ("toy_teacher", "toy_clip", "toy_acdmd", "toy_dmd", "toy_rtdmd", *(f"toy_rtdmd_{arm}" for arm in ARMS))
+TOY_METHODS = ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd", "toy-rtdmd")
 
 
 def test_every_shipped_checkpoint_is_verified_and_has_a_model_card():
@@ -25,7 +26,7 @@ def test_every_shipped_checkpoint_is_verified_and_has_a_model_card():
         for field in ("command", "seed", "hardware", "wall time"):
             assert field in card, f"{name}.md lacks {field}"
     total = sum((weights.ROOT / f).stat().st_size for f in sums)
-    assert total < 30e6, f"shipped checkpoints take {total / 1e6:.1f} MB"
+    assert total < 40e6, f"shipped checkpoints take {total / 1e6:.1f} MB"  # teacher 21 MB + 9 LoRAs of 1.2 MB
 
 
 def test_a_modified_or_unknown_checkpoint_is_refused(tmp_path, monkeypatch):
@@ -38,8 +39,8 @@ def test_a_modified_or_unknown_checkpoint_is_refused(tmp_path, monkeypatch):
     path.write_bytes(bytes(data))
     with pytest.raises(weights.WeightsError, match="modified"):
         weights.packaged("toy_dmd")
-    with pytest.raises(weights.WeightsError, match="no shipped toy checkpoint 'toy_rtdmd'"):
-        weights.packaged("toy_rtdmd")
+    with pytest.raises(weights.WeightsError, match="no shipped toy checkpoint 'toy_rtdmd_v2'"):
+        weights.packaged("toy_rtdmd_v2")
     with pytest.raises(MethodError, match="modified"):
         build_method(load_method("toy-dmd"), torch.device("cpu"))
 
@@ -61,6 +62,7 @@ def test_toy_methods_build_and_the_students_differ_from_their_base():
     )
     for name in ("toy-dmd", "toy-acdmd"):
         assert (images[name] - base).abs().mean() > 1e-2, f"{name}: the LoRA changed nothing"
+    assert (images["toy-rtdmd"] - images["toy-acdmd"]).abs().mean() > 1e-3, "the stage-2 LoRA changed nothing"
     assert (images["toy-dmd"] - images["toy-acdmd"]).abs().mean() > 1e-2
 
 
