@@ -62,13 +62,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _reduce(value: torch.Tensor, op) -> torch.Tensor:
+    """``all_reduce`` of a copy on the device the backend serves (NCCL: the GPU), returned on ``value``'s device."""
+    out = value.detach().clone()
+    if not dist.is_initialized():
+        return out
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else out.device
+    moved = out.to(backend_device)
+    dist.all_reduce(moved, op=op)
+    return moved.to(value.device)
+
+
 def mean_across(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over all processes (a copy; unchanged in a single process)."""
-    out = value.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        out /= dist.get_world_size()
-    return out
+    out = _reduce(value, dist.ReduceOp.SUM)
+    return out / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def max_across(value: torch.Tensor) -> torch.Tensor:
+    """The maximum of a tensor over all processes (a copy; unchanged in a single process)."""
+    return _reduce(value, dist.ReduceOp.MAX)
 
 
 def wrap(net: nn.Module, strategy: Strategy, world: World) -> nn.Module:

@@ -166,3 +166,18 @@ def test_bad_configs_fail_with_one_clear_line():
         load(RLConfig, "tiny", ["arm=no-ppo"], group="rl")
     bad = runner.invoke(app, ["rl", "--config", "tiny", "--dry-run", "grpo.steps_per_epoch=4"])
     assert bad.exit_code == 2 and "steps_per_epoch" in bad.output
+
+
+def test_a_resumed_run_refuses_other_stage_one_weights(tmp_path):
+    stage1 = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 's1'}", "device=cpu", "eval.every=0", "steps=2"]
+    )
+    assert stage1.exit_code == 0, stage1.output
+    first = rl(tmp_path, "rl", f"stage1.run={tmp_path / 's1'}", "eval.every=0", "epochs=1")
+    assert first.exit_code == 0, first.output
+    more = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 's1'}", "device=cpu", "eval.every=0", "steps=4"]
+    )
+    assert more.exit_code == 0, more.output
+    again = rl(tmp_path, "rl", f"stage1.run={tmp_path / 's1'}", "eval.every=0", "epochs=2")
+    assert again.exit_code == 2 and "started from stage-1 weights" in " ".join(again.output.split())

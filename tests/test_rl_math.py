@@ -250,12 +250,12 @@ def test_accumulated_gradient_is_the_mean_loss_gradient_and_one_step_per_epoch(m
         for j in (*trained, 3):
             x = batch.states[:, j]
             v = sess.models.backbone.velocity(sess.models.generator_run, x, float(SIGMAS[j]), batch.cond)
-            rows = torch.arange(len(adv))
+            keep = adv != 0
             if j in trained:
-                losses.append(rl_step.ppo_term(sess, batch, rows, adv, j, x, v)[0])
+                losses.append(rl_step.ppo_term(sess, batch, keep, adv, j, x, v)[0])
             else:
                 x0 = x - SIGMAS[j] * v
-                losses.append(rl_step.final_step_loss(sess, 0, batch, rows, x0, 4.5)[0])
+                losses.append(rl_step.final_step_loss(sess, 0, batch, keep, x0, 4.5)[0])
     (torch.stack(losses).mean()).backward()
     expected = {k: p.grad.clone() for k, p in sess.gen_params.items()}
     sess.optimizers["generator"].zero_grad(set_to_none=True)
@@ -269,10 +269,10 @@ def test_ppo_ratio_is_exactly_one_at_the_old_policy_and_clipping_zeroes_the_grad
     cfg = step_config()
     sess = step_session(cfg)
     batch = rl_step.rollout_batch(sess, 0, 0, (0, 1))
-    rows = torch.arange(8)
     x = batch.states[:, 0]
     v = sess.models.backbone.velocity(sess.generator, x, 1.0, batch.cond)
-    _, logs = rl_step.ppo_term(sess, batch, rows, torch.ones(8, dtype=torch.float64), 0, x, v)
+    keep = torch.ones(8, dtype=torch.bool)
+    _, logs = rl_step.ppo_term(sess, batch, keep, torch.ones(8, dtype=torch.float64), 0, x, v)
     assert logs["ppo/ratio_deviation_max"] == 0.0
     # the clipped branch is constant in the log-prob: zero gradient where it binds
     logp = torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=torch.float64, requires_grad=True)
@@ -325,3 +325,37 @@ def test_per_element_scaled_exact_ppo_has_the_official_gradient(monkeypatch):
         rho = float(SIGMAS[k + 1]) * 0.98768834
         factor = float(results["density"]["w"][k] / results["exact"]["w"][k])
         assert abs(factor - n / (2 * rho**2)) < 1e-3 * factor
+
+
+def test_zero_advantages_leave_every_loss_but_keep_every_call_and_log(monkeypatch):
+    """A sub-batch whose advantages are all exactly 0 contributes nothing, yet runs the same forwards
+    and logs the same keys (every rank must take part in the same collectives)."""
+    import rtdmd.train.distill as distill
+
+    sess = step_session(step_config())
+    trained = trained_steps(sess.cfg, 0)
+    batches = [rl_step.rollout_batch(sess, 0, i, trained) for i in range(2)]
+    calls = []
+    monkeypatch.setattr(distill, "clip_and_step", lambda params, optimizer, clip: calls.append(1) or 0.0)
+    zero = [torch.zeros(len(b.samples), dtype=torch.float64) for b in batches]
+    logs = rl_step.generator_update(sess, 0, batches, zero, trained)
+    assert calls == [1] and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in sess.gen_params.values())
+    advantages, _ = rl_step.epoch_advantages(sess, batches)
+    for p in sess.gen_params.values():
+        p.grad = None
+    assert set(rl_step.generator_update(sess, 0, batches, advantages, trained)) == set(logs)
+
+
+def test_stage_two_ema_follows_the_official_schedule():
+    sess = step_session(step_config(ema=dataclasses.replace(RLConfig().ema, every=8)))
+    start = {k: v.clone() for k, v in sess.ema.shadow.items()}
+    with torch.no_grad():
+        for p in sess.gen_params.values():
+            p.add_(1.0)
+    for done in range(1, 7):
+        rl_step.ema_step(sess, done)
+        assert all(torch.equal(sess.ema.shadow[k], start[k]) for k in start)  # (n + 1) % 8 != 0: untouched
+    rl_step.ema_step(sess, 7)
+    decay = min(8 / 17, 0.9) ** sess.cfg.iterations_per_epoch  # one update per sub-batch, n = 7
+    for k, p in sess.gen_params.items():
+        torch.testing.assert_close(sess.ema.shadow[k], decay * start[k] + (1 - decay) * p.detach())

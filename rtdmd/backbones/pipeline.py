@@ -32,7 +32,7 @@ class PipelineBackbone:
     def __init__(self, pipe, max_sequence_length: int | None = None) -> None:
         self.pipe = pipe
         self.transformer = pipe.transformer
-        self.vae = pipe.vae
+        self.vae = pipe.vae.requires_grad_(False)  # frozen: reward back-propagation only passes through it
         self.max_sequence_length = max_sequence_length or self.DEFAULT_TEXT_LENGTH
         self.time_shift = TimeShift.from_scheduler_config(dict(pipe.scheduler.config), dynamic_mu_rule=self.MU_RULE)
         self._empty: dict[str, dict[str, Tensor]] = {}

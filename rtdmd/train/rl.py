@@ -128,13 +128,13 @@ class BPSpec:
 
 @dataclass(frozen=True)
 class StageTwoEMASpec:
-    """The official stage-2 EMA: decay ``min((1 + n) / (10 + n), decay)`` after every ``every``-th
-    optimiser step (n = steps done before it), applied ``repeats`` times (the official code calls
-    it once per sub-batch with ``n`` frozen: 16 times)."""
+    """The official stage-2 EMA. Its update, decay ``min((1 + n) / (10 + n), decay)`` with ``n``
+    the optimiser steps done, runs when ``(n + 1) % every == 0``, once per sub-batch while ``n``
+    stands still: ``iterations_per_epoch`` times on the same weights (the last call of one epoch and
+    the others of the next), which leaves it near the current weights."""
 
     decay: float = 0.9
     every: int = 8
-    repeats: int = 16
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,13 @@ class RLConfig:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grpo.group_size >= 2")
         if self.grpo.clip_range <= 0 or self.grpo.advantage_clip <= 0:
             raise ValueError("grpo.clip_range and grpo.advantage_clip must be > 0")
-        if self.ema.every < 1 or self.ema.repeats < 1 or not 0 <= self.ema.decay < 1:
-            raise ValueError("ema.every and ema.repeats must be >= 1 and ema.decay in [0, 1)")
+        if self.ema.every < 1 or not 0 <= self.ema.decay < 1:
+            raise ValueError("ema.every must be >= 1 and ema.decay lie in [0, 1)")
+        if self.grpo.log_prob == "simplified" and self.grpo.clip_range > 1e-3:
+            raise ValueError(
+                f"grpo.clip_range {self.grpo.clip_range} never binds on simplified log-probs (their ratios stay "
+                "within ~1e-5 of 1): the official value is 1e-5"
+            )
         if self.eval.every and not (self.eval.prompts or self.eval.prompt_file):
             raise ValueError("eval.every > 0 needs eval.prompts or eval.prompt_file")
         require_per_image(self.eval.rewards, "eval.rewards")
@@ -234,6 +239,20 @@ def trained_steps(cfg: RLConfig, epoch: int) -> tuple[int, ...]:
     return select_steps(cfg.seed, epoch, candidates, cfg.grpo.steps_per_epoch)
 
 
+def check_stage1_origin(cfg: RLConfig, root: Path) -> None:
+    """Record the stage-1 weights a run starts from (``stage1.json``); refuse to resume from others."""
+    from rtdmd.config import ConfigError
+    from rtdmd.train.rl_step import stage1_origin
+
+    origin, path = stage1_origin(cfg), root / "stage1.json"
+    if path.exists() and (before := json.loads(path.read_text())) != origin:
+        raise ConfigError(
+            f"run directory {root} started from stage-1 weights {before}, now {origin}: "
+            "use a new run_dir (or point stage1 at the original weights)"
+        )
+    path.write_text(json.dumps(origin, indent=1))
+
+
 def train(cfg: RLConfig, show_progress: bool = True) -> dict:
     """Run (or resume) stage 2 in ``cfg.run_dir``; returns a summary."""
     from rtdmd import distributed, run_dir
@@ -246,6 +265,7 @@ def train(cfg: RLConfig, show_progress: bool = True) -> dict:
     root = Path(cfg.run_dir)
     if world.is_main:
         run_dir.prepare(root, cfg, mutable=("epochs",))
+        check_stage1_origin(cfg, root)
     distributed.barrier()
     sess = build_session(cfg, world, root)
     start = 0
@@ -268,7 +288,10 @@ def train(cfg: RLConfig, show_progress: bool = True) -> dict:
         if cfg.eval.every and done % cfg.eval.every == 0:
             logs |= evaluate(sess, done)
         if done % cfg.log_every == 0 or done == cfg.epochs:
-            logs = {k: float(distributed.mean_across(torch.tensor(float(v)))) for k, v in logs.items()}
+            logs = {
+                k: float((distributed.max_across if k.endswith("_max") else distributed.mean_across)(torch.tensor(v)))
+                for k, v in sorted(logs.items())  # the same order on every rank
+            }
             logs["time/epoch_s"] = time.perf_counter() - t0
             if torch.cuda.is_available():
                 logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -65,6 +65,24 @@ class Batch:
 # ---------------------------------------------------------------- building
 
 
+def stage1_origin(cfg: RLConfig) -> dict[str, str]:
+    """What stage 2 starts from, precisely: the stage-1 checkpoint file, or each LoRA file with its
+    sha256 (a resumed run must start from the same weights: stage 1 may have gone on meanwhile)."""
+    from rtdmd.lora import resolve_lora_file
+    from rtdmd.toyworld.weights import sha256_file
+    from rtdmd.train import state
+
+    spec = cfg.stage1
+    if spec.run:
+        latest = state.latest_checkpoint(Path(spec.run))
+        return {"run_checkpoint": str(latest[1].resolve()) if latest else ""}
+    return {
+        role: f"{source} sha256 {sha256_file(resolve_lora_file(source))}"
+        for role, source in (("generator", spec.generator_lora), ("fake", spec.fake_lora))
+        if source
+    }
+
+
 def stage1_loras(cfg: RLConfig) -> dict[str, tuple[dict[str, Tensor], float] | str | None]:
     """``{"generator": ..., "fake": ...}``: (tensors, alpha / rank) from a stage-1 run directory, a
     LoRA file source (merged by :func:`rtdmd.lora.merge_lora_file`), or None."""
@@ -294,53 +312,59 @@ def _chunks(n: int, size: int) -> list[list[int]]:
 
 
 def final_step_loss(
-    sess: Session, epoch: int, batch: Batch, rows_used: Tensor, x0: Tensor, w: float
+    sess: Session, epoch: int, batch: Batch, keep: Tensor, x0: Tensor, w: float
 ) -> tuple[Tensor, dict[str, float]]:
     """The deterministic final step's terms on the clean prediction ``x0`` (which carries the
     generator's graph): ``dm.weight x`` the DMD loss (teacher CFG ``w`` vs fake, renoised to
-    per-sample ``t``, ``s = 0``) and the reward back-propagation, as one differentiable scalar."""
+    per-sample ``t``, ``s = 0``) and the reward back-propagation, as one differentiable scalar,
+    each a mean over the rows ``keep`` marks (every row is computed: all ranks run the same calls)."""
     cfg, models = sess.cfg, sess.models
     terms, logs = cfg.terms, {}
-    samples = [batch.samples[i] for i in rows_used.tolist()]
-    cond = batch.cond.select(rows_used.tolist())
+    kept = max(int(keep.sum()), 1)
     loss = x0.new_zeros((), dtype=torch.float64)
     if terms.dm:
         device = x0.device
-        t = renoise_levels(cfg.renoise, 0.0, [seed_for(cfg.seed, "rl-dm", epoch, i, "t") for i in samples]).to(device)
+        t = renoise_levels(cfg.renoise, 0.0, [seed_for(cfg.seed, "rl-dm", epoch, i, "t") for i in batch.samples])
+        t = t.to(device)
         eps = randn_rows(
-            [seed_for(cfg.seed, "rl-dm", epoch, i, "renoise") for i in samples], models.latent_shape, device
+            [seed_for(cfg.seed, "rl-dm", epoch, i, "renoise") for i in batch.samples], models.latent_shape, device
         )
         with torch.no_grad():
             x_t = renoise(x0.detach().float(), 0.0, t, eps)
-            x_real = x0_from_velocity(x_t, models.backbone.velocity(models.teacher, x_t, t, cond, w).float(), t)
-            x_fake = x0_from_velocity(x_t, models.backbone.velocity(models.fake_run, x_t, t, cond, 1.0).float(), t)
-        dm = dmd_loss(x0, dmd_direction(x0, x_real, x_fake))
+            v_real = models.backbone.velocity(models.teacher, x_t, t, batch.cond, w).float()
+            v_fake = models.backbone.velocity(models.fake_run, x_t, t, batch.cond, 1.0).float()
+            x_real, x_fake = x0_from_velocity(x_t, v_real, t), x0_from_velocity(x_t, v_fake, t)
+        g = dmd_direction(x0, x_real, x_fake) * keep.view(-1, *[1] * (x0.ndim - 1)).to(x0.device)
+        dm = dmd_loss(x0, g) * (len(keep) / kept)  # the mean over the kept rows
         loss = loss + cfg.dm.weight * dm
         logs["loss/dm"] = float(dm.detach())
     if terms.bp:
-        surrogate, value = reward_backprop(sess, batch, rows_used, x0)
+        surrogate, value = reward_backprop(sess, batch, keep, x0)
         loss = loss + surrogate
         logs["loss/bp"] = value
     return loss, logs
 
 
-def reward_backprop(sess: Session, batch: Batch, rows_used: Tensor, x0: Tensor) -> tuple[Tensor, float]:
-    """``L_bp = scale mean relu(margin - sum_k w_k r_k(decode(x0)))`` in two stages: its gradient
-    w.r.t. ``x0`` chunk by chunk through the VAE and the rewards (memory bounded by ``bp.chunk``),
-    then the surrogate ``<x0, dL/dx0>`` that carries it into the generator. Returns (surrogate, L_bp)."""
+def reward_backprop(sess: Session, batch: Batch, keep: Tensor, x0: Tensor) -> tuple[Tensor, float]:
+    """``L_bp = scale mean_kept relu(margin - sum_k w_k r_k(decode(x0)))`` in two stages: its
+    gradient w.r.t. ``x0`` chunk by chunk through the VAE and the rewards (memory bounded by
+    ``bp.chunk``), then the surrogate ``<x0, dL/dx0>`` that carries it into the generator. The VAE
+    decodes under the run's autocast, the rewards score in their own dtype. Returns (surrogate, L_bp)."""
     cfg, models = sess.cfg, sess.models
     names = cfg.bp.rewards or tuple(t.name for t in cfg.rewards if sess.rewards[t.name].info.differentiable)
     weights = {t.name: t.weight for t in cfg.rewards}
     leaf = x0.detach().requires_grad_(True)
-    rows = rows_used.tolist()
+    kept = max(int(keep.sum()), 1)
     value = 0.0
-    for part in _chunks(len(rows), cfg.bp.chunk or len(rows)):
+    for part in _chunks(len(keep), cfg.bp.chunk or len(keep)):
         with autocast(sess):
             images = models.backbone.decode(leaf[part]).float().clamp(0, 1)
-        prompts = [sess.records[batch.prompt_ids[rows[i]]]["prompt"] for i in part]
-        meta = [sess.records[batch.prompt_ids[rows[i]]] for i in part]
-        total = sum(weights[n] * sess.rewards[n](images, prompts, meta).float() for n in names)
-        part_loss = cfg.bp.scale * reward_hinge(total, cfg.bp.margin).sum() / len(rows)
+        prompts = [sess.records[batch.prompt_ids[i]]["prompt"] for i in part]
+        meta = [sess.records[batch.prompt_ids[i]] for i in part]
+        with torch.autocast(sess.world.device.type, enabled=False):
+            total = sum(weights[n] * sess.rewards[n](images, prompts, meta).float() for n in names)
+        hinge = reward_hinge(total, cfg.bp.margin) * keep[part].to(total.device)
+        part_loss = cfg.bp.scale * hinge.sum() / kept
         part_loss.backward()
         value += float(part_loss.detach())
     return (x0.double() * leaf.grad.double()).sum(), value
@@ -352,8 +376,8 @@ def generator_update(
     """Accumulate every (sub-batch, step) loss divided by their count, then ONE optimiser step (§5.5).
 
     With a policy gradient, samples whose advantage is exactly 0 leave the sub-batch's losses (as
-    the official filter drops them); the forward still runs on every row, so each rank keeps the
-    rollout's batch shape and takes part in every gradient reduction."""
+    the official filter drops them): every row is still computed and the losses are means over the
+    kept rows, so each rank keeps the rollout's batch shape and runs the same collectives."""
     from rtdmd.train.distill import clip_and_step
 
     cfg, models = sess.cfg, sess.models
@@ -369,21 +393,18 @@ def generator_update(
     spread = cfg.grpo.gradient_variance and bool(trained)
     per_batch_grads: list[Tensor] = []
     for b, (batch, adv) in enumerate(zip(batches, advantages, strict=True)):
-        rows = torch.nonzero(adv != 0).flatten() if terms.ppo else torch.arange(len(adv))
+        keep = adv != 0 if terms.ppo else torch.ones_like(adv, dtype=torch.bool)
         before = _flat_grads(sess.gen_params) if spread else None
         for j in steps:
             with grad_sync(models.generator_run, b == len(batches) - 1 and j == steps[-1]), autocast(sess):
                 x = batch.states[:, j]
                 v = models.backbone.velocity(models.generator_run, x, float(sigmas[j]), batch.cond, 1.0)
-                loss = 0.0 * v.float().sum()  # keeps the graph (and DDP's reduction) when no row is kept
-                if len(rows) and j in trained:
-                    term, logs = ppo_term(sess, batch, rows, adv[rows], j, x[rows], v[rows])
-                    loss = loss + term
+                if j in trained:
+                    loss, logs = ppo_term(sess, batch, keep, adv, j, x, v)
                     _accumulate(sums, logs, 1 / (len(batches) * len(trained)))
-                if len(rows) and j == last:
-                    x0 = x0_from_velocity(x[rows].float(), v[rows].float(), float(sigmas[j]))
-                    term, logs = final_step_loss(sess, epoch, batch, rows, x0, w)
-                    loss = loss + term
+                else:  # the deterministic final step
+                    x0 = x0_from_velocity(x.float(), v.float(), float(sigmas[j]))
+                    loss, logs = final_step_loss(sess, epoch, batch, keep, x0, w)
                     _accumulate(sums, logs, 1 / len(batches))
                 (loss / divisor).backward()
             if spread and j == trained[-1]:
@@ -397,29 +418,31 @@ def generator_update(
 
 
 def ppo_term(
-    sess: Session, batch: Batch, rows: Tensor, adv: Tensor, j: int, x: Tensor, v: Tensor
+    sess: Session, batch: Batch, keep: Tensor, adv: Tensor, j: int, x: Tensor, v: Tensor
 ) -> tuple[Tensor, dict[str, float]]:
-    """The clipped PPO loss of step ``j`` (mean over the rows) and its ratio statistics."""
+    """The clipped PPO loss of step ``j`` (the mean over the rows ``keep`` marks) and its ratio statistics."""
     cfg, sigmas = sess.cfg, sess.models.sigmas
     mean, std = cps_mean_std(x, v, float(sigmas[j]), float(sigmas[j + 1]), cfg.sampler.eta)
-    x_next = batch.states[rows, j + 1]
+    x_next = batch.states[:, j + 1]
     if cfg.grpo.log_prob == "exact":
         log_prob = gaussian_log_prob(x_next, mean, std)
     else:
         log_prob = simplified_log_prob(x_next, mean).double()
-    old = batch.log_probs[rows, j].double()
+    old = batch.log_probs[:, j].double()
     clipped = adv.to(log_prob.device).clamp(-cfg.grpo.advantage_clip, cfg.grpo.advantage_clip)
     eps = cfg.grpo.clip_range
     per_sample = ppo_clipped_loss(log_prob, old, clipped, eps, eps)
     if cfg.grpo.log_prob == "exact" and cfg.grpo.exact_scale == "per_element":
         per_sample = per_sample * (2 * float(std) ** 2 / x_next[0].numel())  # the official gradient scale
-    ratio = torch.exp(log_prob.detach() - old)
+    mask = keep.to(per_sample.device)
+    loss = (per_sample * mask).sum() / max(int(mask.sum()), 1)
+    deviation = (torch.exp(log_prob.detach() - old) - 1).abs() * mask
     logs = {
-        "loss/ppo": float(per_sample.mean().detach()),
-        "ppo/ratio_deviation_max": float((ratio - 1).abs().max()),
-        "ppo/clipped_fraction": float(((ratio - 1).abs() > eps).double().mean()),
+        "loss/ppo": float(loss.detach()),
+        "ppo/ratio_deviation_max": float(deviation.max()),
+        "ppo/clipped_fraction": float((deviation > eps).double().sum() / max(int(mask.sum()), 1)),
     }
-    return per_sample.mean(), logs
+    return loss, logs
 
 
 def _accumulate(sums: dict[str, float], logs: dict[str, float], weight: float) -> None:
@@ -446,10 +469,11 @@ def gradient_spread(grads: Tensor) -> dict[str, float]:
 
 
 def ema_step(sess: Session, done: int) -> None:
-    """The stage-2 EMA after optimiser step ``done`` (see :class:`rtdmd.train.rl.StageTwoEMASpec`)."""
-    spec = sess.cfg.ema
-    if done % spec.every == 0:
-        decay = warmup_decay(done - 1, spec.decay) ** spec.repeats
+    """The stage-2 EMA after optimiser step ``done`` (see :class:`rtdmd.train.rl.StageTwoEMASpec`):
+    ``iterations_per_epoch`` updates of decay ``d(done)`` on the current weights, as one update."""
+    cfg = sess.cfg
+    if (done + 1) % cfg.ema.every == 0:
+        decay = warmup_decay(done, cfg.ema.decay) ** cfg.iterations_per_epoch
         sess.ema.update(sess.gen_params, decay=decay)
 
 
