@@ -60,7 +60,8 @@ def test_four_epochs_equal_two_plus_resume_plus_two_bit_for_bit(tmp_path):
     ]
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, torchrun):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(tmp_path, torchrun, strategy):
     """The same epoch on 1 and 2 processes (gloo): the same prompts, noise, advantages and updates,
     so the weights agree up to the reduction order of the gradient all-reduce."""
     single = rl(tmp_path, "one", "eval.every=0", "epochs=2")
@@ -74,6 +75,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, torchrun):
         "device=cpu",
         "eval.every=0",
         "epochs=2",
+        f"distributed={strategy}",
     )
     one, two = checkpoint(tmp_path / "one", 2), checkpoint(tmp_path / "two", 2)
     assert one.keys() == two.keys()
