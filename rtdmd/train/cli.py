@@ -161,10 +161,12 @@ def rl(
     """Stage 2: RTDMD reward fine-tuning of a stage-1 generator (SubGRPO + reward back-propagation + AC-DMD).
 
     Packaged configs: tiny, toy, sd3m, sd35m, flux2_4b, flux2_9b, flux1_dev (see `rtdmd-train configs`).
-    Point `stage1.run=` at the `rtdmd-train distill` run to start from (or stage1.generator_lora= /
-    stage1.fake_lora= at exported LoRA files). Ablations are one switch: arm=rtdmd | grpo-all-steps |
-    no-bp | no-dm | bp-only | dmd-only. Rerunning the same command resumes from the last checkpoint;
-    raising `epochs=` extends a finished run. Multi-GPU: `torchrun --nproc_per_node N -m rtdmd.train.cli rl ...`.
+
+    Start from stage 1 with stage1.run=<rtdmd-train distill run>, or with stage1.generator_lora= and stage1.fake_lora= (exported LoRA files).
+
+    Ablations are one switch: arm=rtdmd | grpo-all-steps | no-bp | no-dm | bp-only | dmd-only.
+
+    Rerunning the same command resumes from the last checkpoint; raising epochs= extends a finished run. Multi-GPU: torchrun --nproc_per_node N -m rtdmd.train.cli rl ...
     """
     from rtdmd.train.rl import RLConfig, train
 
