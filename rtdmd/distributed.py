@@ -84,6 +84,16 @@ def max_across(value: torch.Tensor) -> torch.Tensor:
     return _reduce(value, dist.ReduceOp.MAX)
 
 
+def reduce_logs(logs: dict[str, float]) -> dict[str, float]:
+    """Scalar logs averaged over all processes (keys ending in ``_max``: their maximum). The
+    reductions run in sorted key order, the same on every rank; the result keeps ``logs``' order."""
+    reduced = {
+        k: float((max_across if k.endswith("_max") else mean_across)(torch.tensor(float(logs[k]))))
+        for k in sorted(logs)
+    }
+    return {k: reduced[k] for k in logs}
+
+
 def wrap(net: nn.Module, strategy: Strategy, world: World) -> nn.Module:
     """DDP or FSDP2 around a trainable role; the module itself when alone or ``strategy="none"``."""
     if world.size == 1 or strategy == "none":

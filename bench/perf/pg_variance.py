@@ -52,7 +52,7 @@ def policy_gradient(sess: rl_step.Session, epoch: int) -> tuple[torch.Tensor, di
                 v = backbone.velocity(sess.models.generator_run, x, float(sigmas[j]), batch.cond, 1.0)
                 loss, _ = rl_step.ppo_term(sess, batch, adv != 0, adv, j, x, v)
                 (loss / divisor).backward()
-    grad = rl_step._flat_grads(sess.gen_params)
+    grad = rl_step.flat_grads(sess.gen_params)
     sess.optimizers["generator"].zero_grad(set_to_none=True)
     return grad, logs
 

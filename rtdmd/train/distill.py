@@ -308,35 +308,70 @@ class Session:
     eval_records: list[dict]  # read once: the evaluation prompts and their metadata
 
 
-def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
-    """Build the roles on ``cfg.backbone`` (or on an already built ``backbone``, e.g. random weights
-    at real size for a benchmark)."""
+@dataclass
+class BuiltRoles:
+    """The trainable roles of a stage (generator and fake score), their optimisers and the models
+    the losses call; stage 1 and stage 2 build them with :func:`build_roles`."""
+
+    models: Models
+    generator: torch.nn.Module  # unwrapped
+    gen_params: dict
+    fake_params: dict
+    optimizers: dict
+
+    @property
+    def roles(self) -> dict:
+        return {
+            "generator": (self.models.generator_run, self.optimizers["generator"]),
+            "fake": (self.models.fake_run, self.optimizers["fake"]),
+        }
+
+
+def build_roles(cfg, world, backbone, merges: dict[str, Callable] | None = None, seed_scope: str = "") -> BuiltRoles:
+    """The frozen teacher (the backbone's transformer), and the generator and fake score: each a copy
+    of the teacher (or of its role's ``source``), ``merges[role](net)`` applied (stage 2 folds stage 1's
+    LoRAs in), made trainable (LoRA seeded by ``seed_scope + role``), wrapped for DDP/FSDP, with AdamW.
+    ``cfg`` carries ``generator``, ``fake``, ``seed``, ``gradient_checkpointing``, ``distributed``,
+    ``sampler``, ``height`` and ``width``."""
     import copy
 
-    from rtdmd.backbones.base import build_backbone
     from rtdmd.distributed import wrap
-    from rtdmd.train.roles import EMA, adamw, load_transformer_like, make_trainable, trainable
+    from rtdmd.train.roles import adamw, load_transformer_like, make_trainable, trainable
 
-    backbone = backbone or build_backbone(cfg.backbone, world.device)
     teacher = backbone.transformer.eval().requires_grad_(False)
 
-    def role(spec: RoleSpec, name: str) -> torch.nn.Module:
+    def role(name: str) -> torch.nn.Module:
+        spec: RoleSpec = getattr(cfg, name)
         base = load_transformer_like(teacher, spec.source) if spec.source else copy.deepcopy(teacher)
-        net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, name).train()
+        if merges and name in merges:
+            merges[name](base)
+        net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, seed_scope + name).train()
         if cfg.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         return net
 
-    generator, fake = role(cfg.generator, "generator"), role(cfg.fake, "fake")
+    generator, fake = role("generator"), role("fake")
     generator_run, fake_run = wrap(generator, cfg.distributed, world), wrap(fake, cfg.distributed, world)
     gen_params, fake_params = trainable(generator), trainable(fake)  # after wrapping: FSDP2 shards in place
     optimizers = {"generator": adamw(gen_params, cfg.generator.optim), "fake": adamw(fake_params, cfg.fake.optim)}
     sigmas = backbone.schedule(cfg.sampler.num_steps, cfg.height, cfg.width, cfg.sampler.timesteps)
+    models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
+    return BuiltRoles(models, generator, gen_params, fake_params, optimizers)
+
+
+def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
+    """Build the roles on ``cfg.backbone`` (or on an already built ``backbone``, e.g. random weights
+    at real size for a benchmark)."""
+    from rtdmd.backbones.base import build_backbone
+    from rtdmd.train.roles import EMA
+
+    backbone = backbone or build_backbone(cfg.backbone, world.device)
+    built = build_roles(cfg, world, backbone)
+    sigmas = built.models.sigmas
     if float(sigmas[1]) + cfg.renoise.margin >= cfg.renoise.clamp[1] and cfg.method == "ac_dmd":
         raise ValueError(
             f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
         )
-    models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
     records = eval_records(cfg.eval) if cfg.eval.every or cfg.eval.rewards else []
     check_eval_metadata(cfg.eval, records)
     prompts = list(cfg.prompts)
@@ -348,13 +383,13 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
         cfg=cfg,
         world=world,
         root=root,
-        models=models,
-        generator=generator,
-        gen_params=gen_params,
-        fake_params=fake_params,
-        optimizers=optimizers,
-        roles={"generator": (generator_run, optimizers["generator"]), "fake": (fake_run, optimizers["fake"])},
-        ema=EMA(gen_params, cfg.ema_decay),
+        models=built.models,
+        generator=built.generator,
+        gen_params=built.gen_params,
+        fake_params=built.fake_params,
+        optimizers=built.optimizers,
+        roles=built.roles,
+        ema=EMA(built.gen_params, cfg.ema_decay),
         prompts=prompts,
         eval_records=records,
     )
@@ -468,13 +503,10 @@ def evaluate(sess: Session, step: int) -> dict[str, float]:
 
 def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
     """Run (or resume) a distillation in ``cfg.run_dir``; returns a summary."""
-    import json
-    import time
     from pathlib import Path
 
     from rtdmd import distributed, run_dir
-    from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
-    from rtdmd.train import state
+    from rtdmd.train.loop import Schedule, run_loop
 
     world = distributed.init(cfg.device)
     root = Path(cfg.run_dir)
@@ -482,45 +514,17 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
         run_dir.prepare(root, cfg, mutable=("steps",))
     distributed.barrier()
     sess = build_session(cfg, world, root)
-    start = 0
-    if (latest := state.latest_checkpoint(root)) is not None:
-        start = state.load(latest[1], sess.roles, sess.ema)
-    stats = root / "stats.jsonl"
-    if world.is_main and stats.exists():  # drop rows logged after the checkpoint we resume from
-        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
-        stats.write_text("".join(r + "\n" for r in rows))
-    loggers = NullLogger()
-    if world.is_main:
-        status = (
-            [StatusLine(cfg.steps, f"distill {cfg.method}", ("loss/fake", "loss/generator"))] if show_progress else []
-        )
-        loggers = Loggers(JsonlLogger(stats), *status)
-        status and status[0].log(start, {})
-    t_start = time.perf_counter()
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        logs = train_step(sess, step)
-        done = step + 1
-        if cfg.eval.every and done % cfg.eval.every == 0:
-            logs |= evaluate(sess, done)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            logs = {k: float(distributed.mean_across(torch.tensor(float(v)))) for k, v in logs.items()}
-            logs["time/step_s"] = time.perf_counter() - t0
-            if torch.cuda.is_available():
-                logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            loggers.log(done, logs)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
-            distributed.barrier()
-    loggers.close()
-    distributed.shutdown()
-    return {
-        "run_dir": str(root),
-        "start_step": start,
-        "steps": cfg.steps,
-        "seconds": time.perf_counter() - t_start,
-        "world_size": world.size,
-    }
+    start, seconds = run_loop(
+        sess,
+        Schedule(cfg.steps, cfg.eval.every, cfg.log_every, cfg.checkpoint_every),
+        lambda step: train_step(sess, step),
+        lambda done: evaluate(sess, done),
+        status=f"distill {cfg.method}",
+        status_keys=("loss/fake", "loss/generator"),
+        time_key="time/step_s",
+        show_progress=show_progress,
+    )
+    return {"run_dir": str(root), "start_step": start, "steps": cfg.steps, "seconds": seconds, "world_size": world.size}
 
 
 def export_generator_lora(

@@ -207,13 +207,8 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     )
     ema = EMA(params, cfg.ema_decay, warmup=True)
     roles = {"model": (model, optimizer)}
-    start = 0
-    if (latest := state.latest_checkpoint(root)) is not None:
-        start = state.load(latest[1], roles, ema)
+    start = state.resume(root, roles, ema)
     stats = root / "stats.jsonl"
-    if stats.exists():  # drop rows logged after the checkpoint we resume from
-        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
-        stats.write_text("".join(r + "\n" for r in rows))
     pixels, ids = render_pool(cfg, device)
     t_data = time.perf_counter() - t_start
     status = [StatusLine(cfg.steps, "pretrain toy", ("loss",))] if show_progress else []

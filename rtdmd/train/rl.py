@@ -21,12 +21,9 @@ images, and a resumed run replays bit for bit.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import torch
 
 from rtdmd.backbones.base import BackboneConfig
 from rtdmd.distributed import Strategy
@@ -256,9 +253,8 @@ def check_stage1_origin(cfg: RLConfig, root: Path) -> None:
 def train(cfg: RLConfig, show_progress: bool = True) -> dict:
     """Run (or resume) stage 2 in ``cfg.run_dir``; returns a summary."""
     from rtdmd import distributed, run_dir
-    from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
-    from rtdmd.train import state
     from rtdmd.train.distill import evaluate
+    from rtdmd.train.loop import Schedule, run_loop
     from rtdmd.train.rl_step import build_session, run_epoch
 
     world = distributed.init(cfg.device)
@@ -268,43 +264,20 @@ def train(cfg: RLConfig, show_progress: bool = True) -> dict:
         check_stage1_origin(cfg, root)
     distributed.barrier()
     sess = build_session(cfg, world, root)
-    start = 0
-    if (latest := state.latest_checkpoint(root)) is not None:
-        start = state.load(latest[1], sess.roles, sess.ema)
-    stats = root / "stats.jsonl"
-    if world.is_main and stats.exists():  # drop rows logged after the checkpoint we resume from
-        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
-        stats.write_text("".join(r + "\n" for r in rows))
-    loggers = NullLogger()
-    if world.is_main:
-        status = [StatusLine(cfg.epochs, f"rl {cfg.arm}", ("reward/mixture", "loss/ppo"))] if show_progress else []
-        loggers = Loggers(JsonlLogger(stats), *status)
-        status and status[0].log(start, {})
-    t_start = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        logs = run_epoch(sess, epoch)
-        done = epoch + 1
-        if cfg.eval.every and done % cfg.eval.every == 0:
-            logs |= evaluate(sess, done)
-        if done % cfg.log_every == 0 or done == cfg.epochs:
-            logs = {
-                k: float((distributed.max_across if k.endswith("_max") else distributed.mean_across)(torch.tensor(v)))
-                for k, v in sorted(logs.items())  # the same order on every rank
-            }
-            logs["time/epoch_s"] = time.perf_counter() - t0
-            if torch.cuda.is_available():
-                logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            loggers.log(done, logs)
-        if done % cfg.checkpoint_every == 0 or done == cfg.epochs:
-            state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
-            distributed.barrier()
-    loggers.close()
-    distributed.shutdown()
+    start, seconds = run_loop(
+        sess,
+        Schedule(cfg.epochs, cfg.eval.every, cfg.log_every, cfg.checkpoint_every),
+        lambda epoch: run_epoch(sess, epoch),
+        lambda done: evaluate(sess, done),
+        status=f"rl {cfg.arm}",
+        status_keys=("reward/mixture", "loss/ppo"),
+        time_key="time/epoch_s",
+        show_progress=show_progress,
+    )
     return {
         "run_dir": str(root),
         "start_epoch": start,
         "epochs": cfg.epochs,
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
         "world_size": world.size,
     }

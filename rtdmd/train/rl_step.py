@@ -11,9 +11,9 @@ exactly 1 instead of 1 plus rounding noise (which the exact log-density would am
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,29 +83,33 @@ def stage1_origin(cfg: RLConfig) -> dict[str, str]:
     }
 
 
-def stage1_loras(cfg: RLConfig) -> dict[str, tuple[dict[str, Tensor], float] | str | None]:
-    """``{"generator": ..., "fake": ...}``: (tensors, alpha / rank) from a stage-1 run directory, a
-    LoRA file source (merged by :func:`rtdmd.lora.merge_lora_file`), or None."""
+def stage1_merges(cfg: RLConfig) -> dict[str, Callable[[nn.Module], int]]:
+    """``{role: merge}``: what folds stage 1's LoRA of ``role`` into a copy of the base weights,
+    from a stage-1 run directory (its EMA generator and fake LoRAs, ``alpha / rank`` from its
+    config) or from LoRA files (:func:`rtdmd.lora.merge_lora_file`); a role without one is absent."""
     import yaml
 
+    from rtdmd.lora import merge_lora_file, merge_lora_state_dict
     from rtdmd.train import state
 
     spec = cfg.stage1
     if not spec.run:
-        return {"generator": spec.generator_lora or None, "fake": spec.fake_lora or None}
+        files = {"generator": spec.generator_lora, "fake": spec.fake_lora}
+        return {role: partial(merge_lora_file, source=source) for role, source in files.items() if source}
     run = Path(spec.run)
     latest = state.latest_checkpoint(run)
     if latest is None or not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"stage1.run {run} is not an rtdmd-train distill run directory with a checkpoint")
     raw = yaml.safe_load((run / "config.yaml").read_text())
     tensors = state.load_tensors(latest[1])
-    out: dict = {}
+    out = {}
     for role, prefix in (("generator", "ema/"), ("fake", "fake/")):
         lora = (raw.get(role) or {}).get("lora")
         if not lora:
             raise ValueError(f"stage1.run {run}: its {role} trained every weight; stage 2 merges LoRAs")
         part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        out[role] = (part, float(lora.get("alpha", 64.0)) / float(lora.get("rank", 32)))
+        factor = float(lora.get("alpha", 64.0)) / float(lora.get("rank", 32))
+        out[role] = partial(merge_lora_state_dict, tensors=part, factor=factor)
     return out
 
 
@@ -113,47 +117,24 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
     """Roles from stage 1 (merged LoRA + fresh LoRA), optimisers, the stage-2 EMA, prompts, rewards.
     ``backbone`` / ``rewards`` may be given already built (e.g. random weights for a benchmark)."""
     from rtdmd.backbones.base import build_backbone
-    from rtdmd.distributed import wrap
-    from rtdmd.lora import merge_lora_file, merge_lora_state_dict
     from rtdmd.rewards import REWARDS
     from rtdmd.rewards.base import lacking_metadata
-    from rtdmd.train.distill import check_eval_metadata, eval_records
-    from rtdmd.train.roles import EMA, adamw, load_transformer_like, make_trainable, trainable
+    from rtdmd.train.distill import build_roles, check_eval_metadata, eval_records
+    from rtdmd.train.roles import EMA
 
     backbone = backbone or build_backbone(cfg.backbone, world.device)
-    teacher = backbone.transformer.eval().requires_grad_(False)
-    loras = stage1_loras(cfg)
-
-    def role(name: str) -> nn.Module:
-        spec = getattr(cfg, name)
-        base = load_transformer_like(teacher, spec.source) if spec.source else copy.deepcopy(teacher)
-        merge = loras[name]
-        if isinstance(merge, str):
-            merge_lora_file(base, merge)
-        elif merge is not None:
-            merge_lora_state_dict(base, *merge)
-        net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, f"rl-{name}").train()
-        if cfg.gradient_checkpointing:
-            net.enable_gradient_checkpointing()
-        return net
-
-    generator, fake = role("generator"), role("fake")
-    generator_run, fake_run = wrap(generator, cfg.distributed, world), wrap(fake, cfg.distributed, world)
-    gen_params, fake_params = trainable(generator), trainable(fake)
-    optimizers = {"generator": adamw(gen_params, cfg.generator.optim), "fake": adamw(fake_params, cfg.fake.optim)}
-    sigmas = backbone.schedule(cfg.sampler.num_steps, cfg.height, cfg.width, cfg.sampler.timesteps)
-    models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
+    built = build_roles(cfg, world, backbone, stage1_merges(cfg), seed_scope="rl-")
     if cfg.prompt_file:
         from rtdmd.data import read_prompt_records
 
         records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
     else:
         records = [{"prompt": p} for p in cfg.prompts]
-    built = dict(rewards or {})
+    scorers = dict(rewards or {})
     for term in cfg.rewards:
-        if term.name not in built:
-            built[term.name] = REWARDS.get(term.name)(**term.options)
-        if lacking := lacking_metadata(built[term.name].info, records):
+        if term.name not in scorers:
+            scorers[term.name] = REWARDS.get(term.name)(**term.options)
+        if lacking := lacking_metadata(scorers[term.name].info, records):
             raise ValueError(f"reward {term.name} needs per-prompt metadata {lacking}: use a .jsonl prompt file")
     evals = eval_records(cfg.eval) if cfg.eval.every or cfg.eval.rewards else []
     check_eval_metadata(cfg.eval, evals)
@@ -161,15 +142,15 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
         cfg=cfg,
         world=world,
         root=root,
-        models=models,
-        generator=generator,
-        gen_params=gen_params,
-        fake_params=fake_params,
-        optimizers=optimizers,
-        roles={"generator": (generator_run, optimizers["generator"]), "fake": (fake_run, optimizers["fake"])},
-        ema=EMA(gen_params, cfg.ema.decay),
+        models=built.models,
+        generator=built.generator,
+        gen_params=built.gen_params,
+        fake_params=built.fake_params,
+        optimizers=built.optimizers,
+        roles=built.roles,
+        ema=EMA(built.gen_params, cfg.ema.decay),
         records=records,
-        rewards=built,
+        rewards=scorers,
         eval_records=evals,
     )
 
@@ -250,17 +231,17 @@ def epoch_advantages(sess: Session, batches: list[Batch]) -> tuple[list[Tensor],
     samples = [s for p in parts for s in p["samples"]]
     order = sorted(range(len(samples)), key=samples.__getitem__)  # global sample order: any world size
     groups = [g for p in parts for g in p["groups"]]
+    groups = [groups[i] for i in order]
     rewards = {t.name: torch.cat([p["rewards"][t.name] for p in parts])[order] for t in terms}
-    adv = group_advantages(rewards, {t.name: t.weight for t in terms}, [groups[i] for i in order])
+    adv = group_advantages(rewards, {t.name: t.weight for t in terms}, groups)
     by_sample = dict(zip([samples[i] for i in order], adv.tolist(), strict=True))
     mixture = sum(t.weight * rewards[t.name] for t in terms)
     logs = {f"reward/{name}": float(r.mean()) for name, r in rewards.items()}
     logs |= {"reward/mixture": float(mixture.mean()), "adv/zero_fraction": float((adv == 0).double().mean())}
-    logs["reward/group_std"] = float(
-        torch.tensor(
-            [mixture[[i for i, k in enumerate(order) if groups[k] == g]].std() for g in sorted(set(groups))]
-        ).mean()
-    )
+    members: dict[int, list[int]] = {}
+    for position, group in enumerate(groups):
+        members.setdefault(group, []).append(position)
+    logs["reward/group_std"] = float(torch.tensor([mixture[members[g]].std() for g in sorted(members)]).mean())
     return [torch.tensor([by_sample[s] for s in b.samples], dtype=torch.float64) for b in batches], logs
 
 
@@ -394,7 +375,7 @@ def generator_update(
     per_batch_grads: list[Tensor] = []
     for b, (batch, adv) in enumerate(zip(batches, advantages, strict=True)):
         keep = adv != 0 if terms.ppo else torch.ones_like(adv, dtype=torch.bool)
-        before = _flat_grads(sess.gen_params) if spread else None
+        before = flat_grads(sess.gen_params) if spread else None
         for j in steps:
             with grad_sync(models.generator_run, b == len(batches) - 1 and j == steps[-1]), autocast(sess):
                 x = batch.states[:, j]
@@ -408,7 +389,7 @@ def generator_update(
                     _accumulate(sums, logs, 1 / len(batches))
                 (loss / divisor).backward()
             if spread and j == trained[-1]:
-                per_batch_grads.append(_flat_grads(sess.gen_params) - before)
+                per_batch_grads.append(flat_grads(sess.gen_params) - before)
     if per_batch_grads:
         sums |= gradient_spread(torch.stack(per_batch_grads))
     sums["train/grad_norm_generator"] = clip_and_step(
@@ -453,7 +434,7 @@ def _accumulate(sums: dict[str, float], logs: dict[str, float], weight: float) -
             sums[key] = sums.get(key, 0.0) + weight * value
 
 
-def _flat_grads(params: dict) -> Tensor:
+def flat_grads(params: dict) -> Tensor:
     return torch.cat(
         [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten() for p in params.values()]
     ).cpu()

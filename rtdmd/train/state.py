@@ -77,6 +77,20 @@ def save(
         save_tensors(tensors, path, metadata={**meta, "step": str(step)})
 
 
+def resume(
+    run_dir: Path, roles: dict[str, tuple[nn.Module, torch.optim.Optimizer]], ema: EMA, is_main: bool = True
+) -> int:
+    """Restore the latest checkpoint of ``run_dir`` (if any) and, on the main process, drop the
+    ``stats.jsonl`` rows logged after it; returns the step to continue from (0 for a new run)."""
+    latest = latest_checkpoint(run_dir)
+    start = load(latest[1], roles, ema) if latest is not None else 0
+    stats = run_dir / "stats.jsonl"
+    if is_main and stats.exists():
+        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
+        stats.write_text("".join(r + "\n" for r in rows))
+    return start
+
+
 def load(path: Path, roles: dict[str, tuple[nn.Module, torch.optim.Optimizer]], ema: EMA) -> int:
     """Restore weights, optimiser moments and EMA; return the step the checkpoint was written after."""
     from safetensors import safe_open

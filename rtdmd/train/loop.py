@@ -1,0 +1,68 @@
+"""The outer loop that stage 1 and stage 2 share: resume, step, evaluate, log, checkpoint.
+
+A session (:class:`rtdmd.train.distill.Session`, :class:`rtdmd.train.rl_step.Session`) brings
+``roles``, ``ema``, ``world`` and ``root``; the caller brings one step (a stage-1 iteration or a
+stage-2 epoch) and the evaluation. Logs are reduced over all processes; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many steps, and every how many to evaluate (0 = never), log and checkpoint."""
+
+    total: int
+    eval_every: int
+    log_every: int
+    checkpoint_every: int
+
+
+def run_loop(
+    sess,
+    schedule: Schedule,
+    step: Callable[[int], dict[str, float]],
+    evaluate: Callable[[int], dict[str, float]],
+    *,
+    status: str,
+    status_keys: tuple[str, ...],
+    time_key: str,
+    show_progress: bool = True,
+) -> tuple[int, float]:
+    """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``."""
+    from rtdmd import distributed
+    from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
+    from rtdmd.train import state
+
+    world, root = sess.world, sess.root
+    start = state.resume(root, sess.roles, sess.ema, world.is_main)
+    loggers = NullLogger()
+    if world.is_main:
+        bars = [StatusLine(schedule.total, status, status_keys)] if show_progress else []
+        loggers = Loggers(JsonlLogger(root / "stats.jsonl"), *bars)
+        bars and bars[0].log(start, {})
+    t_start = time.perf_counter()
+    for index in range(start, schedule.total):
+        t0 = time.perf_counter()
+        logs = step(index)
+        done = index + 1
+        if schedule.eval_every and done % schedule.eval_every == 0:
+            logs |= evaluate(done)
+        if done % schedule.log_every == 0 or done == schedule.total:
+            logs = distributed.reduce_logs(logs)
+            logs[time_key] = time.perf_counter() - t0
+            if torch.cuda.is_available():
+                logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            loggers.log(done, logs)
+        if done % schedule.checkpoint_every == 0 or done == schedule.total:
+            state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
+            distributed.barrier()
+    loggers.close()
+    distributed.shutdown()
+    return start, time.perf_counter() - t_start
