@@ -169,16 +169,24 @@ def test_tokens_match_blip_and_the_reference_slow_tokenizer(reward):
 
 
 def test_padding_is_masked(saved):
-    """Changing the [PAD] embedding leaves scores unchanged; changing a used token's does not."""
+    """A new [PAD] embedding leaves the scores unchanged; a new embedding of a word the prompt uses
+    changes its score (and only its score). The perturbations are random vectors, not uniform shifts,
+    which BERT's embedding LayerNorm would remove."""
     reward = ir.ImageReward(saved[0])
     x = images(2)
-    before = score(reward, x, PROMPTS[:2])
+    prompts = PROMPTS[:2]  # "a red cat on a mat", "two dogs": both padded to 35 tokens
+    ids, mask = reward.tokens(prompts, torch.device("cpu"))
+    assert (mask == 0).sum(dim=1).min() > 20  # the padding is there to be masked
+    before = score(reward, x, prompts)
     embeddings = reward.net.module.blip.text_encoder.embeddings.word_embeddings.weight
+    noise = torch.randn(2, embeddings.shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        embeddings[0] += 5.0  # [PAD]
-        assert torch.equal(score(reward, x, PROMPTS[:2]), before)
-        embeddings[reward.tokenizer.convert_tokens_to_ids("cat")] += 5.0
-        assert not torch.allclose(score(reward, x, PROMPTS[:2]), before)
+        embeddings[reward.tokenizer.pad_token_id] += 3 * noise[0]
+        assert torch.allclose(score(reward, x, prompts), before, atol=1e-6, rtol=0)
+        embeddings[reward.tokenizer.convert_tokens_to_ids("cat")] += 3 * noise[1]
+        after = score(reward, x, prompts)
+    assert (after[0] - before[0]).abs() > 1e-2  # the cat prompt's score moved
+    assert torch.allclose(after[1], before[1], atol=1e-6, rtol=0)  # "two dogs" has no cat
 
 
 def test_reference_path_and_bf16(saved, reward):
