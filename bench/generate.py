@@ -147,6 +147,7 @@ def generate_stage(
     items = items_of(suite, limit, spec.images_per_prompt)
     done = valid_rows(root, spec, items)
     missing = [item for item in items if item.key not in done]
+    distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
     mine = missing[world.rank :: world.size]
     rows_forwarded = 0
     if mine:

@@ -55,6 +55,15 @@ def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[
     return rewards
 
 
+def cached_scores(root: Path) -> dict[tuple[str, str, str, str], dict]:
+    """Every score row of ``scores.jsonl`` and the rank parts, by :func:`cache_key`'s tuple."""
+    rows = {}
+    for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
+        for r in read_jsonl(path):
+            rows[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
+    return rows
+
+
 def is_set_metric(info: RewardInfo) -> bool:
     return info.aggregate == "set"
 
@@ -93,16 +102,16 @@ def score_stage(
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
     rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
     world = distributed.init(device)
-    cached = {}
-    for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
-        for r in read_jsonl(path):
-            cached[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
+    cached = cached_scores(root)
     todo = [
         (name, row)
         for name, reward in rewards.items()
         for row in manifest
         if cache_key(row, name, reward.info) not in cached
     ]
+    # every rank must read the cache before any rank appends to it: a rank that read a part file
+    # another had started writing would deal itself a different share (a race seen under load)
+    distributed.barrier()
     mine = todo[world.rank :: world.size]
     if mine:
         part = (root / f"scores.part{world.rank}.jsonl").open("a")
@@ -129,10 +138,7 @@ def score_stage(
     distributed.barrier()
     set_scored = 0
     if world.is_main:
-        merged = {}
-        for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
-            for r in read_jsonl(path):
-                merged[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
+        merged = cached_scores(root)
         keep = [merged[cache_key(row, name, reward.info)] for row in manifest for name, reward in rewards.items()]
         order = {(row["sha256"], row["prompt"]): i for i, row in enumerate(manifest)}
         # scores of other metrics for the current images stay cached, in a canonical order

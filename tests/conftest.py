@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
@@ -11,28 +10,33 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_PORTS = itertools.count(29500 + os.getpid() % 1000)
+SLOW_RANK = Path(__file__).resolve().parent / "slow_rank"
 
 
 @pytest.fixture
 def torchrun():
-    """Run ``python -m <module> <args>`` on 2 CPU processes (gloo) under torchrun; returns the process."""
+    """Run ``python -m <module> <args>`` on 2 CPU processes (gloo) under torchrun; returns the process.
 
-    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    ``--standalone`` lets torchrun pick a free port (no collisions between concurrent test runs);
+    ``slow_rank=True`` makes rank 1 lag behind rank 0 (``tests/slow_rank/sitecustomize.py``). The
+    timeout only stops a hang: a loaded 2-core machine may take minutes."""
+
+    def run(module: str, *args: str, slow_rank: bool = False) -> subprocess.CompletedProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        if slow_rank:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SLOW_RANK), env.get("PYTHONPATH")]))
         cmd = [
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc_per_node",
             "2",
-            "--master_port",
-            str(next(_PORTS)),
             "-m",
             module,
             *args,
         ]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
