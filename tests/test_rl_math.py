@@ -333,6 +333,8 @@ def test_zero_advantages_leave_every_loss_but_keep_every_call_and_log(monkeypatc
     import rtdmd.train.distill as distill
 
     sess = step_session(step_config())
+    with torch.no_grad():
+        sess.models.fake_run.c.add_(0.3)  # a fake score that differs from the teacher: the DM term is not 0
     trained = trained_steps(sess.cfg, 0)
     batches = [rl_step.rollout_batch(sess, 0, i, trained) for i in range(2)]
     calls = []
@@ -344,6 +346,41 @@ def test_zero_advantages_leave_every_loss_but_keep_every_call_and_log(monkeypatc
     for p in sess.gen_params.values():
         p.grad = None
     assert set(rl_step.generator_update(sess, 0, batches, advantages, trained)) == set(logs)
+
+
+def test_rows_with_zero_advantage_leave_every_term_and_its_mean(monkeypatch):
+    """Each term of a sub-batch is a mean over its rows with a non-zero advantage. With each sub-batch's
+    rows split into halves A and B: G(advantages on A only) + G(on B only) = 2 G(on both), for PPO, the
+    DM term and reward BP together. A term that keeps the zeroed rows, or divides by every row, breaks it."""
+    import rtdmd.train.distill as distill
+
+    sess = step_session(step_config())
+    with torch.no_grad():
+        sess.models.fake_run.c.add_(0.3)
+    trained = trained_steps(sess.cfg, 0)
+    batches = [rl_step.rollout_batch(sess, 0, i, trained) for i in range(2)]
+    advantages, _ = rl_step.epoch_advantages(sess, batches)
+    assert all(bool((a != 0).all()) for a in advantages)
+    grads = []
+    monkeypatch.setattr(
+        distill,
+        "clip_and_step",
+        lambda params, optimizer, clip: grads.append({k: p.grad.clone() for k, p in params.items()}) or 0.0,
+    )
+
+    def gradient(advs):
+        for p in sess.gen_params.values():
+            p.grad = None
+        logs = rl_step.generator_update(sess, 0, batches, advs, trained)
+        assert all(logs[k] != 0 for k in ("loss/ppo", "loss/dm", "loss/bp"))  # every term is active
+        return grads[-1]
+
+    halves = [torch.arange(len(a)) % 2 == 0 for a in advantages]
+    only_a = gradient([a * h for a, h in zip(advantages, halves, strict=True)])
+    only_b = gradient([a * ~h for a, h in zip(advantages, halves, strict=True)])
+    both = gradient(advantages)
+    for k in both:
+        torch.testing.assert_close(only_a[k] + only_b[k], 2 * both[k], rtol=1e-6, atol=1e-10)
 
 
 def test_stage_two_ema_follows_the_official_schedule():

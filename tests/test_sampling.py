@@ -109,13 +109,15 @@ def test_measured_nfe_counts_cfg_branches(tiny):
 
 
 def test_sampler_spec_validation(tiny):
-    for bad in (
-        SamplerSpec(num_steps=0),
-        SamplerSpec(eta=1.5),
-        SamplerSpec(num_steps=4, timesteps=(1.0, 0.5)),
-        SamplerSpec(guidance=-1.0),
+    for bad, message in (
+        (SamplerSpec(num_steps=0), "num_steps must be >= 1"),
+        (SamplerSpec(eta=1.5), r"eta must lie in \[0, 1\]"),
+        (SamplerSpec(num_steps=4, timesteps=(1.0, 0.5)), "timesteps has 2 entries for num_steps=4"),
+        (SamplerSpec(guidance=-1.0), "guidance must be >= 0"),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=message):
+            bad.validate()
+        with pytest.raises(ValueError, match=message):  # generate validates before it samples
             gen(tiny, PROMPTS[:1], KEYS[:1], bad)
     with pytest.raises(ValueError, match="keys"):
         gen(tiny, PROMPTS[:2], KEYS[:1], STUDENT)

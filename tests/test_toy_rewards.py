@@ -122,6 +122,19 @@ def test_toy_aesthetic_orders_clean_noisy_random_and_has_gradients(ground_truth)
     assert REWARDS.get("toy-aesthetic").info.differentiable
 
 
+def test_toy_aesthetic_of_flat_colours_is_exactly_ten_with_no_gradient():
+    """On a pixel drawn in a flat colour the other colours' kernels add up to 3e-3; the min(1, .)
+    holds the score at exactly 10 and leaves nothing to improve (zero gradient)."""
+    from rtdmd.toyworld.world import BACKGROUND, PALETTE
+
+    colours = torch.tensor([*PALETTE.values(), BACKGROUND], dtype=torch.float32) / 255
+    flat = colours.view(11, 3, 1, 1).expand(11, 3, 8, 8).clone().requires_grad_(True)
+    scores = toy_rewards.flat_colour_score(flat)
+    assert torch.equal(scores, torch.full((11,), 10.0))
+    scores.sum().backward()
+    assert torch.count_nonzero(flat.grad) == 0
+
+
 # ---------------------------------------------------------------- Fréchet distance
 
 
@@ -145,6 +158,24 @@ def test_frechet_distance_matches_closed_forms():
     expected = 6 + eig.sum() - 2 * np.sqrt(eig).sum()
     zero = torch.zeros(6, dtype=torch.float64)
     assert abs(float(toy_rewards.frechet_distance(zero, torch.eye(6), zero, s2)) - expected) < 1e-9
+    # two covariances that do not commute: tr (S1 S2)^{1/2} is the sum of the square roots of the
+    # (real, positive) eigenvalues of S1 S2, which differs from tr(S1^{1/2} S2^{1/2}) here
+    n = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    s1 = n @ n.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    cross = np.sqrt(np.linalg.eigvals(s1.numpy() @ s2.numpy()).real).sum()
+    expected = (
+        float((mu1.double() - mu2.double()).pow(2).sum()) + np.trace(s1.numpy()) + np.trace(s2.numpy()) - 2 * cross
+    )
+    assert abs(float(toy_rewards.frechet_distance(mu1, s1, mu2, s2)) - expected) < 1e-9
+    commuting_formula = np.trace(s1.numpy()) + np.trace(s2.numpy()) - 2 * np.trace(sqrtm_psd(s1) @ sqrtm_psd(s2))
+    assert (
+        abs(commuting_formula - (expected - float((mu1.double() - mu2.double()).pow(2).sum()))) > 0.1
+    )  # the case bites
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix.numpy())
+    return (vectors * np.sqrt(values)) @ vectors.T
 
 
 def test_gaussian_stats_and_fd_of_a_set_with_itself():
