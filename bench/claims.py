@@ -113,7 +113,16 @@ def operand_value(operand: Operand, summaries: dict[str, dict]) -> float | None:
 
 def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:
     """One row per claim: the two sides' values and ``held`` (True, False, or None = not checkable)."""
-    by_method = {s["method"]["name"]: s for s in summaries if s["suite"]["name"] == card.suite}
+    runs = [s for s in summaries if s["suite"]["name"] == card.suite]
+    by_method = {s["method"]["name"]: s for s in runs}
+    named = {o.method for claim in card.claims for o in (claim.left, claim.right) if o.method}
+    for name in sorted(named):
+        dirs = [s["run_dir"] for s in runs if s["method"]["name"] == name]
+        if len(dirs) > 1:
+            raise ClaimError(
+                f"claim card {card.name}: method {name} has {len(dirs)} runs in this report ({', '.join(dirs)}); "
+                "a claim compares one run per method: report them apart, or evaluate several seeds in one run (--seeds)"
+            )
     rows = []
     for claim in card.claims:
         left, right = operand_value(claim.left, by_method), operand_value(claim.right, by_method)

@@ -71,7 +71,7 @@ class DefaultRun:
     metrics: tuple[str, ...] = ()  # () = the suite card's default metrics
     reference: str = "toy-teacher"
     out: Path = Path("bench_runs")
-    report: Path = Path("reports/toy/leaderboard.md")
+    report: Path | None = None  # <out>/<suite>_leaderboard.md; tools/toy_leaderboard.sh writes reports/toy/
     claims: str = "toy"  # bench/cards/claims/toy.yaml: the aims, stated as held or not in the report
 
     def __post_init__(self) -> None:
@@ -85,10 +85,47 @@ OUT = typer.Option(Path("bench_runs"), "--out", "-o", help="Root of the run dire
 PROMPTS_DIR = typer.Option(
     None, "--prompts-dir", help="Local directory holding the suites' upstream files (e.g. ../shared/prompts)."
 )
-SEED = typer.Option(0, "--seed", help="Run seed: image k of prompt p uses seed_for(seed, '<suite>/<p>', k, step).")
-LIMIT = typer.Option(0, "--limit", help="Only the first N prompts of the suite (0 = all).")
-IPP = typer.Option(0, "--images-per-prompt", help="Images per prompt (0 = the suite card's protocol).")
-DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (under torchrun: one device per process).")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0"`` or ``"0,1,2"`` -> distinct non-negative run seeds, in the order given."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give run seeds as integers, e.g. 0 or 0,1,2") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"{text!r}: run seeds must be distinct and >= 0")
+    return seeds
+
+
+def check_device(name: str) -> str:
+    """A device this machine has (`rtdmd.distributed.resolve_device`), checked before any work."""
+    from rtdmd.distributed import DeviceError, resolve_device
+
+    try:
+        resolve_device(name)
+    except DeviceError as error:
+        raise typer.BadParameter(str(error)) from None
+    return name
+
+
+SEEDS = typer.Option(
+    "0",
+    "--seeds",
+    "--seed",
+    callback=parse_seeds,
+    help="Run seed(s), e.g. 0 or 0,1,2: image k of prompt p under seed s draws its noise from "
+    "seed_for(s, '<suite>/<p>', k, step). Several seeds: the value is their mean, the interval resamples "
+    "prompts with all their seeds' images, and each seed's own value is reported too.",
+)
+LIMIT = typer.Option(0, "--limit", min=0, help="Only the first N prompts of the suite (0 = all).")
+IPP = typer.Option(0, "--images-per-prompt", min=0, help="Images per prompt and seed (0 = the suite card's protocol).")
+DEVICE = typer.Option(
+    "auto",
+    "--device",
+    callback=check_device,
+    help="auto | cpu | cuda | cuda:N (auto: a GPU where there is one; under torchrun: one device per process).",
+)
 METRICS = typer.Option(
     "", "--metrics", "-m", help="Comma-separated metric names (default: the suite card's default metrics)."
 )
@@ -99,10 +136,12 @@ def clean_errors() -> Iterator[None]:
     """Expected failures print one line and exit 2; only bugs show a traceback."""
     from bench.aggregate import AggregateError
     from bench.claims import ClaimError
+    from bench.generate import RunFileError
     from bench.methods import MethodError
     from bench.score import ScoreError
     from bench.suites import SuiteError
     from rtdmd.config import ConfigError
+    from rtdmd.distributed import DeviceError
     from rtdmd.registry import UnknownNameError
 
     try:
@@ -114,6 +153,8 @@ def clean_errors() -> Iterator[None]:
         AggregateError,
         ClaimError,
         ConfigError,
+        RunFileError,
+        DeviceError,
         UnknownNameError,
         PermissionError,
         FileNotFoundError,
@@ -168,7 +209,7 @@ def metric_list(text: str, suite) -> list[str]:
     return names
 
 
-def _generate(method_name: str, suite, out: Path, seed: int, limit: int, ipp: int, device: str) -> Path:
+def _generate(method_name: str, suite, out: Path, seeds: tuple[int, ...], limit: int, ipp: int, device: str) -> Path:
     from bench.generate import generate_stage
     from bench.methods import load_method
 
@@ -176,7 +217,7 @@ def _generate(method_name: str, suite, out: Path, seed: int, limit: int, ipp: in
     bar = Bar(f"generate {method.name}/{suite.card.name}")
     try:
         result = generate_stage(
-            method, suite, out, seed=seed, limit=limit, images_per_prompt=ipp, device=device, progress=bar
+            method, suite, out, seeds=seeds, limit=limit, images_per_prompt=ipp, device=device, progress=bar
         )
     finally:
         bar.close()
@@ -211,8 +252,8 @@ class RunPlan:
     reference: str
     out: Path
     report: Path | None  # None: <out>/<suite>_leaderboard.md
-    default: bool
-    claims: str = ""  # a claim card checked in the report ("" = none)  # neither --method nor --suite was given
+    default: bool  # neither --method nor --suite was given
+    claims: str = ""  # a claim card checked in the report ("" = none)
 
 
 def resolve_run(
@@ -238,8 +279,10 @@ def run_help(default: DefaultRun) -> str:
     return (
         "Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.\n\n"
         f"Without arguments it runs the toy default: methods {', '.join(default.methods)} on suite {default.suite} "
-        f"({metrics}), paired against {default.reference}, into {default.out}/ with the leaderboard at {default.report} "
-        f"(+ .json, .png), stating the claims of bench/cards/claims/{default.claims}.yaml as held or not. "
+        f"({metrics}), paired against {default.reference}, into {default.out}/ with the leaderboard at "
+        f"{default.report or f'{default.out}/<suite>_leaderboard.md'} (+ .json, .png), stating the claims of "
+        f"bench/cards/claims/{default.claims}.yaml as held or not (tools/toy_leaderboard.sh rewrites the committed "
+        "reports/toy/leaderboard.md). "
         "--method and --suite replace the default methods and suite; every other option still applies.\n\n"
         "Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness "
         "--reference tiny-teacher"
@@ -274,7 +317,7 @@ def run(
         "", "--claims", help="Claim card (name in bench/cards/claims/ or a YAML path) to check in the report."
     ),
     prompts_dir: Path = PROMPTS_DIR,
-    seed: int = SEED,
+    seeds: str = SEEDS,  # parse_seeds turns the text into a tuple of ints
     limit: int = LIMIT,
     images_per_prompt: int = IPP,
     device: str = DEVICE,
@@ -309,7 +352,7 @@ def run(
         writable(target.parent)
         roots = []
         for arg, _ in sorted(cards, key=lambda pair: pair[1].name != plan.reference):  # the reference first
-            roots.append(_generate(arg, loaded, plan.out, seed, limit, images_per_prompt, device))
+            roots.append(_generate(arg, loaded, plan.out, seeds, limit, images_per_prompt, device))
             _score(roots[-1], names, device)
         summaries = [
             aggregate_stage(root, plan.reference if root.parent.name != plan.reference else "") for root in roots
@@ -324,7 +367,7 @@ def generate(
     suite: str = typer.Option(..., "--suite", help="Suite card name, prompt file or hub:<dataset id>."),
     out: Path = OUT,
     prompts_dir: Path = PROMPTS_DIR,
-    seed: int = SEED,
+    seeds: str = SEEDS,  # parse_seeds turns the text into a tuple of ints
     limit: int = LIMIT,
     images_per_prompt: int = IPP,
     device: str = DEVICE,
@@ -338,7 +381,7 @@ def generate(
     with clean_errors():
         loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
         writable(out)
-        _generate(method, loaded, out, seed, limit, images_per_prompt, device)
+        _generate(method, loaded, out, seeds, limit, images_per_prompt, device)
 
 
 @app.command()

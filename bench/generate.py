@@ -1,9 +1,9 @@
 """Harness stage ``generate``: (method, suite) -> ``images/`` + ``manifest.jsonl``.
 
 One manifest row per image with every input that determines it and a content key (sha256 of those
-inputs). Image ``(prompt_id, k)`` of a suite draws its noise from
+inputs). Image ``k`` of prompt ``prompt_id`` under run seed ``seed`` draws its noise from
 ``seed_for(seed, "<suite>/<prompt_id>", k, step)``, so it is the same image whichever process,
-batch or order produced it. A rerun regenerates only images whose row is missing, whose file is
+batch or order produced it; a run directory holds the images of every seed it was asked for. A rerun regenerates only images whose row is missing, whose file is
 missing or corrupt (sha256), or whose inputs changed; a kill loses at most the chunk in flight.
 Under ``torchrun`` the missing images are dealt round-robin to the ranks; each rank appends to its
 own manifest part, and rank 0 merges the parts into the canonical manifest.
@@ -37,35 +37,52 @@ class GenerateSpec:
     suite: str
     suite_version: str
     suite_sha256: str
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     limit: int = 0  # the first N prompts (0 = all)
     images_per_prompt: int = 1
+    prompts: int = 0  # how many prompts that makes: the manifest must hold prompts x seeds x images_per_prompt rows
 
 
 @dataclass(frozen=True)
 class Item:
     row: dict
+    seed: int
     sample_index: int
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.row["prompt_id"], self.sample_index
+    def key(self) -> tuple[str, int, int]:
+        return self.row["prompt_id"], self.seed, self.sample_index
+
+
+class RunFileError(ValueError):
+    """A run directory's file is torn or inconsistent: the message names it and says what to do."""
+
+
+REPAIR_MANIFEST = (
+    "run `rtdmd-bench generate` (or `run`) again with the same arguments: it regenerates the images "
+    "whose rows were lost and rewrites the manifest"
+)
+
+
+def row_key(row: dict) -> tuple[str, int, int]:
+    """A manifest or score row's image: (prompt id, run seed, sample index)."""
+    return row["prompt_id"], row["seed"], row["sample_index"]
 
 
 def run_path(out: Path, method: str, suite: str) -> Path:
     return Path(out) / method / suite
 
 
-def file_name(prompt_id: str, k: int) -> str:
+def file_name(prompt_id: str, seed: int, k: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", prompt_id)
     if safe != prompt_id:  # keep names unique after sanitising
         safe += "-" + hashlib.sha256(prompt_id.encode()).hexdigest()[:8]
-    return f"images/{safe}_{k}.png"
+    return f"images/seed{seed}/{safe}_{k}.png"
 
 
-def items_of(suite: Suite, limit: int, images_per_prompt: int) -> list[Item]:
+def items_of(suite: Suite, limit: int, images_per_prompt: int, seeds: tuple[int, ...] = (0,)) -> list[Item]:
     rows = suite.rows[:limit] if limit else suite.rows
-    return [Item(row, k) for row in rows for k in range(images_per_prompt)]
+    return [Item(row, seed, k) for row in rows for seed in seeds for k in range(images_per_prompt)]
 
 
 def content_key(spec: GenerateSpec, item: Item) -> str:
@@ -75,21 +92,24 @@ def content_key(spec: GenerateSpec, item: Item) -> str:
         item.row["prompt_id"],
         item.row["prompt"],
         item.sample_index,
-        spec.seed,
+        item.seed,
     ]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a torn last line (a kill mid-write) is ignored."""
+def read_jsonl(path: Path, repair: str = "") -> list[dict]:
+    """Rows of a JSON-lines file ([] if it does not exist). A line that is not JSON (what a kill
+    mid-write leaves) is skipped where the caller recomputes what it held (``repair=""``: rank parts,
+    caches); otherwise it stops with the file, the line and ``repair``, what to do."""
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if repair:
+                raise RunFileError(f"{path} line {number} is torn (not JSON; a kill mid-write?): {repair}") from None
     return rows
 
 
@@ -99,14 +119,14 @@ def manifest_parts(root: Path) -> list[Path]:
 
 def valid_rows(
     root: Path, spec: GenerateSpec, items: list[Item], paths: list[Path] | None = None
-) -> dict[tuple[str, int], dict]:
+) -> dict[tuple[str, int, int], dict]:
     """Rows of the manifest files ``paths`` (default: the canonical manifest and leftover rank parts)
     whose image is intact and current."""
     wanted = {item.key: content_key(spec, item) for item in items}
-    found: dict[tuple[str, int], dict] = {}
+    found: dict[tuple[str, int, int], dict] = {}
     for path in paths if paths is not None else [root / MANIFEST, *manifest_parts(root)]:
         for row in read_jsonl(path):
-            key = (row["prompt_id"], row["sample_index"])
+            key = row_key(row)
             image = root / row["file"]
             if (
                 wanted.get(key) == row["content_key"]
@@ -122,7 +142,7 @@ def generate_stage(
     suite: Suite,
     out: Path,
     *,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
     limit: int = 0,
     images_per_prompt: int = 0,
     device: str = "auto",
@@ -135,16 +155,18 @@ def generate_stage(
         suite.card.name,
         suite.card.version,
         suite.sha256,
-        seed,
+        tuple(seeds),
         limit,
         images_per_prompt or suite.card.images_per_prompt,
+        len(suite.rows[:limit] if limit else suite.rows),
     )
     root = run_path(out, method.name, suite.card.name)
     if world.is_main:
         run_dir.prepare(root, spec)
-        (root / "images").mkdir(exist_ok=True)
+        for seed in spec.seeds:
+            (root / "images" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    items = items_of(suite, limit, spec.images_per_prompt)
+    items = items_of(suite, limit, spec.images_per_prompt, spec.seeds)
     done = valid_rows(root, spec, items)
     missing = [item for item in items if item.key not in done]
     distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
@@ -154,10 +176,11 @@ def generate_stage(
         backbone, net = build_method(method, world.device)
         counter = ForwardCounter(net)
         part = (root / f"manifest.part{world.rank}.jsonl").open("a")
-        for start in range(0, len(mine), method.compute_batch):
+        done_count = 0
+        for chunk in chunks_by_seed(mine, method.compute_batch):
             if progress:
-                progress(start, len(mine))
-            chunk = mine[start : start + method.compute_batch]
+                progress(done_count, len(mine))
+            done_count += len(chunk)
             calls_before = counter.rows
             images = generate(
                 backbone,
@@ -165,7 +188,7 @@ def generate_stage(
                 [it.row["prompt"] for it in chunk],
                 [(f"{spec.suite}/{it.row['prompt_id']}", it.sample_index) for it in chunk],
                 method.sampler,
-                run_seed=seed,
+                run_seed=chunk[0].seed,
                 height=method.height,
                 width=method.width,
                 compute_batch=method.compute_batch,
@@ -201,9 +224,18 @@ def generate_stage(
     }
 
 
+def chunks_by_seed(items: list[Item], size: int) -> list[list[Item]]:
+    """Consecutive chunks of at most ``size`` items sharing one run seed (a sampler call takes one)."""
+    chunks: list[list[Item]] = []
+    for seed in dict.fromkeys(item.seed for item in items):
+        same = [item for item in items if item.seed == seed]
+        chunks += [same[i : i + size] for i in range(0, len(same), size)]
+    return chunks
+
+
 def manifest_row(spec: GenerateSpec, item: Item, root: Path, pixels, nfe: float) -> dict:
     row = item.row
-    file = file_name(row["prompt_id"], item.sample_index)
+    file = file_name(row["prompt_id"], item.seed, item.sample_index)
     coord = f"{spec.suite}/{row['prompt_id']}"
     return {
         "suite": spec.suite,
@@ -214,8 +246,8 @@ def manifest_row(spec: GenerateSpec, item: Item, root: Path, pixels, nfe: float)
         "category": row["category"],
         "metadata": row["metadata"],
         "sample_index": item.sample_index,
-        "seed": spec.seed,
-        "init_seed": seed_for(spec.seed, coord, item.sample_index, INIT_STEP),
+        "seed": item.seed,
+        "init_seed": seed_for(item.seed, coord, item.sample_index, INIT_STEP),
         "method": spec.method.name,
         "method_fingerprint": spec.method.fingerprint(),
         "height": spec.method.height,

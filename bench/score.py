@@ -4,16 +4,20 @@ Per-image metrics: a score is cached under (image sha256, prompt, metric, metric
 rescoring after a new metric, or after regenerating a few images, computes only what is new.
 Images are scored in batches; under ``torchrun`` the work is dealt to the ranks and merged by rank 0.
 
-Set metrics (``info.aggregate == "set"``, e.g. a Fréchet distance) score all images of the run at
-once; rank 0 computes them into ``set_scores.json``, a JSON list of rows ``{metric, version, value,
-n_images, key}`` where ``key`` is :func:`set_key`, the sha256 of the manifest's (image sha256,
+Set metrics (``info.aggregate == "set"``, e.g. a Fréchet distance) score all images of one run seed
+at once; rank 0 computes them into ``set_scores.json``, a JSON list of rows ``{metric, version, seed,
+value, n_images, key}`` where ``key`` is :func:`set_key`, the sha256 of that seed's (image sha256,
 prompt) list: a set score is recomputed only when the images, their prompts or the version change.
+
+A score that is not a finite number is refused when it is computed (naming the metric, the image and
+the prompt), never cached: a NaN would otherwise rank as the best value of a leaderboard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.generate import MANIFEST, read_jsonl
+from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from rtdmd import distributed
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.rewards import REWARDS
@@ -56,12 +60,30 @@ def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[
 
 
 def cached_scores(root: Path) -> dict[tuple[str, str, str, str], dict]:
-    """Every score row of ``scores.jsonl`` and the rank parts, by :func:`cache_key`'s tuple."""
+    """Every finite score row of ``scores.jsonl`` and the rank parts, by :func:`cache_key`'s tuple
+    (a torn line or a non-finite score is not a cache entry: it is computed again)."""
     rows = {}
     for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
         for r in read_jsonl(path):
-            rows[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
+            if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]):
+                rows[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
     return rows
+
+
+def read_manifest(root: Path) -> list[dict]:
+    manifest = read_jsonl(root / MANIFEST, repair=REPAIR_MANIFEST)
+    if not manifest:
+        raise ScoreError(f"{root / MANIFEST} is missing or empty: run `rtdmd-bench generate` first")
+    return manifest
+
+
+def refuse_non_finite(metric: str, rows: list[dict], values: list[float]) -> None:
+    for row, value in zip(rows, values, strict=True):
+        if not math.isfinite(value):
+            raise ScoreError(
+                f"metric {metric} gave {value} for image {row['file']} (prompt {row['prompt_id']}: {row['prompt']!r}); "
+                "nothing was cached for it: a score must be a finite number"
+            )
 
 
 def is_set_metric(info: RewardInfo) -> bool:
@@ -95,9 +117,7 @@ def score_stage(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     root = Path(root)
-    manifest = read_jsonl(root / MANIFEST)
-    if not manifest:
-        raise ScoreError(f"{root / MANIFEST} is missing or empty: run `rtdmd-bench generate` first")
+    manifest = read_manifest(root)
     rewards = check_metrics(metrics, manifest, manifest[0]["suite"])
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
     rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
@@ -128,7 +148,9 @@ def score_stage(
                     [json.loads(r["metadata"]) for r in rows],
                     batch_size=batch_size,
                 )
-                for row, value in zip(rows, values.tolist(), strict=True):
+                values = values.tolist()
+                refuse_non_finite(name, rows, values)
+                for row, value in zip(rows, values, strict=True):
                     part.write(json.dumps(score_row(row, name, rewards[name].info, value)) + "\n")
             part.flush()
             os.fsync(part.fileno())
@@ -139,7 +161,11 @@ def score_stage(
     set_scored = 0
     if world.is_main:
         merged = cached_scores(root)
-        keep = [merged[cache_key(row, name, reward.info)] for row in manifest for name, reward in rewards.items()]
+        keep = [
+            score_row(row, name, reward.info, merged[cache_key(row, name, reward.info)]["score"])
+            for row in manifest
+            for name, reward in rewards.items()
+        ]
         order = {(row["sha256"], row["prompt"]): i for i, row in enumerate(manifest)}
         # scores of other metrics for the current images stay cached, in a canonical order
         others = sorted(
@@ -156,45 +182,60 @@ def score_stage(
         "scored": len(todo),
         "cached": len(manifest) * len(rewards) - len(todo),
         "set_scored": set_scored,
-        "set_cached": len(set_rewards) - set_scored if world.is_main else 0,
+        "set_cached": len(set_rewards) * len(seed_sets(manifest)) - set_scored if world.is_main else 0,
     }
 
 
-def score_sets(root: Path, manifest: list[dict], set_rewards: dict[str, object], device, batch_size: int) -> int:
-    """Compute the set metrics whose (version, image set) has no row in ``set_scores.json``; returns how many.
+def seed_sets(manifest: list[dict]) -> dict[int, list[dict]]:
+    """The manifest's rows of each run seed (a set metric scores one seed's images at once)."""
+    sets: dict[int, list[dict]] = {}
+    for row in manifest:
+        sets.setdefault(row["seed"], []).append(row)
+    return sets
 
-    Rows of other metrics for the same image set stay; rows of an older image set are dropped."""
-    key = set_key(manifest)
+
+def score_sets(root: Path, manifest: list[dict], set_rewards: dict[str, object], device, batch_size: int) -> int:
+    """Compute the set metrics whose (version, seed's image set) has no row in ``set_scores.json``;
+    returns how many (metric, seed) values were computed.
+
+    Rows of other metrics for the same image sets stay; rows of an older image set are dropped."""
     previous = read_set_scores(root)
-    rows = {r["metric"]: r for r in previous if r["key"] == key}
-    todo = [name for name, reward in set_rewards.items() if rows.get(name, {}).get("version") != reward.info.version]
-    if todo:
+    keys = {seed: set_key(rows) for seed, rows in seed_sets(manifest).items()}
+    rows = {(r["metric"], r["seed"]): r for r in previous if "seed" in r and keys.get(r["seed"]) == r["key"]}
+    computed = 0
+    for seed, members in seed_sets(manifest).items():
+        todo = [n for n, reward in set_rewards.items() if rows.get((n, seed), {}).get("version") != reward.info.version]
+        if not todo:
+            continue
         # the protocol takes the whole set in one call: the images are loaded once for all set metrics
-        images = torch.cat(
-            [load_images(root, manifest[i : i + batch_size]) for i in range(0, len(manifest), batch_size)]
-        )
-        prompts, meta = [r["prompt"] for r in manifest], [json.loads(r["metadata"]) for r in manifest]
+        images = torch.cat([load_images(root, members[i : i + batch_size]) for i in range(0, len(members), batch_size)])
+        prompts, meta = [r["prompt"] for r in members], [json.loads(r["metadata"]) for r in members]
         for name in todo:
             with torch.no_grad():
                 value = set_rewards[name](images.to(device), prompts, meta)
             if value.numel() != 1:
                 raise ScoreError(f"set metric {name} returned {value.numel()} values, expected one")
-            rows[name] = {
+            if not math.isfinite(float(value)):
+                raise ScoreError(f"set metric {name} gave {float(value)} for the images of seed {seed} in {root}")
+            rows[(name, seed)] = {
                 "metric": name,
                 "version": set_rewards[name].info.version,
+                "seed": seed,
                 "value": float(value),
-                "n_images": len(manifest),
-                "key": key,
+                "n_images": len(members),
+                "key": keys[seed],
             }
-    current = [rows[m] for m in sorted(rows)]
+            computed += 1
+    current = [rows[k] for k in sorted(rows)]
     if current != previous:
-        write_text_atomic(root / SET_SCORES, json.dumps(current, indent=2) + "\n")
-    return len(todo)
+        write_text_atomic(root / SET_SCORES, json.dumps(current, indent=2, allow_nan=False) + "\n")
+    return computed
 
 
 def score_row(row: dict, metric: str, info: RewardInfo, value: float) -> dict:
     return {
         "prompt_id": row["prompt_id"],
+        "seed": row["seed"],
         "sample_index": row["sample_index"],
         "prompt": row["prompt"],
         "sha256": row["sha256"],

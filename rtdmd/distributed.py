@@ -8,6 +8,7 @@ CUDA and gloo on CPU, and returns the process's place in the world. ``wrap`` app
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,17 +37,40 @@ class World:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
+class DeviceError(ValueError):
+    """A device name that is not one, or a device this machine does not have."""
+
+
+DEVICES = "auto | cpu | cuda | cuda:N"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU where CUDA is available, else the CPU; ``cpu``; ``cuda``: this
+    process's GPU (``LOCAL_RANK`` under torchrun); ``cuda:N``: GPU N. Anything else, or a GPU this
+    machine lacks, raises :class:`DeviceError` with what to use instead."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise DeviceError(f"unknown device {name!r}: use {DEVICES}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"device {name}: no CUDA device is available here (torch {torch.__version__}): use cpu, or auto to "
+            "take a GPU only where there is one"
+        )
+    device = torch.device("cuda", local_rank) if name in ("auto", "cuda") else torch.device(name)
+    if device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def init(device: str = "auto") -> World:
-    """Join the process group when launched by torchrun; pick this process's device."""
+    """Join the process group when launched by torchrun; pick this process's device (:func:`resolve_device`)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        dev = torch.device("cuda", local_rank) if device in ("auto", "cuda") else torch.device(device)
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return World(rank=rank, size=size, device=dev)

@@ -197,7 +197,7 @@ def test_generate_killed_midway_resumes_without_gaps_duplicates_or_corruption(tm
     keys = [(r["prompt_id"], r["sample_index"]) for r in rows]
     assert len(keys) == 96 and len(set(keys)) == 96
     assert all(sha256_bytes((run / r["file"]).read_bytes()) == r["sha256"] for r in rows)
-    assert len(list((run / "images").glob("*.png"))) == 96 and not list(run.glob("manifest.part*"))
+    assert len(list((run / "images" / "seed0").glob("*.png"))) == 96 and not list(run.glob("manifest.part*"))
     reports = []
     for out in (killed, straight):
         root = out / "tiny128" / "p48"

@@ -84,7 +84,7 @@ def test_set_metrics_are_computed_once_per_image_set_and_reported_without_interv
         manifest = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
         (row,) = json.loads((root / SET_SCORES).read_text())
         assert row["metric"] == "test_set_brightness" and row["version"] == "1" and row["n_images"] == 6
-        assert row["key"] == set_key(manifest)
+        assert row["key"] == set_key(manifest) and row["seed"] == 0
         assert row["value"] == pytest.approx(image_mean(root), abs=1e-6)
         assert all(r["metric"] != "test_set_brightness" for r in map(json.loads, (root / "scores.jsonl").open()))
     ours, ref = (json.loads((runs[m] / "summary.json").read_text())["metrics"] for m in ("tiny-cps4", "tiny-teacher"))
@@ -102,7 +102,7 @@ def test_set_metrics_are_computed_once_per_image_set_and_reported_without_interv
     value = json.loads((runs[best] / "summary.json").read_text())["metrics"]["test_set_brightness"]["value"]
     assert f"**{value:.4f}**" in best_line  # lower is better: the smaller value is bold
     assert "| Method | brightness ↑ | test_category_brightness ↑ | test_set_brightness ↓ |" in report  # paired table
-    assert f"{diff['diff']:+.4f} (set)" in report and "Set metrics score all images of a run at once" in report
+    assert f"{diff['diff']:+.4f} (set)" in report and "Set metrics score all images of a run seed at once" in report
 
     rerun = run(tmp_path / "out", suite_file)
     assert rerun.exit_code == 0 and SetBrightness.calls == calls + 2
@@ -138,9 +138,9 @@ def test_category_mean_metrics_report_the_plain_mean_and_a_per_category_table(tm
     category = {f"{i:05d}": c for i, (_, c) in enumerate(PROMPTS)}
     means = {c: np.mean([v for p, v in per_prompt.items() if category[p] == c]) for c in ("shape", "count")}
     entry = json.loads((root / "summary.json").read_text())["metrics"]["test_category_brightness"]
-    assert entry["image_mean"] == pytest.approx(np.mean(list(per_prompt.values())))
+    assert entry["prompt_mean"] == pytest.approx(np.mean(list(per_prompt.values())))
     assert entry["value"] == pytest.approx(np.mean(list(means.values())))
-    assert entry["value"] != pytest.approx(entry["image_mean"], abs=1e-9)
+    assert entry["value"] != pytest.approx(entry["prompt_mean"], abs=1e-9)
     assert entry["categories"] == ["shape", "count"]  # the suite's order, not sorted
     report = (tmp_path / "out" / "cats_leaderboard.md").read_text()
     assert "test_category_brightness ↑ by category (v1)" in report
@@ -148,7 +148,7 @@ def test_category_mean_metrics_report_the_plain_mean_and_a_per_category_table(tm
     by_category = report.split("by category (v1)")[1]
     line = next(ln for ln in by_category.splitlines() if ln.startswith("| tiny CPS-4"))
     cells = [c.strip().strip("*").removeprefix("<u>").removesuffix("</u>") for c in line.split("|")[2:-1]]
-    assert cells == [f"{v:.4f}" for v in (entry["value"], entry["image_mean"], means["shape"], means["count"])]
+    assert cells == [f"{v:.4f}" for v in (entry["value"], entry["prompt_mean"], means["shape"], means["count"])]
 
 
 # ---------------------------------------------------------------- the default run
@@ -170,8 +170,9 @@ def test_run_without_arguments_runs_the_default(tmp_path, monkeypatch):
     assert "default toy run: tiny-teacher, tiny-cps4 on tiny_prompts, metrics brightness, reference tiny-teacher" in (
         " ".join(result.output.split())
     )
-    report = tmp_path / "reports" / "toy" / "leaderboard.md"
+    report = tmp_path / "bench_runs" / "tiny_prompts_leaderboard.md"
     assert report.is_file() and report.with_suffix(".json").is_file() and report.with_suffix(".png").is_file()
+    assert not (tmp_path / "reports").exists()  # the committed report is rewritten only on purpose
     summary = json.loads((tmp_path / "bench_runs" / "tiny-cps4" / "tiny_prompts" / "summary.json").read_text())
     assert summary["metrics"]["brightness"]["vs_reference"]["reference"] == "tiny-teacher"
     assert "tiny CPS-4" in report.read_text()
@@ -202,7 +203,7 @@ def test_the_default_run_is_the_toy_leaderboard():
         f"toy-rtdmd{'' if arm == 'rtdmd' else '-' + arm}"
         for arm in ("rtdmd", "grpo-all-steps", "no-bp", "no-dm", "bp-only", "dmd-only")
     )
-    assert default.report == Path("reports/toy/leaderboard.md") and default.out == Path("bench_runs")
+    assert default.report is None and default.out == Path("bench_runs")  # not the committed reports/toy/
     assert "toy-teacher, toy-euler4, toy-dmd, toy-acdmd, toy-rtdmd," in " ".join(
         runner.invoke(app, ["run", "--help"]).output.split()
     )

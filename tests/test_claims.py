@@ -12,6 +12,7 @@ def summary(method: str, **values: float) -> dict:
     return {
         "method": {"name": method},
         "suite": {"name": "s"},
+        "run_dir": f"runs/{method}/s",
         "metrics": {metric.replace("_", "-"): {"value": v} for metric, v in values.items()},
     }
 

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rtdmd.config import ConfigError, dump_yaml, load, packaged_names
+from rtdmd.distributed import DeviceError
 from rtdmd.registry import UnknownNameError
 
 app = typer.Typer(
@@ -48,7 +49,7 @@ def _config_errors() -> Iterator[None]:
     """A config error (here, or a run directory holding another config) prints one line and exits 2."""
     try:
         yield
-    except (ConfigError, UnknownNameError) as error:
+    except (ConfigError, UnknownNameError, DeviceError) as error:
         err.print(f"[bold red]config error:[/] {error}")
         raise typer.Exit(2) from None
 
@@ -218,7 +219,8 @@ def pretrain_clip(
     from rtdmd.train.pretrain_clip import ToyClipConfig, train
 
     cfg = _load(ToyClipConfig, "pretrain_clip", config, overrides, dry_run)
-    summary = train(cfg)
+    with _config_errors():
+        summary = train(cfg)
     console.print(f"pretrain-clip: {summary}")
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rtdmd import distributed
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.clip import KINDS, ToyClip, ToyClipArch, canonical, caption_negatives
 from rtdmd.toyworld.text import token_ids
@@ -311,12 +312,12 @@ def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     from rtdmd.config import to_dict
     from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
 
+    device = distributed.resolve_device(cfg.device)  # a bad device must not leave a run directory behind
     root = run_dir.prepare(cfg.run_dir, cfg)
     output = Path(cfg.output) if Path(cfg.output).is_absolute() else root / cfg.output
     summary_file = root / "summary.json"
     if summary_file.is_file() and output.is_file():
         return json.loads(summary_file.read_text()) | {"skipped": True}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     t_start = time.perf_counter()
     pool = build_pool(cfg, device)
     negatives = NegativeTable.build(pool.captions, device=device)

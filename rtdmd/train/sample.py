@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rtdmd import run_dir
+from rtdmd import distributed, run_dir
 from rtdmd.backbones import BACKBONES
 from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
 from rtdmd.checkpoint import atomic_path, write_text_atomic
@@ -60,12 +60,6 @@ class SampleConfig:
 
 def prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -133,13 +127,13 @@ def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -
     """Generate what is missing; return a summary (rows, timings, measured NFE).
 
     ``progress(done, total)`` is called before the first chunk and after each one."""
+    device = distributed.resolve_device(cfg.device)  # a bad device must not leave a run directory behind
     root = run_dir.prepare(cfg.run_dir, cfg)
     (root / "images").mkdir(exist_ok=True)
     prompts = read_prompts(cfg)
     todo = [(p, prompt_id(p), k) for p in prompts for k in range(cfg.images_per_prompt)]
     done = done_rows(root)
     missing = [t for t in todo if f"images/{t[1]}_{t[2]}.png" not in done]
-    device = resolve_device(cfg.device)
     load_s = gen_s = 0.0
     nfe = None
     new_rows: dict[str, dict] = {}
