@@ -93,8 +93,13 @@ class Backbone(Protocol):
 
 BACKBONES: Registry[type] = Registry("backbone family")
 
-Dtype = Literal["float32", "bfloat16", "float16"]
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "float64", "bfloat16", "float16"]
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)

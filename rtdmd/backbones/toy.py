@@ -141,20 +141,21 @@ def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
         state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
         module.load_state_dict(state, strict=True)
-    if dtype != torch.float32:
-        transformer, text_encoder = transformer.to(dtype=dtype), text_encoder.to(dtype=dtype)
+    if dtype != torch.float32:  # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast
+        transformer, text_encoder = nn.Module.to(transformer, dtype=dtype), text_encoder.to(dtype=dtype)
     return transformer.to(device).eval(), text_encoder.to(device).eval(), spec
 
 
 def toy_forward(
     net: nn.Module, x: Tensor, sigma: Tensor, tensors: dict[str, Tensor], guidance: float | None = None
 ) -> Tensor:
-    """``v = (x - x0_hat(x, sigma, c)) / sigma`` (float32) from the x0-predicting transformer, and
-    ``v = x - x0_hat`` at ``sigma = 0`` (e.g. AC-DMD's consistency rollback to 0), where every caller
-    recovers ``x0 = x - 0 * v = x`` and a division by zero would give NaN."""
+    """``v = (x - x0_hat(x, sigma, c)) / sigma`` (float32, or float64 for a float64 network) from the
+    x0-predicting transformer, and ``v = x - x0_hat`` at ``sigma = 0`` (e.g. AC-DMD's consistency
+    rollback to 0), where every caller recovers ``x0 = x - 0 * v = x`` and a division by zero would give NaN."""
     x0_hat = sd3_forward(net, x, sigma, tensors, guidance)
-    sigma = sigma.float()
-    return (x.float() - x0_hat.float()) / expand_sigma(torch.where(sigma > 0, sigma, torch.ones_like(sigma)), x)
+    dtype = torch.promote_types(x0_hat.dtype, torch.float32)
+    sigma = sigma.to(dtype)
+    return (x.to(dtype) - x0_hat.to(dtype)) / expand_sigma(torch.where(sigma > 0, sigma, torch.ones_like(sigma)), x)
 
 
 @BACKBONES.register("toy")

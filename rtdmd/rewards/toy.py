@@ -129,7 +129,11 @@ CLIP_ENV = "RTDMD_TOY_CLIP"
 # The versions of toy-clip and toy-fd name the shipped ToyClip: cached scores are keyed by version,
 # so shipping other weights must bump both (a test holds this sha against SHA256SUMS). Scores from
 # other weights (a path or $RTDMD_TOY_CLIP) belong in a run directory of their own.
-TOY_CLIP_SHA256 = {"1": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc"}
+# version -> the shipped weights it scores with (2: the same weights as 1, computed in float64)
+TOY_CLIP_SHA256 = {
+    "1": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc",
+    "2": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc",
+}
 
 
 def load_toy_clip(path: str | Path | None = None):
@@ -150,8 +154,11 @@ def load_toy_clip(path: str | Path | None = None):
 
 
 class _UsesToyClip:
+    """ToyClip in float64: on the same images, every CPU (AVX2 or AVX-512 kernels) and GPU then gives
+    the same scores to the printed precision, which float32 features did not."""
+
     def __init__(self, path: str | Path | None = None) -> None:
-        self.model = load_toy_clip(path)
+        self.model = load_toy_clip(path).double()
 
     def _model_on(self, device: torch.device):
         if self.model.logit_scale.device != device:
@@ -164,7 +171,7 @@ class ToyClipScore(_UsesToyClip):
     """Raw cosine of ToyClip's image and text embeddings (RTDMD's CLIPScore convention: no x100, no
     clamp at 0); differentiable with respect to the images."""
 
-    info = RewardInfo(version="1", higher_is_better=True, differentiable=True, units="raw cosine")
+    info = RewardInfo(version="2", higher_is_better=True, differentiable=True, units="raw cosine")
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
         return self._model_on(images.device)(images, list(prompts))
@@ -187,8 +194,9 @@ def flat_colour_score(images: Tensor, tau_rgb: float = AESTHETIC_TAU_RGB) -> Ten
     """
     from rtdmd.toyworld.world import BACKGROUND, PALETTE
 
-    colours = torch.tensor([*PALETTE.values(), BACKGROUND], dtype=torch.float32, device=images.device) / 255
-    x = images.float().permute(0, 2, 3, 1).unsqueeze(-2)  # [B, H, W, 1, 3]
+    # float64: the same score on every machine's kernels (see _UsesToyClip)
+    colours = torch.tensor([*PALETTE.values(), BACKGROUND], dtype=torch.float64, device=images.device) / 255
+    x = images.double().permute(0, 2, 3, 1).unsqueeze(-2)  # [B, H, W, 1, 3]
     squared = (x - colours).pow(2).sum(-1)  # [B, H, W, 11]
     kernel = torch.logsumexp(-squared / (2 * tau_rgb**2), dim=-1).exp()
     return 10 * kernel.clamp(max=1.0).flatten(1).mean(1)
@@ -201,7 +209,7 @@ class ToyAesthetic:
     colours), pixel noise, blur and off-palette colours score lower. No weights; differentiable."""
 
     info = RewardInfo(
-        version="1",
+        version="2",
         higher_is_better=True,
         differentiable=True,
         units=f"0-10, flat-colour kernel tau={AESTHETIC_TAU_RGB}",
@@ -270,7 +278,7 @@ class ToyFD(_UsesToyClip):
     well exceed the feature dimension (128) for the covariance to be full rank."""
 
     info = RewardInfo(
-        version="1",
+        version="2",
         higher_is_better=False,
         differentiable=False,
         needs=("tag", "include"),
@@ -291,7 +299,7 @@ class ToyFD(_UsesToyClip):
         if not len(images) == len(prompts) == len(meta):
             raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(meta)} metadata rows")
         reference = reference_renders(prompts, meta).to(images.device)
-        generated = gaussian_stats(self.features(images.float()))
+        generated = gaussian_stats(self.features(images))
         truth = gaussian_stats(self.features(reference))
         return frechet_distance(*generated, *truth).cpu()
 

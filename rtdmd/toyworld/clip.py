@@ -107,8 +107,9 @@ class ToyClip(nn.Module):
     # ------------------------------------------------------------------ towers
 
     def image_features(self, images: Tensor) -> Tensor:
-        """Pooled image features ``[B, feature_dim]`` (before the projection) of images in [0, 1]."""
-        x = images.float()
+        """Pooled image features ``[B, feature_dim]`` (before the projection) of images in [0, 1], in the
+        model's dtype."""
+        x = images.to(self.pixel_mean.dtype)
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
         h = self.image_trunk((x - self.pixel_mean) / PIXEL_STD)
