@@ -138,6 +138,7 @@ def clean_errors() -> Iterator[None]:
     from bench.claims import ClaimError
     from bench.generate import RunFileError
     from bench.methods import MethodError
+    from bench.report import ReportError
     from bench.score import ScoreError
     from bench.suites import SuiteError
     from rtdmd.config import ConfigError
@@ -154,6 +155,7 @@ def clean_errors() -> Iterator[None]:
         ClaimError,
         ConfigError,
         RunFileError,
+        ReportError,
         DeviceError,
         UnknownNameError,
         PermissionError,

@@ -3,8 +3,9 @@
 One manifest row per image with every input that determines it and a content key (sha256 of those
 inputs). Image ``k`` of prompt ``prompt_id`` under run seed ``seed`` draws its noise from
 ``seed_for(seed, "<suite>/<prompt_id>", k, step)``, so it is the same image whichever process,
-batch or order produced it; a run directory holds the images of every seed it was asked for. A rerun regenerates only images whose row is missing, whose file is
-missing or corrupt (sha256), or whose inputs changed; a kill loses at most the chunk in flight.
+batch or order produced it; a run directory holds the images of every seed it was asked for. A
+rerun regenerates only images whose row is missing, whose file is missing or corrupt (sha256), or
+whose inputs changed; a kill loses at most the chunk in flight.
 Under ``torchrun`` the missing images are dealt round-robin to the ranks; each rank appends to its
 own manifest part, and rank 0 merges the parts into the canonical manifest.
 """

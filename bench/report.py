@@ -31,6 +31,10 @@ GRID_PROMPTS = 6
 GRID_CELL = 128
 
 
+class ReportError(ValueError):
+    """Summaries that cannot make a report."""
+
+
 def fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.3f}"
 
@@ -398,7 +402,10 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
     whose claims are checked against these summaries and stated after the tables."""
     summaries = [json.loads(Path(p).read_text()) for p in summary_paths]
     if not summaries:
-        raise ValueError("no summary.json files given")
+        raise ReportError("no summary.json files given")
+    for path, s in zip(summary_paths, summaries, strict=True):
+        if "seeds" not in s:
+            raise ReportError(f"{path} was written by an older rtdmd: run `rtdmd-bench aggregate` on its run again")
     by_suite: dict[tuple, list[dict]] = defaultdict(list)
     for s in summaries:
         by_suite[(s["suite"]["name"], s["suite"]["version"], s["suite"]["sha256"])].append(s)

@@ -169,6 +169,12 @@ def test_runs_of_one_method_are_labelled_by_their_seeds(tmp_path, suite):
         ["report", *(str(r / "summary.json") for r in runs), "--out", str(out), "--claims", str(card)],
         "method tiny-cps4 has 2 runs in this report",
     )
+    old = summaries[0] | {"seed": 0}
+    del old["seeds"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    refused(
+        ["report", str(tmp_path / "old.json")], "old.json was written by an older rtdmd: run `rtdmd-bench aggregate`"
+    )
 
 
 def test_several_seeds_in_one_run(tmp_path, suite):
