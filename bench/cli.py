@@ -542,9 +542,9 @@ def methods(name: str = typer.Argument("", help="Show one method card.")) -> Non
 
 @app.command()
 def schedules(
-    steps: int = typer.Option(4, "--steps", "-n", help="Number of sampling steps."),
+    steps: int = typer.Option(4, "--steps", "-n", min=1, help="Number of sampling steps."),
     resolution: list[int] = typer.Option(
-        [512, 1024], "--resolution", "-r", help="Square image sizes in pixels (repeatable)."
+        [512, 1024], "--resolution", "-r", min=16, help="Square image sizes in pixels (repeatable)."
     ),
     default_spacing: bool = typer.Option(
         False,

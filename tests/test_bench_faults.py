@@ -227,3 +227,8 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, suite):
         )
         assert result.exit_code == 2 and message in text(result)
         assert not (tmp_path / "s").exists()  # nothing left behind: the corrected command starts afresh
+
+
+def test_schedules_refuses_steps_and_resolutions_out_of_range():
+    refused(["schedules", "--steps", "0", "--default-spacing"], "Invalid value for '--steps' / '-n'")
+    refused(["schedules", "--resolution", "8"], "Invalid value for '--resolution' / '-r'")
