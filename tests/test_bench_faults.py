@@ -232,3 +232,28 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, suite):
 def test_schedules_refuses_steps_and_resolutions_out_of_range():
     refused(["schedules", "--steps", "0", "--default-spacing"], "Invalid value for '--steps' / '-n'")
     refused(["schedules", "--resolution", "8"], "Invalid value for '--resolution' / '-r'")
+
+
+def test_compare_runs_counts_differing_images_and_score_gaps(tmp_path, suite):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "tools/compare_runs.py")
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    args = ["run", "--method", "tiny-cps4", "--suite", str(suite), "--metrics", "brightness", "--device", "cpu"]
+    for out in ("a", "b"):
+        ok([*args, "--out", str(tmp_path / out)])
+    same = compare_runs.compare(tmp_path / "a", tmp_path / "b")
+    run = same["runs"]["tiny-cps4/pets"]
+    assert run["images_differing"] == 0 and run["value_gap"] == {"brightness": 0.0}
+    assert same["leaderboards_identical"] == {"pets_leaderboard.md": True}
+    root = tmp_path / "b" / "tiny-cps4" / "pets"
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+    rows[1]["sha256"] = "0" * 64  # as if image 1 had come out differently
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = [json.loads(line) for line in (root / "scores.jsonl").read_text().splitlines()]
+    scores[0]["score"] += 0.25
+    (root / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scores))
+    changed = compare_runs.compare(tmp_path / "a", tmp_path / "b")["runs"]["tiny-cps4/pets"]
+    assert changed["images_differing"] == 1
+    assert changed["score_gap_on_identical_images"]["brightness"] == pytest.approx(0.25)
