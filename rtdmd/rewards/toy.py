@@ -154,8 +154,8 @@ def load_toy_clip(path: str | Path | None = None):
 
 
 class _UsesToyClip:
-    """ToyClip in float64: on the same images, every CPU (AVX2 or AVX-512 kernels) and GPU then gives
-    the same scores to the printed precision, which float32 features did not."""
+    """ToyClip in float64: on the same images, AVX2 and AVX-512 kernels, and an Intel and an AMD CPU,
+    then give the same scores (bench/perf/results/README.md), which float32 features did not."""
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.model = load_toy_clip(path).double()
