@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -250,15 +251,10 @@ def seed_table(summaries: list[dict], labels: list[str], metrics: list[str], inf
         for m in metrics:
             per_seed = s["metrics"].get(m, {}).get("per_seed", {})
             values = list(per_seed.values())
-            spread = f" ± {fmt(float(_std(values)))}" if len(values) > 1 else ""
+            spread = f" ± {fmt(statistics.stdev(values))}" if len(values) > 1 else ""
             cells.append(" / ".join(fmt(v) for v in values) + spread if values else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _std(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def paired_table(

@@ -200,10 +200,11 @@ def score_sets(root: Path, manifest: list[dict], set_rewards: dict[str, object],
 
     Rows of other metrics for the same image sets stay; rows of an older image set are dropped."""
     previous = read_set_scores(root)
-    keys = {seed: set_key(rows) for seed, rows in seed_sets(manifest).items()}
+    sets = seed_sets(manifest)
+    keys = {seed: set_key(members) for seed, members in sets.items()}
     rows = {(r["metric"], r["seed"]): r for r in previous if "seed" in r and keys.get(r["seed"]) == r["key"]}
     computed = 0
-    for seed, members in seed_sets(manifest).items():
+    for seed, members in sets.items():
         todo = [n for n, reward in set_rewards.items() if rows.get((n, seed), {}).get("version") != reward.info.version]
         if not todo:
             continue

@@ -192,6 +192,10 @@ def test_several_seeds_in_one_run(tmp_path, suite):
     assert entry["vs_reference"]["n_prompts"] == 4
     report = (tmp_path / "two" / "pets_leaderboard.md").read_text()
     assert "4 prompts × 1 images × 2 seeds (0,1)" in report and "Per run seed" in report
+    per_seed = report.split("Per run seed")[1]
+    row = next(line for line in per_seed.splitlines() if line.startswith("| tiny CPS-4"))
+    a, b = entry["per_seed"]["0"], entry["per_seed"]["1"]
+    assert f"{a:.4f} / {b:.4f} ± {abs(a - b) / 2**0.5:.4f}" in row  # the sample standard deviation of two values
 
 
 @pytest.mark.parametrize(
