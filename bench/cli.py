@@ -53,7 +53,8 @@ def _options(
 
 @dataclass(frozen=True)
 class DefaultRun:
-    """What ``rtdmd-bench run`` does without arguments: the toy-world leaderboard, minutes on one GPU."""
+    """What ``rtdmd-bench run`` does without arguments: the toy-world leaderboard on the quick profile
+    (``toy-geneval-quick``, minutes on a CPU); tools/toy_leaderboard.sh runs the full protocol."""
 
     methods: tuple[str, ...] = (
         "toy-teacher",
@@ -67,7 +68,7 @@ class DefaultRun:
         "toy-rtdmd-bp-only",
         "toy-rtdmd-dmd-only",
     )
-    suite: str = "toy-geneval"
+    suite: str = "toy-geneval-quick"
     metrics: tuple[str, ...] = ()  # () = the suite card's default metrics
     reference: str = "toy-teacher"
     out: Path = Path("bench_runs")

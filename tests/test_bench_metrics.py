@@ -195,7 +195,7 @@ def test_given_options_override_the_default_run():
 
 def test_the_default_run_is_the_toy_leaderboard():
     default = bench.cli.DEFAULT_RUN
-    assert default.suite == "toy-geneval" and default.reference == "toy-teacher"
+    assert default.suite == "toy-geneval-quick" and default.reference == "toy-teacher"
     with pytest.raises(ValueError, match="default reference toy-teacher is not one of the default methods"):
         DefaultRun(methods=("tiny-cps4",))
     assert default.methods[:4] == ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd")

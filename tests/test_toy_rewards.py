@@ -88,19 +88,21 @@ def test_three_geneval_metrics_detect_each_image_once(monkeypatch):
 
     calls = []
     real = detector.detect
-    monkeypatch.setattr(detector, "detect", lambda pixels: calls.append(1) or real(pixels))
+    monkeypatch.setattr(detector, "detect", lambda pixels, scorer: calls.append(scorer) or real(pixels, scorer))
     toy_rewards._DETECTIONS.clear()
     meta = [m for m in eval_metadata() if m["tag"] == "single_object"][:3]
     images = as_float([render(scene_for(m, 7)) for m in meta])
     prompts = [m["prompt"] for m in meta]
     for name in ("toy-geneval", "toy-geneval-strict", "toy-geneval-partial"):
         REWARDS.get(name)()(images, prompts, meta)
-    assert len(calls) == 3
+    assert calls == ["learned"] * 3
+    REWARDS.get("toy-geneval-fit")()(images, prompts, meta)  # another scorer: its own detections
+    assert calls == ["learned"] * 3 + ["fit"] * 3
     # a change below half a grey level gives the same PNG pixels, hence the cached detection
     REWARDS.get("toy-geneval")()((images + 0.4 / 255).clamp(0, 1), prompts, meta)
-    assert len(calls) == 3
-    REWARDS.get("toy-geneval")()((images + 0.6 / 255).clamp(0, 1), prompts, meta)
     assert len(calls) == 6
+    REWARDS.get("toy-geneval")()((images + 0.6 / 255).clamp(0, 1), prompts, meta)
+    assert len(calls) == 9
 
 
 # ---------------------------------------------------------------- toy-aesthetic
@@ -225,7 +227,7 @@ def test_toy_clip_save_load_round_trip(clip_path, tmp_path):
     assert model.arch == SMALL and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    prompts = ["a photo of a red circle", "a photo of two stars", ""]
+    prompts = ["a photo of a red circle", "a photo of two rings", ""]
     again = tmp_path / "again.safetensors"
     model.save(again)
     reloaded, fresh = ToyClip.load(again), ToyClip(SMALL, seed=0)
@@ -247,9 +249,9 @@ def test_toy_clip_reward_is_batch_invariant_and_differentiable(clip_path):
     prompts = [
         "a photo of a red circle",
         "",
-        "a photo of an orange pentagon and a yellow hexagon",
+        "a photo of an orange ring and a yellow frame",
         "zebra",
-        "a photo of a star left of a square",
+        "a photo of a crescent left of a square",
     ]
     batch = reward(images, prompts, [{}] * 5)
     alone = torch.cat([reward(images[i : i + 1], prompts[i : i + 1], [{}]) for i in range(5)])
@@ -292,14 +294,14 @@ def test_shipped_toy_clip_prefers_true_captions(ground_truth, monkeypatch):
 
 
 def test_caption_negatives_change_one_detail_and_spellings_keep_the_meaning():
-    prompt = "a photo of an orange pentagon and a yellow hexagon"
+    prompt = "a photo of an orange ring and a yellow frame"
     negatives = caption_negatives(prompt)
-    assert negatives["binding"] == ["a photo of a yellow pentagon and an orange hexagon"]
-    assert "a photo of a red pentagon and a yellow hexagon" in negatives["color"]
+    assert negatives["binding"] == ["a photo of a yellow ring and an orange frame"]
+    assert "a photo of a red ring and a yellow frame" in negatives["color"]
     assert all(canonical(n) != canonical(prompt) for kind in negatives.values() for n in kind)
-    position = "a photo of a circle right of a star"
-    assert caption_negatives(position)["relation"] == ["a photo of a circle left of a star"]
-    assert spellings(position) == [position, "a photo of a star left of a circle"]
+    position = "a photo of a circle right of a crescent"
+    assert caption_negatives(position)["relation"] == ["a photo of a circle left of a crescent"]
+    assert spellings(position) == [position, "a photo of a crescent left of a circle"]
     assert len({canonical(s) for s in spellings(position)}) == 1
     assert caption_negatives("a photo of three crosses")["count"] == [
         "a photo of two crosses",
@@ -311,7 +313,7 @@ def test_caption_negatives_change_one_detail_and_spellings_keep_the_meaning():
 def test_negative_table_draws_every_kind_each_step():
     from rtdmd.toyworld.text import token_ids
 
-    captions = ["a photo of an orange pentagon and a yellow hexagon", "a photo of a circle"]
+    captions = ["a photo of an orange ring and a yellow frame", "a photo of a circle"]
     table = trainer.NegativeTable.build(captions)
     drawn = table.sample(torch.tensor([0, 0, 1]), 3, torch.Generator().manual_seed(0))
     kinds = caption_negatives(captions[0])
@@ -376,4 +378,13 @@ def test_the_toy_clip_metric_versions_name_the_shipped_weights():
     assert REWARDS.get("toy-fd").info.version == version
     assert weights.expected_sha256()["toy_clip.safetensors"] == toy_rewards.TOY_CLIP_SHA256[version], (
         "toy_clip was re-shipped: bump the toy-clip and toy-fd versions and record the new sha256"
+    )
+
+
+def test_the_toy_geneval_version_names_the_shipped_recogniser():
+    version = toy_rewards.TOY_GENEVAL_VERSION
+    for name in ("toy-geneval", "toy-geneval-strict", "toy-geneval-partial", "toy-geneval-fit"):
+        assert REWARDS.get(name).info.version == version
+    assert weights.expected_sha256()["toy_recognizer.safetensors"] == toy_rewards.TOY_RECOGNIZER_SHA256[version], (
+        "toy_recognizer was re-shipped: bump TOY_GENEVAL_VERSION and record the new sha256"
     )

@@ -13,7 +13,15 @@ from rtdmd.toyworld import weights
 from rtdmd.toyworld.data import eval_metadata
 
 ARMS = ("grpo_all_steps", "no_bp", "no_dm", "bp_only", "dmd_only")
-SHIPPED = ("toy_teacher", "toy_clip", "toy_acdmd", "toy_dmd", "toy_rtdmd", *(f"toy_rtdmd_{arm}" for arm in ARMS))
+SHIPPED = (
+    "toy_teacher",
+    "toy_clip",
+    "toy_recognizer",
+    "toy_acdmd",
+    "toy_dmd",
+    "toy_rtdmd",
+    *(f"toy_rtdmd_{arm}" for arm in ARMS),
+)
 TOY_METHODS = ("toy-teacher", "toy-euler4", "toy-dmd", "toy-acdmd", "toy-rtdmd")
 
 
@@ -26,7 +34,7 @@ def test_every_shipped_checkpoint_is_verified_and_has_a_model_card():
         for field in ("command", "seed", "hardware", "wall time"):
             assert field in card, f"{name}.md lacks {field}"
     total = sum((weights.ROOT / f).stat().st_size for f in sums)
-    assert total < 40e6, f"shipped checkpoints take {total / 1e6:.1f} MB"  # teacher 21 MB + 9 LoRAs of 1.2 MB
+    assert total < 60e6, f"shipped checkpoints take {total / 1e6:.1f} MB"  # the bound for all of them
 
 
 def test_a_modified_or_unknown_checkpoint_is_refused(tmp_path, monkeypatch):

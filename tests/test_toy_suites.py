@@ -49,11 +49,19 @@ def test_suite_files_use_genevals_metadata_format():
             assert row["tag"] in TAGS
 
 
-def test_training_prompts_are_distinct_and_disjoint_from_the_evaluation_prompts(offline):
+def test_training_prompts_are_distinct_and_hold_out_the_evaluation_compositions(offline):
+    from rtdmd.toyworld.prompts import composition
+
     train = [r["prompt"] for r in load_suite("toy-train").rows]
-    evaluation = {r["prompt"] for r in load_suite("toy-geneval").rows}
+    train_compositions = {composition(json.loads(r["metadata"])) for r in load_suite("toy-train").rows}
+    evaluation = load_suite("toy-geneval").rows
     assert len(train) == len(set(train)) == toy_suites.TRAIN_PROMPTS
-    assert len(evaluation) == 124 and not evaluation & set(train)
+    assert len(evaluation) == 116
+    held = {composition(json.loads(r["metadata"])) for r in evaluation} - {None}
+    assert len(held) == 116 - 8 - 24 and not held & train_compositions
+    # single objects and counts are vocabulary: the training prompts include them
+    vocabulary = {r["prompt"] for r in evaluation if r["category"] in ("single_object", "counting")}
+    assert len(vocabulary) == 32 and vocabulary <= set(train)
     # the stream's first distinct prompts, in stream order
     assert train[0] == toy_suites.train_metadata(0, 0)["prompt"]
 
@@ -61,7 +69,8 @@ def test_training_prompts_are_distinct_and_disjoint_from_the_evaluation_prompts(
 def test_toy_geneval_loads_without_prompts_dir_or_network(offline):
     suite = load_suite("toy-geneval", prompts_dir=None, download=True)
     card = suite.card
-    assert len(suite.rows) == card.rows == 124 and card.redistribute and card.licence == "Apache-2.0"
+    assert len(suite.rows) == card.rows == 116 and card.redistribute and card.licence == "Apache-2.0"
+    assert card.images_per_prompt == 12 and load_card("toy-geneval-quick").images_per_prompt == 1
     assert card.default_metrics == ("toy-geneval", "toy-clip", "toy-aesthetic", "toy-fd")
     assert [r["category"] for r in suite.rows] == [json.loads(r["metadata"])["tag"] for r in suite.rows]
     assert list(dict.fromkeys(r["category"] for r in suite.rows)) == list(TAGS)
@@ -73,7 +82,7 @@ def test_a_packaged_file_that_does_not_match_its_card_fails_clearly(offline, mon
     card = load_card("toy-geneval")
     wrong = dataclasses.replace(card, files=(dataclasses.replace(card.files[0], sha256="0" * 64),))
     monkeypatch.setattr(bench.suites, "load_card", lambda name: wrong)
-    with pytest.raises(SuiteError, match=r"packaged file rtdmd.toyworld/suites/toy_geneval.jsonl has sha256 9dddaee8"):
+    with pytest.raises(SuiteError, match=r"packaged file rtdmd.toyworld/suites/toy_geneval.jsonl has sha256 41e88830"):
         load_suite("toy-geneval")
     missing = dataclasses.replace(card, files=(dataclasses.replace(card.files[0], path="suites/nope.jsonl"),))
     monkeypatch.setattr(bench.suites, "load_card", lambda name: missing)

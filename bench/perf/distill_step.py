@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.perf.real_sizes import FAMILIES  # noqa: E402
 from rtdmd import distributed, testing  # noqa: E402
 from rtdmd.config import load  # noqa: E402
+from rtdmd.flops import peak_flops  # noqa: E402
 from rtdmd.train.distill import DistillConfig, build_session, train_step  # noqa: E402
 
-PEAK_BF16_DENSE = {"H100": 989.4e12, "H200": 989.4e12}  # SXM, dense (no sparsity), TFLOP/s x 1e12
 PROMPTS = tuple(f"a photo of object number {i}, highly detailed, studio lighting" for i in range(64))
 TINY = {
     "sd3_pipeline": testing.TINY_SD3,
@@ -54,13 +54,6 @@ def build_backbone(family: str, tiny: bool, device: torch.device):
     pipe = pipe.to(torch.bfloat16)
     module, name = adapter_path.split(":")
     return getattr(importlib.import_module(module), name)(pipe, max_sequence_length=text_len)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_DENSE.items() if k in name), None)
 
 
 def main() -> None:

@@ -46,14 +46,14 @@ class ToySpec:
     """Sizes of the toy teacher (stored in every checkpoint)."""
 
     num_layers: int = 6
-    num_attention_heads: int = 6
-    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    attention_head_dim: int = 64
     text_dim: int = 128
-    text_layers: int = 2
+    text_layers: int = 3
     text_heads: int = 4
     sample_size: int = 16  # latent cells of a 64x64 image
     patch_size: int = 2
-    shift: float = 3.0  # static time shift k of training and sampling: sigma = k u / (1 + (k - 1) u)
+    shift: float = 1.0  # static time shift k of training and sampling: sigma = k u / (1 + (k - 1) u)
 
     @property
     def width(self) -> int:

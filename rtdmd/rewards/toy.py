@@ -1,9 +1,10 @@
-"""The toy world's rewards: toy GenEval (exact detector + the shared GenEval judge), toy CLIP
+"""The toy world's rewards: toy GenEval (the toy detector + the shared GenEval judge), toy CLIP
 (ToyClip cosine), toy aesthetic (a weight-free flat-colour score) and toy FD (a set metric).
 
-``toy-geneval``, ``toy-geneval-strict`` and ``toy-geneval-partial`` share one detection per image:
-detections are cached by the sha256 of the image's uint8 pixels (the bytes a PNG would hold), so
-scoring the three costs one detection.
+``toy-geneval``, ``toy-geneval-strict`` and ``toy-geneval-partial`` share one detection per image
+(the recogniser's confidence as the score); ``toy-geneval-fit`` judges with the geometric fit's soft
+IoU instead. Detections are cached by scorer and the sha256 of the image's uint8 pixels (the bytes a
+PNG would hold), so scoring the three variants costs one detection.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ WORKERS_ENV = "RTDMD_TOY_DETECTOR_WORKERS"  # processes for a batch of detection
 _POOL: list = []  # the lazily started process pool, reused
 
 
-def _key(pixels) -> str:
-    return hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
+def _key(pixels, scorer: str = "learned") -> str:
+    return scorer + ":" + hashlib.sha256(pixels.tobytes() + str(pixels.shape).encode()).hexdigest()
 
 
 def _remember(key: str, found: tuple) -> tuple:
@@ -40,28 +41,34 @@ def _remember(key: str, found: tuple) -> tuple:
     return found
 
 
-def detections(pixels) -> tuple:
-    """Toy detections of one ``[H, W, 3]`` uint8 image, cached by the sha256 of its bytes."""
+def detections(pixels, scorer: str = "learned") -> tuple:
+    """Toy detections of one ``[H, W, 3]`` uint8 image, cached by scorer and the sha256 of its bytes."""
     import numpy as np
 
     from rtdmd.toyworld import detector
 
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    key = _key(pixels)
+    key = _key(pixels, scorer)
     if key in _DETECTIONS:
         _DETECTIONS.move_to_end(key)
         return _DETECTIONS[key]
-    return _remember(key, tuple(detector.detect(pixels)))  # immutable: the three variants share it
+    return _remember(key, tuple(detector.detect(pixels, scorer)))  # immutable: the variants share it
 
 
-def detect_many(images) -> list[tuple]:
+def _one_thread() -> None:
+    """Detector workers run the recogniser on one image's few objects at a time: one torch thread each
+    (torch's default, every core per process, oversubscribes the machine N-fold)."""
+    torch.set_num_threads(1)
+
+
+def detect_many(images, scorer: str = "learned") -> list[tuple]:
     """:func:`detections` of many uint8 images; uncached ones in parallel processes when there are
     at least 8 (a toy detection is ~0.3 s of single-threaded numpy: RL scores hundreds per epoch).
     The detector is deterministic, so the results equal the serial ones exactly."""
     import numpy as np
 
     images = [np.ascontiguousarray(p, dtype=np.uint8) for p in images]
-    keys = [_key(p) for p in images]
+    keys = [_key(p, scorer) for p in images]
     todo = {k: p for k, p in zip(keys, images, strict=True) if k not in _DETECTIONS}
     workers = int(os.environ.get(WORKERS_ENV, "0")) or min(os.cpu_count() or 1, 8)
     if len(todo) >= 8 and workers > 1:
@@ -74,37 +81,48 @@ def detect_many(images) -> list[tuple]:
 
             _POOL.clear()
             context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or OpenMP threads
-            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread)
             atexit.register(pool.shutdown)
             _POOL.append((workers, pool))
-        found = _POOL[0][1].map(detector.detect, todo.values(), chunksize=max(1, len(todo) // (4 * workers)))
+        found = _POOL[0][1].map(
+            detector.detect, todo.values(), [scorer] * len(todo), chunksize=max(1, len(todo) // (4 * workers))
+        )
         for key, result in zip(todo, found, strict=True):
             _remember(key, tuple(result))
-    return [detections(p) for p in images]
+    return [detections(p, scorer) for p in images]
 
 
-def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]]) -> list:
+def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]], scorer: str = "learned") -> list:
     from rtdmd.rewards.geneval import judge
     from rtdmd.train.sample import to_uint8
 
     if len(meta) != len(images):
         raise ValueError(f"{len(images)} images but {len(meta)} metadata rows")
     pixels = to_uint8(images.detach().float().cpu()).numpy()  # the pixels a PNG of the image holds
-    return [judge(m, found) for m, found in zip(meta, detect_many(pixels), strict=True)]
+    return [judge(m, found) for m, found in zip(meta, detect_many(pixels, scorer), strict=True)]
+
+
+# the version names the world (2: the eight coarse classes) and the recogniser's weights (a test holds
+# this sha against SHA256SUMS): other weights or another world must bump it, as cached scores are
+# keyed by version
+TOY_GENEVAL_VERSION = "2"
+TOY_RECOGNIZER_SHA256 = {"2": "1228b89e4529f089abf2865bc8323ce32787c3b50253957acd4d713749362364"}
 
 
 class _ToyGenEval:
     variant = "official"
+    scorer = "learned"
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
-        return torch.tensor([v.value(self.variant) for v in _verdicts(images, meta)])
+        return torch.tensor([v.value(self.variant) for v in _verdicts(images, meta, self.scorer)])
 
 
 @REWARDS.register("toy-geneval")
 class ToyGenEval(_ToyGenEval):
-    """1.0 if the toy detector's detections satisfy the prompt's GenEval metadata by the official rule."""
+    """1.0 if the toy detector's detections (scored by the recogniser's confidence) satisfy the
+    prompt's GenEval metadata by the official rule."""
 
-    info = geneval_info("1", "official")
+    info = geneval_info(TOY_GENEVAL_VERSION, "official")
 
 
 @REWARDS.register("toy-geneval-strict")
@@ -112,7 +130,7 @@ class ToyGenEvalStrict(_ToyGenEval):
     """The strict variant: exactly ``count`` detections per clause, ``exclude`` ignored."""
 
     variant = "strict"
-    info = geneval_info("1", variant)
+    info = geneval_info(TOY_GENEVAL_VERSION, variant)
 
 
 @REWARDS.register("toy-geneval-partial")
@@ -120,7 +138,16 @@ class ToyGenEvalPartial(_ToyGenEval):
     """The partial-credit variant: the mean of the per-clause credit terms, in [0, 1]."""
 
     variant = "partial"
-    info = geneval_info("1", variant)
+    info = geneval_info(TOY_GENEVAL_VERSION, variant)
+
+
+@REWARDS.register("toy-geneval-fit")
+class ToyGenEvalFit(_ToyGenEval):
+    """The official rule on detections scored by the geometric fit's soft IoU (no learned weights):
+    it needs near-exact edges, so it measures how crisp the shapes are as much as whether they are right."""
+
+    scorer = "fit"
+    info = geneval_info(TOY_GENEVAL_VERSION, "official")
 
 
 # ---------------------------------------------------------------- toy CLIP
@@ -129,10 +156,12 @@ CLIP_ENV = "RTDMD_TOY_CLIP"
 # The versions of toy-clip and toy-fd name the shipped ToyClip: cached scores are keyed by version,
 # so shipping other weights must bump both (a test holds this sha against SHA256SUMS). Scores from
 # other weights (a path or $RTDMD_TOY_CLIP) belong in a run directory of their own.
-# version -> the shipped weights it scores with (2: the same weights as 1, computed in float64)
+# version -> the shipped weights it scores with (2: the same weights as 1, computed in float64; 3: retrained
+# on toy world v2's eight coarse classes)
 TOY_CLIP_SHA256 = {
     "1": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc",
     "2": "10eee5928727f8df3819105af698bf8d66d099efeffab5e5587f61f5041b6bcc",
+    "3": "cbf7b7d12176413cd3077ab4188d8951b9db1a79a7990008714e969084a44e02",
 }
 
 
@@ -171,7 +200,7 @@ class ToyClipScore(_UsesToyClip):
     """Raw cosine of ToyClip's image and text embeddings (RTDMD's CLIPScore convention: no x100, no
     clamp at 0); differentiable with respect to the images."""
 
-    info = RewardInfo(version="2", higher_is_better=True, differentiable=True, units="raw cosine")
+    info = RewardInfo(version="3", higher_is_better=True, differentiable=True, units="raw cosine")
 
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
         return self._model_on(images.device)(images, list(prompts))
@@ -278,7 +307,7 @@ class ToyFD(_UsesToyClip):
     well exceed the feature dimension (128) for the covariance to be full rank."""
 
     info = RewardInfo(
-        version="2",
+        version="3",
         higher_is_better=False,
         differentiable=False,
         needs=("tag", "include"),
@@ -309,6 +338,7 @@ __all__ = [
     "ToyClipScore",
     "ToyFD",
     "ToyGenEval",
+    "ToyGenEvalFit",
     "ToyGenEvalPartial",
     "ToyGenEvalStrict",
     "detections",

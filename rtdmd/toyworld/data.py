@@ -1,10 +1,13 @@
 """Toy-world datasets: the fixed evaluation prompts, the training stream, parallel rendering.
 
-* evaluation prompts (``eval_metadata``): GenEval's six tasks in GenEval's proportions, scaled to
-  what the world admits (8 shapes give only 8 single-object and 24 counting prompts);
-* training stream (``train_metadata``): example ``i`` draws a task uniformly and then a prompt, both
-  from ``seed_for(seed, "train", i, attempt)``; prompts of the evaluation set are redrawn, so the
-  training prompts are disjoint from the evaluation prompts (held-out compositions, as in GenEval);
+* evaluation prompts (``eval_metadata``): GenEval's six tasks; every single-object (8) and counting
+  (24) prompt the world has, 12 two-object prompts (of 28 pairs) and 24 of each other compositional task;
+* training stream (``train_metadata``): example ``i`` draws a task uniformly (``seed_for(seed, "train", i)``)
+  and then a prompt of that task (``seed_for(seed, "train", i, attempt)``). As in GenEval, what is held out are compositions, not
+  vocabulary: single objects and counts are trained on (any real model has seen "a photo of a
+  dog"), while a two-object, colour, position or colour-attribute prompt whose
+  :func:`~rtdmd.toyworld.prompts.composition` is an evaluation prompt's (in either wording) is
+  redrawn, so those evaluation prompts are combinations the teacher never saw;
 * ``render_examples``: example ``i``'s scene comes from ``seed_for(seed, "scene", i)``: any slice of
   the stream renders the same on any number of worker processes.
 """
@@ -17,12 +20,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from rtdmd.seeding import seed_for
-from rtdmd.toyworld.prompts import TAGS, make_prompts, sample_metadata, scene_for
+from rtdmd.toyworld.prompts import TAGS, composition, make_prompts, sample_metadata, scene_for
 from rtdmd.toyworld.world import render
 
 EVAL_SEED = 2026
-# GenEval: 80 / 99 / 80 / 94 / 100 / 100 of 553; single_object and counting are capped by the world
-EVAL_MIX = {"single_object": 4, "two_object": 24, "counting": 12, "colors": 24, "position": 30, "color_attr": 30}
+# GenEval: 80 / 99 / 80 / 94 / 100 / 100 of 553; the world has 8 single-object and 24 counting prompts
+EVAL_MIX = {"single_object": 8, "two_object": 12, "counting": 24, "colors": 24, "position": 24, "color_attr": 24}
 
 
 @functools.cache
@@ -32,19 +35,20 @@ def eval_metadata() -> tuple[dict, ...]:
 
 
 @functools.cache
-def eval_prompts() -> frozenset[str]:
-    return frozenset(m["prompt"] for m in eval_metadata())
+def held_out() -> frozenset:
+    """The compositions of the evaluation prompts (none for single objects and counts)."""
+    return frozenset(key for m in eval_metadata() if (key := composition(m)) is not None)
 
 
 def train_metadata(seed: int, index: int) -> dict:
-    """Example ``index`` of the training stream (never an evaluation prompt)."""
-    held_out = eval_prompts()
-    for attempt in range(1000):
-        rng = np.random.default_rng(seed_for(seed, "train", index, attempt))
-        metadata = sample_metadata(TAGS[int(rng.integers(len(TAGS)))], rng)
-        if metadata["prompt"] not in held_out:
+    """Example ``index`` of the training stream (never a held-out composition)."""
+    excluded = held_out()
+    tag = TAGS[int(np.random.default_rng(seed_for(seed, "train", index)).integers(len(TAGS)))]
+    for attempt in range(1000):  # redrawn within the task, so the task mix stays uniform
+        metadata = sample_metadata(tag, np.random.default_rng(seed_for(seed, "train", index, attempt)))
+        if composition(metadata) not in excluded:
             return metadata
-    raise RuntimeError(f"training example {index}: every draw was an evaluation prompt")
+    raise RuntimeError(f"training example {index}: every draw was a held-out composition")
 
 
 def _render_range(seed: int, start: int, stop: int) -> tuple[np.ndarray, list[str]]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from rtdmd.rewards.geneval import Detection, relative_position
 from rtdmd.seeding import seed_for
-from rtdmd.toyworld.world import PALETTE, PLURALS, SHAPES, SIZE, Obj
+from rtdmd.toyworld.world import PALETTE, PLURALS, SHAPES, SIZE, SIZE_RANGES, Obj
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -72,20 +72,46 @@ def sample_metadata(tag: str, rng: np.random.Generator) -> dict:
     raise ValueError(f"unknown tag {tag!r}")
 
 
-def make_prompts(seed: int, counts: dict[str, int], exclude: set[str] = frozenset()) -> list[dict]:
-    """Unique prompts per tag (deduplicated, and none of ``exclude``), tags in GenEval's order."""
+MIRRORED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def composition(metadata: dict) -> tuple | None:
+    """What a compositional prompt asserts, independent of how it is worded: the task and the set of
+    (class, colour) objects, with a relation written one way (``A right of B`` is ``B left of A``);
+    None for the single-object and counting tasks, whose prompts are vocabulary, not compositions."""
+    tag, include = metadata["tag"], metadata["include"]
+    if tag in ("single_object", "counting"):
+        return None
+    objects = [(req["class"], req.get("color", "")) for req in include]
+    if tag == "position":
+        target, subject = objects
+        relation = include[1]["position"][0]
+        if relation in ("right of", "below"):  # written with the other object first
+            subject, target, relation = target, subject, MIRRORED[relation]
+        return (tag, subject, relation, target)
+    return (tag, *sorted(objects))
+
+
+def identity(metadata: dict) -> tuple | str:
+    """A prompt's :func:`composition`, or its text where it has none."""
+    return composition(metadata) or metadata["prompt"]
+
+
+def make_prompts(seed: int, counts: dict[str, int], exclude: frozenset = frozenset()) -> list[dict]:
+    """Prompts per tag, tags in GenEval's order: no two with the same :func:`identity` (so not both
+    "a circle and a ring" and "a ring and a circle"), and none whose identity is in ``exclude``."""
     rows: list[dict] = []
     for tag in TAGS:
-        seen: set[str] = set()
+        seen: set = set()
         draw = 0
         while len(seen) < counts.get(tag, 0):
             metadata = sample_metadata(tag, np.random.default_rng(seed_for(seed, "prompt", tag, draw)))
             draw += 1
-            if metadata["prompt"] in seen or metadata["prompt"] in exclude:
+            if (key := identity(metadata)) in seen or key in exclude:
                 if draw > 100 * max(counts.values()):
                     raise ValueError(f"cannot draw {counts[tag]} unique {tag} prompts")
                 continue
-            seen.add(metadata["prompt"])
+            seen.add(key)
             rows.append(metadata)
     return rows
 
@@ -112,18 +138,18 @@ def scene_for(metadata: dict, seed: int, max_tries: int = 2000) -> list[Obj]:
         for req in metadata["include"]
         for _ in range(req["count"])
     ]
-    small = len(wanted) > 2
+    low, high = SIZE_RANGES[len(wanted)]
     for _ in range(max_tries):
         objects: list[Obj] = []
         for shape, color, position in wanted:
-            size = float(rng.uniform(10, 15) if small else rng.uniform(12, 20))
+            size = float(rng.uniform(low, high))
             color = color or COLORS[int(rng.integers(len(COLORS)))]
             for _ in range(50):
                 if position is None:
                     cx, cy = rng.uniform(size / 2 + 1, SIZE - size / 2 - 1, size=2)
                 else:
                     target = objects[0]  # position clauses refer to group 0, the first object
-                    along = (size + target.size) / 2 + float(rng.uniform(3, 14))
+                    along = (size + target.size) / 2 + float(rng.uniform(3, 10))
                     across = float(rng.uniform(-0.25, 0.25)) * along
                     dx, dy = {
                         "left of": (-along, across),

@@ -224,6 +224,23 @@ def pretrain_clip(
     console.print(f"pretrain-clip: {summary}")
 
 
+@app.command("pretrain-recognizer")
+def pretrain_recognizer(
+    config: str = typer.Option("toy", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(
+        None, help="Typed overrides, e.g. num_scenes=2000 epochs=1.", show_default=False
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+) -> None:
+    """Train the toy detector's recogniser (8 shapes + reject, temperature-calibrated) on the CPU."""
+    from rtdmd.train.pretrain_recognizer import RecognizerConfig, train
+
+    cfg = _load(RecognizerConfig, "pretrain_recognizer", config, overrides, dry_run)
+    with _config_errors():
+        summary = train(cfg)
+    console.print(f"pretrain-recognizer: {summary}")
+
+
 @app.command("export-lora")
 def export_lora(
     run: str = typer.Argument(..., help="A finished `rtdmd-train distill` run directory."),
@@ -255,7 +272,7 @@ def export_lora(
 @app.command()
 def configs() -> None:
     """List the packaged configs."""
-    for group in ("sample", "pretrain", "pretrain_clip", "distill", "rl"):
+    for group in ("sample", "pretrain", "pretrain_clip", "pretrain_recognizer", "distill", "rl"):
         for name in packaged_names(group):
             console.print(name)
 

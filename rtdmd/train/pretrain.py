@@ -50,6 +50,7 @@ class PretrainEval:
     every: int = 0
     sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(num_steps=50, eta=0.0, guidance=4.5))
     num_prompts: int = 0  # the first N toy-geneval prompts (0 = all)
+    images_per_prompt: int = 1  # the final evaluation's (12: the full toy-geneval protocol)
     rewards: tuple[str, ...] = ("toy-geneval",)
     compute_batch: int = 64
 
@@ -74,6 +75,7 @@ class PretrainConfig:
     sigma_floor: float = 0.05  # the loss divides by max(sigma, sigma_floor)^2
     ema_decay: float = 0.999
     precision: Literal["float32", "bfloat16"] = "bfloat16"
+    compile: bool = False  # torch.compile the model (CUDA): fuses the many small kernels of a small network
     checkpoint_every: int = 1000
     log_every: int = 100
     eval: PretrainEval = field(default_factory=PretrainEval)
@@ -154,16 +156,20 @@ def render_pool(cfg: PretrainConfig, device: torch.device) -> tuple[Tensor, Tens
     return pixels.to(device), token_ids(prompts).to(device)
 
 
-def evaluate(model: ToyModel, cfg: PretrainConfig, device: torch.device, root: Path, step: int) -> dict[str, float]:
-    """Sample the toy-geneval prompts (one image each) and score them with ``cfg.eval.rewards``."""
+def evaluate(
+    model: ToyModel, cfg: PretrainConfig, device: torch.device, root: Path, step: int, images_per_prompt: int = 1
+) -> dict[str, float]:
+    """Sample the toy-geneval prompts (``images_per_prompt`` each, sample indices 0, 1, ...) and
+    score them with ``cfg.eval.rewards``; toy-geneval also per task."""
     from rtdmd.rewards import REWARDS
     from rtdmd.rewards.base import score
     from rtdmd.sampling import generate
     from rtdmd.toyworld.data import eval_metadata
     from rtdmd.train.sample import grid, to_uint8
 
-    metadata = list(eval_metadata())[: cfg.eval.num_prompts or None]
+    metadata = [m for m in list(eval_metadata())[: cfg.eval.num_prompts or None] for _ in range(images_per_prompt)]
     prompts = [m["prompt"] for m in metadata]
+    keys = [(f"toy-geneval/{i // images_per_prompt:05d}", i % images_per_prompt) for i in range(len(prompts))]
     backbone = ToyBackbone(model.transformer.eval(), model.text_encoder.eval(), cfg.model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     with autocast:
@@ -171,7 +177,7 @@ def evaluate(model: ToyModel, cfg: PretrainConfig, device: torch.device, root: P
             backbone,
             model.transformer,
             prompts,
-            [(f"toy-geneval/{i:05d}", 0) for i in range(len(prompts))],
+            keys,
             cfg.eval.sampler,
             run_seed=cfg.seed,
             height=64,
@@ -180,10 +186,36 @@ def evaluate(model: ToyModel, cfg: PretrainConfig, device: torch.device, root: P
         )
     model.train()
     (root / "eval").mkdir(exist_ok=True)
-    grid(list(to_uint8(images[:64])), 8).save(root / "eval" / f"step_{step:08d}.png")
-    return {
-        f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts, metadata).mean()) for name in cfg.eval.rewards
-    }
+    grid(list(to_uint8(images[:: max(1, images_per_prompt)][:64])), 8).save(root / "eval" / f"step_{step:08d}.png")
+    out = {}
+    for name in cfg.eval.rewards:
+        values = score(REWARDS.get(name)(), images, prompts, metadata)
+        out[f"eval/{name}"] = float(values.mean())
+        if name == "toy-geneval":  # GenEval's overall score is the mean of its task means
+            tags = sorted({m["tag"] for m in metadata})
+            per_task = {t: float(values[[m["tag"] == t for m in metadata]].mean()) for t in tags}
+            out |= {f"eval/{name}/{t}": v for t, v in per_task.items()}
+            out[f"eval/{name}/overall"] = sum(per_task.values()) / len(per_task)
+    return out
+
+
+def step_flops(model: ToyModel, cfg: PretrainConfig, pixels: Tensor, ids: Tensor, device: torch.device) -> int:
+    """Model FLOPs of one training step (forward and backward of one batch), counted on a copy-free
+    pass whose gradients are discarded."""
+    from rtdmd.flops import count_flops
+
+    index = torch.arange(cfg.batch_size, device=device) % len(pixels)
+    latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+
+    def one_step() -> None:
+        with autocast:
+            loss = flow_matching_loss(model, latents, ids[index], cfg, 0)
+        loss.backward()
+
+    flops = count_flops(one_step)
+    model.zero_grad(set_to_none=True)
+    return flops
 
 
 def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | None = None) -> dict:
@@ -211,17 +243,22 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     stats = root / "stats.jsonl"
     pixels, ids = render_pool(cfg, device)
     t_data = time.perf_counter() - t_start
+    from rtdmd.flops import peak_flops
+
+    flops, peak = step_flops(model, cfg, pixels, ids, device), peak_flops(device)
+    forward = torch.compile(model) if cfg.compile else model  # the same parameters: EMA and checkpoints unchanged
     status = [StatusLine(cfg.steps, "pretrain toy", ("loss",))] if show_progress else []
     loggers = Loggers(JsonlLogger(stats), *status)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
     t0, last_logged = time.perf_counter(), start
+    step_times: list[float] = []  # per logged interval, for the run's throughput
     for step in range(start, cfg.steps):
         index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
         latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast:
-            loss = flow_matching_loss(model, latents, ids[index], cfg, step)
+            loss = flow_matching_loss(forward, latents, ids[index], cfg, step)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
@@ -231,6 +268,10 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         if done % cfg.log_every == 0 or done == cfg.steps:
             logs = {"loss": loss.item(), "grad_norm": norm.item(), "lr": learning_rate(step, cfg)}
             logs["time/step_s"] = (time.perf_counter() - t0) / (done - last_logged)
+            logs["perf/tflops"] = flops / logs["time/step_s"] / 1e12
+            if peak:
+                logs["perf/mfu"] = flops / logs["time/step_s"] / peak
+            step_times.append(logs["time/step_s"])
             loggers.log(done, logs)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.steps:
             with ema.swapped_in(params):
@@ -240,10 +281,12 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             state.save(state.checkpoint_path(root, done), done, roles, ema, True)
     t_train = time.perf_counter() - t_start - t_data
+    # the median logged interval: the first ones hold compilation and warm-up
+    step_s = sorted(step_times)[len(step_times) // 2] if step_times else None
     target = Path(export) if export else root / "toy_teacher.safetensors"
     with ema.swapped_in(params):  # export first: a failing evaluation must not lose the weights
         save_toy(target, model.transformer, model.text_encoder, cfg.model, steps=str(cfg.steps), seed=str(cfg.seed))
-        final = evaluate(model, cfg, device, root, cfg.steps)
+        final = evaluate(model, cfg, device, root, cfg.steps, cfg.eval.images_per_prompt)
     loggers.log(cfg.steps, final)
     loggers.close()
     summary = {
@@ -255,6 +298,10 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         "train_s": round(t_train, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in params.values()),
+        "flops_per_step": flops,
+        "median_step_s": step_s,
+        "tflops": flops / step_s / 1e12 if step_s else None,
+        "mfu": flops / step_s / peak if step_s and peak else None,
         "final": final,
         "model": asdict(cfg.model),
     }
