@@ -1,49 +1,82 @@
 #!/usr/bin/env bash
-# Rebuild every shipped toy checkpoint from scratch: the detector's recogniser (CPU), then on one GPU the
-# teacher and ToyClip side by side, the AC-DMD and DMD students of that teacher, then the RTDMD student
-# and its five ablation arms (stage 2 from the new AC-DMD student), each exported into OUT.
-# Ship them with `python -c "from pathlib import Path; from rtdmd.toyworld.weights import register;
-# [register(p) for p in Path('OUT').glob('*.safetensors')]"`, update the model cards, rerun
-# `rtdmd-bench run`. Extra arguments go to every `rtdmd-train` call (e.g. device=cuda:1).
+# Rebuild the shipped toy checkpoints from scratch, stage by stage, into OUT:
+#   recognizer  the detector's recogniser (CPU, ~12 min on 2 cores, ~3 min on 16)
+#   teacher     the teacher and ToyClip side by side on one GPU (~6 min on an H200)
+#   students    the AC-DMD and DMD students of OUT's (else the shipped) teacher, side by side
+#   rl          the RTDMD student and its five ablation arms from OUT's (else the shipped) AC-DMD student
+# STAGES picks them (default: all, in this order), so a rebuild can span several GPU calls of 10 minutes.
+# Ship the results with `python -c "from pathlib import Path; from rtdmd.toyworld.weights import register;
+# [register(p) for p in Path('OUT').glob('*.safetensors')]"`, update the model cards and the metric
+# versions (rtdmd/rewards/toy.py), then rerun tools/toy_leaderboard.sh. The teacher's evaluation and the
+# RL rewards use the *shipped* recogniser and ToyClip: ship those before the later stages when they changed.
+# Extra arguments go to every `rtdmd-train` call of the GPU stages (e.g. device=cuda:1).
 set -euo pipefail
 OUT=${OUT:-toy_rebuild}
 RUNS=${RUNS:-runs/toy_rebuild}
-for run in pretrain-recognizer-toy pretrain-toy pretrain-clip-toy distill-toy distill-toy-dmd rl-toy-rtdmd; do
-  if [ -e "$RUNS/$run" ]; then  # the trainers resume or skip existing runs: not "from scratch"
-    echo "error: $RUNS/$run exists; pick a fresh RUNS=... or remove it" >&2
-    exit 2
-  fi
-done
+STAGES=${STAGES:-recognizer teacher students rl}
+ARMS=(grpo-all-steps no-bp no-dm bp-only dmd-only)
 mkdir -p "$OUT"
-# the recogniser runs on the CPU (its config has no device); the teacher's evaluation and the RL rewards use
-# the shipped one, so ship it (rtdmd.toyworld.weights.register) before the GPU stages when it changed
-rtdmd-train pretrain-recognizer --config toy run_dir="$RUNS/pretrain-recognizer-toy"
-cp "$RUNS/pretrain-recognizer-toy/toy_recognizer.safetensors" "$OUT/"
-rtdmd-train pretrain-clip --config toy run_dir="$RUNS/pretrain-clip-toy" "$@" &
-clip=$!
-rtdmd-train pretrain --config toy run_dir="$RUNS/pretrain-toy" --export "$OUT/toy_teacher.safetensors" "$@"
-wait "$clip"
-cp "$RUNS/pretrain-clip-toy/toy_clip.safetensors" "$OUT/"
-TEACHER="backbone.source=$OUT/toy_teacher.safetensors"
-rtdmd-train distill --config toy "$TEACHER" run_dir="$RUNS/distill-toy" "$@" &
-acdmd=$!
-rtdmd-train distill --config toy_dmd "$TEACHER" run_dir="$RUNS/distill-toy-dmd" "$@" &
-dmd=$!
-# both students share the GPU; either failing stops the script (set -e ignores the left of `&&`)
-wait "$acdmd" || { kill "$dmd" 2>/dev/null; exit 1; }
-wait "$dmd"
-rtdmd-train export-lora "$RUNS/distill-toy" --out "$OUT/toy_acdmd.safetensors"
-rtdmd-train export-lora "$RUNS/distill-toy-dmd" --out "$OUT/toy_dmd.safetensors"
-# stage 2 from the new AC-DMD student: RTDMD and its five ablation arms side by side
-pids=()
-for arm in rtdmd grpo-all-steps no-bp no-dm bp-only dmd-only; do
-  rtdmd-train rl --config toy "$TEACHER" stage1.generator_lora="$OUT/toy_acdmd.safetensors" arm="$arm" \
-    run_dir="$RUNS/rl-toy-$arm" "$@" &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
-rtdmd-train export-lora "$RUNS/rl-toy-rtdmd" --out "$OUT/toy_rtdmd.safetensors"
-for arm in grpo-all-steps no-bp no-dm bp-only dmd-only; do
-  rtdmd-train export-lora "$RUNS/rl-toy-$arm" --out "$OUT/toy_rtdmd_${arm//-/_}.safetensors"
+
+fresh() {  # the trainers resume or skip existing runs: a rebuild must start from nothing
+  for run in "$@"; do
+    if [ -e "$RUNS/$run" ]; then
+      echo "error: $RUNS/$run exists; pick a fresh RUNS=... or remove it" >&2
+      exit 2
+    fi
+  done
+}
+
+input() {  # OUT's file when this rebuild made it, else the shipped one
+  if [ -f "$OUT/$1.safetensors" ]; then echo "$OUT/$1.safetensors"; else echo "rtdmd/toyworld/weights/$1.safetensors"; fi
+}
+
+for stage in $STAGES; do
+  case "$stage" in
+    recognizer)
+      fresh pretrain-recognizer-toy
+      rtdmd-train pretrain-recognizer --config toy run_dir="$RUNS/pretrain-recognizer-toy"
+      cp "$RUNS/pretrain-recognizer-toy/toy_recognizer.safetensors" "$OUT/"
+      ;;
+    teacher)
+      fresh pretrain-toy pretrain-clip-toy
+      rtdmd-train pretrain-clip --config toy run_dir="$RUNS/pretrain-clip-toy" "$@" &
+      clip=$!
+      rtdmd-train pretrain --config toy run_dir="$RUNS/pretrain-toy" --export "$OUT/toy_teacher.safetensors" "$@"
+      wait "$clip"
+      cp "$RUNS/pretrain-clip-toy/toy_clip.safetensors" "$OUT/"
+      ;;
+    students)
+      fresh distill-toy distill-toy-dmd
+      teacher="backbone.source=$(input toy_teacher)"
+      rtdmd-train distill --config toy "$teacher" run_dir="$RUNS/distill-toy" "$@" &
+      acdmd=$!
+      rtdmd-train distill --config toy_dmd "$teacher" run_dir="$RUNS/distill-toy-dmd" "$@" &
+      dmd=$!
+      # both share the GPU; either failing stops the script (set -e ignores the left of `&&`)
+      wait "$acdmd" || { kill "$dmd" 2>/dev/null; exit 1; }
+      wait "$dmd"
+      rtdmd-train export-lora "$RUNS/distill-toy" --out "$OUT/toy_acdmd.safetensors"
+      rtdmd-train export-lora "$RUNS/distill-toy-dmd" --out "$OUT/toy_dmd.safetensors"
+      ;;
+    rl)
+      fresh rl-toy-rtdmd "${ARMS[@]/#/rl-toy-}"
+      teacher="backbone.source=$(input toy_teacher)"
+      pids=()
+      for arm in rtdmd "${ARMS[@]}"; do
+        rtdmd-train rl --config toy "$teacher" stage1.generator_lora="$(input toy_acdmd)" arm="$arm" \
+          run_dir="$RUNS/rl-toy-$arm" "$@" &
+        pids+=($!)
+      done
+      for pid in "${pids[@]}"; do wait "$pid"; done
+      rtdmd-train export-lora "$RUNS/rl-toy-rtdmd" --out "$OUT/toy_rtdmd.safetensors"
+      for arm in "${ARMS[@]}"; do
+        rtdmd-train export-lora "$RUNS/rl-toy-$arm" --out "$OUT/toy_rtdmd_${arm//-/_}.safetensors"
+      done
+      ;;
+    *)
+      echo "error: unknown stage $stage (recognizer, teacher, students, rl)" >&2
+      exit 2
+      ;;
+  esac
 done
 sha256sum "$OUT"/*.safetensors
