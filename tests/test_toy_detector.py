@@ -140,3 +140,49 @@ def test_recognised_matches_detect_and_needs_no_objects():
     assert as_tuples(recognised(candidates(image))) == as_tuples(detect(image))
     assert [d.label for d in detect(image)] == ["ring", "frame"]
     assert recognised([]) == []
+
+
+def test_temperature_fit_minimises_the_held_out_nll():
+    import torch
+    import torch.nn.functional as F
+
+    from rtdmd.toyworld.recognizer import fit_temperature
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 9, (500,), generator=gen)
+    logits = torch.randn(500, 9, generator=gen) + 6 * F.one_hot(labels, 9)  # overconfident, 80% right
+    logits[:100] = torch.randn(100, 9, generator=gen) * 6
+    t = fit_temperature(logits, labels)
+    grid = torch.exp(torch.linspace(-3, 3, 6001))
+    nll = torch.stack([F.cross_entropy(logits / g, labels) for g in grid])
+    assert abs(t - float(grid[nll.argmin()])) < 0.01 * t and t > 1.0
+
+
+def test_expected_calibration_error_by_hand():
+    import torch
+
+    from rtdmd.train.pretrain_recognizer import expected_calibration_error
+
+    # two bins: confidence 0.9 (2 right of 2: gap 0.1) and 0.6 (1 right of 2: gap 0.1) -> ECE 0.1
+    p = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]], dtype=torch.float64)
+    assert abs(expected_calibration_error(p, torch.tensor([0, 0, 0, 0])) - 0.1) < 1e-12
+    assert abs(expected_calibration_error(p, torch.tensor([1, 1, 1, 1])) - 0.5) < 1e-12  # 0.9 * 1/2 + 0.1 * 1/2
+
+
+def test_pretrain_recognizer_trains_calibrates_saves_and_skips_a_finished_run(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rtdmd.toyworld.recognizer import Recognizer
+    from rtdmd.train.cli import app
+
+    args = ["pretrain-recognizer", f"run_dir={tmp_path / 'r'}", "num_scenes=60", "epochs=1", "batch_size=16"]
+    result = CliRunner().invoke(app, [*args, "workers=1", "warmup_steps=2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    model = Recognizer.load(summary["output"])
+    assert float(model.temperature) == pytest.approx(summary["temperature"]) and summary["temperature"] != 1.0
+    assert summary["train_crops"] > 60 and 0 <= summary["val_accuracy"] <= 1
+    again = CliRunner().invoke(app, [*args, "workers=1", "warmup_steps=2"])
+    assert again.exit_code == 0 and json.loads((tmp_path / "r" / "summary.json").read_text()) == summary

@@ -209,6 +209,14 @@ def pretrain(
     )
 
 
+def _train_and_print(command: str, schema, train, config: str, overrides: list[str] | None, dry_run: bool) -> None:
+    """Load ``command``'s config (group: the command with ``_``), train, print the summary."""
+    cfg = _load(schema, command.replace("-", "_"), config, overrides, dry_run)
+    with _config_errors():
+        summary = train(cfg)
+    console.print(f"{command}: {summary}")
+
+
 @app.command("pretrain-clip")
 def pretrain_clip(
     config: str = typer.Option("toy", "--config", "-c", help=CONFIG_HELP),
@@ -218,10 +226,7 @@ def pretrain_clip(
     """Train toy-clip, the contrastive image-text model behind the toy-clip and toy-fd metrics."""
     from rtdmd.train.pretrain_clip import ToyClipConfig, train
 
-    cfg = _load(ToyClipConfig, "pretrain_clip", config, overrides, dry_run)
-    with _config_errors():
-        summary = train(cfg)
-    console.print(f"pretrain-clip: {summary}")
+    _train_and_print("pretrain-clip", ToyClipConfig, train, config, overrides, dry_run)
 
 
 @app.command("pretrain-recognizer")
@@ -235,10 +240,7 @@ def pretrain_recognizer(
     """Train the toy detector's recogniser (8 shapes + reject, temperature-calibrated) on the CPU."""
     from rtdmd.train.pretrain_recognizer import RecognizerConfig, train
 
-    cfg = _load(RecognizerConfig, "pretrain_recognizer", config, overrides, dry_run)
-    with _config_errors():
-        summary = train(cfg)
-    console.print(f"pretrain-recognizer: {summary}")
+    _train_and_print("pretrain-recognizer", RecognizerConfig, train, config, overrides, dry_run)
 
 
 @app.command("export-lora")
