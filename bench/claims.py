@@ -60,7 +60,7 @@ class Claim:
 class ClaimCard:
     name: str
     description: str
-    suite: str
+    suites: tuple[str, ...]  # the suites whose reports it judges (e.g. a full protocol and its quick profile)
     claims: tuple[Claim, ...]
 
 
@@ -113,7 +113,7 @@ def operand_value(operand: Operand, summaries: dict[str, dict]) -> float | None:
 
 def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:
     """One row per claim: the two sides' values and ``held`` (True, False, or None = not checkable)."""
-    runs = [s for s in summaries if s["suite"]["name"] == card.suite]
+    runs = [s for s in summaries if s["suite"]["name"] in card.suites]
     by_method = {s["method"]["name"]: s for s in runs}
     named = {o.method for claim in card.claims for o in (claim.left, claim.right) if o.method}
     for name in sorted(named):

@@ -162,7 +162,7 @@ def test_runs_of_one_method_are_labelled_by_their_seeds(tmp_path, suite):
     assert summaries[0]["metrics"]["brightness"]["value"] != summaries[1]["metrics"]["brightness"]["value"]
     card = tmp_path / "claims.yaml"
     card.write_text(
-        "name: c\ndescription: d\nsuite: pets\nclaims:\n  - text: bright\n    left: {method: tiny-cps4, metric: brightness}"
+        "name: c\ndescription: d\nsuites: [pets]\nclaims:\n  - text: bright\n    left: {method: tiny-cps4, metric: brightness}"
         "\n    op: '>'\n    right: {value: 0.1}\n"
     )
     refused(

@@ -20,7 +20,7 @@ def summary(method: str, **values: float) -> dict:
 CARD = {
     "name": "t",
     "description": "test claims",
-    "suite": "s",
+    "suites": ["s"],
     "claims": [
         {"text": "a is good", "left": {"method": "a", "metric": "m"}, "op": ">=", "right": {"value": 0.8}},
         {
@@ -90,4 +90,6 @@ def test_the_toy_claims_name_the_toy_methods_and_metrics():
 
     card = load_claims(DEFAULT_RUN.claims)
     methods = {c.left.method for c in card.claims} | {c.right.method for c in card.claims} - {""}
-    assert methods - {""} <= set(DEFAULT_RUN.methods) and card.suite == DEFAULT_RUN.suite
+    assert (
+        methods - {""} <= set(DEFAULT_RUN.methods) and DEFAULT_RUN.suite in card.suites and "toy-geneval" in card.suites
+    )

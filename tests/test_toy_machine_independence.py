@@ -36,9 +36,18 @@ def test_toy_images_and_scores_do_not_depend_on_the_cpu_kernels(tmp_path, method
     runs = {}
     for name, env in (("avx512", {}), ("avx2", AVX2)):
         out = tmp_path / name
-        gen = ["generate", "--method", method, "--suite", "toy-geneval", "--limit", "32", "--device", "cpu"]
+        gen = ["generate", "--method", method, "--suite", "toy-geneval-quick", "--limit", "32", "--device", "cpu"]
         bench(out, env, *gen, "--out", str(out))
-        runs[name] = out / method / "toy-geneval"
-        bench(out, env, "score", str(runs[name]), "--metrics", "toy-clip,toy-aesthetic,toy-fd", "--device", "cpu")
+        runs[name] = out / method / "toy-geneval-quick"
+        bench(
+            out,
+            env,
+            "score",
+            str(runs[name]),
+            "--metrics",
+            "toy-geneval,toy-clip,toy-aesthetic,toy-fd",
+            "--device",
+            "cpu",
+        )
     for file in ("manifest.jsonl", "scores.jsonl", "set_scores.json"):
         assert (runs["avx512"] / file).read_bytes() == (runs["avx2"] / file).read_bytes(), file
