@@ -1,8 +1,9 @@
 """Claims: statements about a leaderboard, checked from its numbers and printed in the report.
 
 A claim card (``bench/cards/claims/<name>.yaml`` or a YAML path) lists comparisons such as "AC-DMD
-at 4 steps is within 10% of the teacher on toy GenEval": ``left op right`` where each side is a
-method's metric value (times ``factor``) or a constant. The report states each claim as held, not
+at 4 steps is within 0.05 of the teacher on toy GenEval": ``left op right`` where each side is a
+method's metric value (or one category's value of a category-averaged metric), times ``factor``
+plus ``offset``, or a constant. The report states each claim as held, not
 held, or not checkable (a method or metric missing), so the aims of an experiment are judged by
 the same run that produced the numbers, never by hand.
 """
@@ -28,24 +29,29 @@ class ClaimError(ValueError):
 
 @dataclass(frozen=True)
 class Operand:
-    """``factor * summary[method].metrics[metric].value``, or the constant ``value``."""
+    """``factor * v + offset`` with ``v`` = ``summary[method].metrics[metric].value`` (or its
+    ``per_category[category]``), or the constant ``value``."""
 
     method: str = ""
     metric: str = ""
+    category: str = ""  # one category of a category-averaged metric (e.g. a GenEval task)
     value: float | None = None
     factor: float = 1.0
+    offset: float = 0.0
 
     def validate(self) -> None:
-        named = bool(self.method or self.metric)
+        named = bool(self.method or self.metric or self.category)
         if (self.value is not None) == named or (named and not (self.method and self.metric)):
-            raise ValueError("an operand is either {method, metric[, factor]} or {value}")
-        if self.value is not None and self.factor != 1.0:
-            raise ValueError("a constant operand takes no factor (write the product as the value)")
+            raise ValueError("an operand is either {method, metric[, category, factor, offset]} or {value}")
+        if self.value is not None and (self.factor != 1.0 or self.offset != 0.0):
+            raise ValueError("a constant operand takes no factor or offset (write the result as the value)")
 
     def text(self) -> str:
         if self.value is not None:
             return f"{self.value:g}"
-        return f"{'' if self.factor == 1 else f'{self.factor:g} x '}{self.method} {self.metric}"
+        name = f"{self.method} {self.metric}" + (f"[{self.category}]" if self.category else "")
+        scaled = f"{'' if self.factor == 1 else f'{self.factor:g} x '}{name}"
+        return scaled if not self.offset else f"{scaled} {'+' if self.offset > 0 else '-'} {abs(self.offset):g}"
 
 
 @dataclass(frozen=True)
@@ -106,9 +112,12 @@ def operand_value(operand: Operand, summaries: dict[str, dict]) -> float | None:
     if operand.value is not None:
         return operand.value
     entry = summaries.get(operand.method, {}).get("metrics", {}).get(operand.metric)
-    if entry is None or not math.isfinite(entry["value"]):
+    if entry is None:
+        return None
+    value = entry.get("per_category", {}).get(operand.category) if operand.category else entry["value"]
+    if value is None or not math.isfinite(value):
         return None  # missing or NaN: not checkable rather than "not held"
-    return operand.factor * entry["value"]
+    return operand.factor * value + operand.offset
 
 
 def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:

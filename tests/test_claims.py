@@ -49,6 +49,43 @@ def test_claims_are_checked_with_factors_and_missing_values():
     assert "**not held**" in text and "not checkable" in text and "1 of 4 claims held." in text
 
 
+def test_operands_read_one_category_and_add_an_offset():
+    card = from_dict(
+        ClaimCard,
+        {
+            **CARD,
+            "claims": [
+                {
+                    "text": "a counts well",
+                    "left": {"method": "a", "metric": "m", "category": "counting"},
+                    "op": ">=",
+                    "right": {"value": 0.6},
+                },
+                {
+                    "text": "a within 0.05 of b",
+                    "left": {"method": "a", "metric": "m"},
+                    "op": ">=",
+                    "right": {"method": "b", "metric": "m", "offset": -0.05},
+                },
+                {
+                    "text": "a has a task it lacks",
+                    "left": {"method": "a", "metric": "m", "category": "position"},
+                    "op": ">=",
+                    "right": {"value": 0.0},
+                },
+            ],
+        },
+    )
+    a, b = summary("a", m=0.85), summary("b", m=0.88)
+    a["metrics"]["m"]["per_category"] = {"counting": 0.55}
+    rows = check(card, [a, b])
+    assert [r["held"] for r in rows] == [False, True, None]
+    assert rows[0]["left"] == 0.55 and rows[1]["right"] == pytest.approx(0.83)
+    assert rows[0]["test"] == "a m[counting] >= 0.6" and rows[1]["test"] == "a m >= b m - 0.05"
+    with pytest.raises(ConfigError, match="offset"):
+        from_dict(ClaimCard, {**CARD, "claims": [{**CARD["claims"][0], "right": {"value": 1.0, "offset": 1.0}}]})
+
+
 def test_a_summary_of_another_suite_does_not_count():
     card = from_dict(ClaimCard, CARD)
     other = summary("a", m=0.99) | {"suite": {"name": "other"}}
