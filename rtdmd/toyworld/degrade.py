@@ -23,7 +23,19 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from rtdmd.toyworld.world import BACKGROUND, PALETTE, SHAPES, SIZE, SUPERSAMPLE, Obj, _cross, _downsample, _draw, parts
+from rtdmd.toyworld.world import (
+    BACKGROUND,
+    PALETTE,
+    SHAPES,
+    SIZE,
+    SUPERSAMPLE,
+    Obj,
+    _cross,
+    _downsample,
+    _draw,
+    parts,
+    silhouette,
+)
 
 # ---------------------------------------------------------------- mild degradations (strength in [0, 1])
 
@@ -178,18 +190,19 @@ def _coverage(canvas: Image.Image) -> np.ndarray:
     return _downsample(np.asarray(canvas, dtype=np.float64) / 255)
 
 
-def _shape(obj: Obj) -> np.ndarray:
-    canvas, draw = _canvas()
-    _draw(draw, obj, 255, 0)
-    return _coverage(canvas)
+def _across(obj: Obj, angle: float, offset: float) -> np.ndarray:
+    """Signed distance of every pixel centre from the line through ``obj``'s centre shifted by
+    ``offset`` along the direction ``angle``."""
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    return (xs - obj.cx) * math.cos(angle) + (ys - obj.cy) * math.sin(angle) - offset
 
 
 def _fused(obj: Obj, rng: np.random.Generator) -> np.ndarray:
     """Two classes at one place, one's left (or top) half joined to the other's other half."""
     a, b = rng.choice(len(SHAPES), size=2, replace=False)
     first, second = (
-        _shape(Obj(SHAPES[a], "red", obj.cx, obj.cy, obj.size)),
-        _shape(Obj(SHAPES[b], "red", obj.cx, obj.cy, obj.size)),
+        silhouette(Obj(SHAPES[a], "red", obj.cx, obj.cy, obj.size)),
+        silhouette(Obj(SHAPES[b], "red", obj.cx, obj.cy, obj.size)),
     )
     ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
     side = (xs < obj.cx) if rng.integers(2) else (ys < obj.cy)
@@ -199,11 +212,8 @@ def _fused(obj: Obj, rng: np.random.Generator) -> np.ndarray:
 def _cut(obj: Obj, rng: np.random.Generator) -> np.ndarray:
     """The shape with everything beyond a random line through its middle third removed (a third to
     two thirds of it gone)."""
-    angle = rng.uniform(0, 2 * math.pi)
-    offset = rng.uniform(-obj.size / 6, obj.size / 6)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    keep = (xs - obj.cx) * math.cos(angle) + (ys - obj.cy) * math.sin(angle) < offset
-    return _shape(obj) * keep
+    angle, offset = rng.uniform(0, 2 * math.pi), rng.uniform(-obj.size / 6, obj.size / 6)
+    return silhouette(obj) * (_across(obj, angle, offset) < 0)
 
 
 def _blob(obj: Obj, rng: np.random.Generator) -> np.ndarray:
@@ -235,12 +245,9 @@ def _squashed(obj: Obj, rng: np.random.Generator) -> np.ndarray:
 
 def _pieces(obj: Obj, rng: np.random.Generator) -> np.ndarray:
     """The shape crossed by a background band 2-4 px wide, through its middle third (pieces)."""
-    angle = rng.uniform(0, math.pi)
-    offset = rng.uniform(-obj.size / 6, obj.size / 6)
+    angle, offset = rng.uniform(0, math.pi), rng.uniform(-obj.size / 6, obj.size / 6)
     width = rng.uniform(2, 4)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE] + 0.5
-    distance = (xs - obj.cx) * math.cos(angle) + (ys - obj.cy) * math.sin(angle) - offset
-    return _shape(obj) * (np.abs(distance) > width / 2)
+    return silhouette(obj) * (np.abs(_across(obj, angle, offset)) > width / 2)
 
 
 def _merged(obj: Obj, rng: np.random.Generator) -> np.ndarray:
@@ -252,7 +259,7 @@ def _merged(obj: Obj, rng: np.random.Generator) -> np.ndarray:
         obj.shape, "red", obj.cx - step / 2 * math.cos(angle), obj.cy - step / 2 * math.sin(angle), obj.size * 0.8
     )
     second = Obj(other, "red", obj.cx + step / 2 * math.cos(angle), obj.cy + step / 2 * math.sin(angle), obj.size * 0.8)
-    return np.maximum(_shape(first), _shape(second))
+    return np.maximum(silhouette(first), silhouette(second))
 
 
 MALFORMATIONS = {

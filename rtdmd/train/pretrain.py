@@ -199,13 +199,18 @@ def evaluate(
     return out
 
 
+def batch_latents(pixels: Tensor, index: Tensor) -> Tensor:
+    """The training latents of pool rows ``index``: uint8 pixels to [-1, 1], 4x4 pixel-unshuffled."""
+    return F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
+
+
 def step_flops(model: ToyModel, cfg: PretrainConfig, pixels: Tensor, ids: Tensor, device: torch.device) -> int:
     """Model FLOPs of one training step (forward and backward of one batch), counted on a copy-free
     pass whose gradients are discarded."""
     from rtdmd.flops import count_flops
 
     index = torch.arange(cfg.batch_size, device=device) % len(pixels)
-    latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
+    latents = batch_latents(pixels, index)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
 
     def one_step() -> None:
@@ -254,7 +259,7 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     step_times: list[float] = []  # per logged interval, for the run's throughput
     for step in range(start, cfg.steps):
         index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
-        latents = F.pixel_unshuffle(pixels[index].float() / 127.5 - 1, 4)
+        latents = batch_latents(pixels, index)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
         with autocast:
