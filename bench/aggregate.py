@@ -95,11 +95,17 @@ def prompt_values(root: Path, manifest: list[dict], scores: list[dict], metric: 
     return PromptValues(ids, [category[i] for i in ids], seeds, per_seed.mean(axis=1), per_seed)
 
 
-def provenance() -> dict:
-    """The code that produced a summary: rtdmd's commit (not the run's clock, so reruns match) and libraries."""
+def provenance(root: Path) -> dict:
+    """The code that produced a summary (rtdmd's commit, with or without local changes, not the run's
+    clock, so reruns match) and libraries, and the devices the run's images were generated on."""
     git = run_dir.git_state()
+    env_file = root / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    devices = sorted({e["device"] for e in [env, *env.get("resumed", [])] if "device" in e})
     return {
         "rtdmd_git": git["sha"] or "unknown",
+        "rtdmd_dirty": bool(git["dirty"]),
+        "generated_on": devices,
         "rtdmd_commit_date": git["date"] or "unknown",
         "packages": {p: run_dir.package_version(p) for p in ("torch", "diffusers", "transformers")},
     }
@@ -298,7 +304,7 @@ def aggregate_stage(root: Path, reference: str = "") -> dict:
         "nfe": nfe[0] if len(nfe) == 1 else nfe,
         "metrics": summary_metrics,
         "run_dir": str(root),
-        "provenance": provenance(),
+        "provenance": provenance(root),
     }
     write_text_atomic(root / SUMMARY, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return summary

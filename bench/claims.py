@@ -149,14 +149,40 @@ def check(card: ClaimCard, summaries: list[dict]) -> list[dict]:
 
 
 def claims_section(card: ClaimCard, rows: list[dict]) -> list[str]:
-    """The report's markdown for a claim card."""
+    """The report's markdown for a claim card; rows tested by :func:`bench.claim_stats.significance`
+    also show the difference, its interval and the adjusted one-sided p-value."""
     show = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
     verdict = {True: "held", False: "**not held**", None: "not checkable (missing)"}
-    lines = [f"## Claims: {card.name}", "", card.description, "", "| Claim | Test | Left | Right | Verdict |"]
-    lines.append("|---|---|---:|---:|---|")
+    tested = any("p_value" in r for r in rows)
+    head = (
+        "| Claim | Test | Left | Right | Verdict |"
+        if not tested
+        else ("| Claim | Test | Left | Right | Left - right [95%] | p (one-sided, Holm) | Verdict |")
+    )
+    lines = [
+        f"## Claims: {card.name}",
+        "",
+        card.description,
+        "",
+        head,
+        "|---|---|---:|---:|" + "---:|" * 2 * tested + "---|",
+    ]
     for row in rows:
-        lines.append(
-            f"| {row['claim']} | `{row['test']}` | {show(row['left'])} | {show(row['right'])} | {verdict[row['held']]} |"
-        )
+        cells = [row["claim"], f"`{row['test']}`", show(row["left"]), show(row["right"])]
+        text = verdict[row["held"]]
+        if tested:
+            has_p = row.get("p_holm") is not None
+            interval = f"{row['diff']:+.4g} [{row['ci_low']:+.4g}, {row['ci_high']:+.4g}]" if has_p else "—"
+            cells += [interval, f"{row['p_holm']:.2g}" if has_p else "—"]
+            if has_p and row["held"]:
+                text += ", significant" if row["significant"] else ", not significant"
+        lines.append("| " + " | ".join([*cells, text]) + " |")
     held = sum(r["held"] is True for r in rows)
-    return [*lines, "", f"{held} of {len(rows)} claims held."]
+    summary = f"{held} of {len(rows)} claims held"
+    if tested:
+        significant = sum(bool(r.get("significant")) and r["held"] is True for r in rows)
+        summary += (
+            f", {significant} of them significantly (one-sided bootstrap p-value of the claimed direction, "
+            f"adjusted by Holm's method over the {sum(r.get('p_holm') is not None for r in rows)} tested claims, <= 0.05)"
+        )
+    return [*lines, "", summary + "."]

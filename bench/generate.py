@@ -163,7 +163,7 @@ def generate_stage(
     )
     root = run_path(out, method.name, suite.card.name)
     if world.is_main:
-        run_dir.prepare(root, spec)
+        run_dir.prepare(root, spec, device=world.device)
         for seed in spec.seeds:
             (root / "images" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
     distributed.barrier()

@@ -92,6 +92,14 @@ def paired_difference(
     }
 
 
+def one_sided_p(observed: float, draws: np.ndarray) -> float:
+    """p-value for "the statistic is above 0" from the shifted bootstrap: the resampled statistics
+    ``t*`` centred on the observed ``t`` stand for its null distribution, so
+    ``p = (#{t* - t >= t} + 1) / (n_boot + 1)``; ``t <= 0`` gives p >= about 1/2."""
+    draws = np.asarray(draws, dtype=np.float64)
+    return (int(np.sum(draws - observed >= observed)) + 1) / (len(draws) + 1)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment for ``m`` tests (family-wise error rate): with the p-values sorted
     ``p_(1) <= ... <= p_(m)``, ``p_adj_(k) = max_{j <= k} min(1, (m - j + 1) p_(j))``; returned in the

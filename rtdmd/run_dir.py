@@ -50,8 +50,16 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def environment() -> dict[str, Any]:
-    """What determines a run's numbers besides its config: code, libraries, hardware, command."""
+def describe_device(device: torch.device) -> str:
+    """The hardware a device name stands for: the GPU's name, or the CPU's architecture and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type.upper()} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """What determines a run's numbers besides its config: code, libraries, hardware (``device``: the
+    one the run computes on, where known), command."""
     devices = []
     if torch.cuda.is_available():
         devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -66,6 +74,7 @@ def environment() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "cuda_devices": devices,
         "cpu_threads": torch.get_num_threads(),
+        **({"device": describe_device(device)} if device is not None else {}),
     }
 
 
@@ -78,7 +87,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = ()) -> Path:
+def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = (), device: torch.device | None = None) -> Path:
     """Create ``path`` for ``cfg`` or reopen it for resume.
 
     A new directory gets ``config.yaml`` and ``env.json``. An existing one must hold the same
@@ -100,12 +109,12 @@ def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = ()) -> Path:
                 "Use a new run_dir, or rerun with the same config to resume."
             )
         env = json.loads(env_file.read_text()) if env_file.exists() else {}
-        env.setdefault("resumed", []).append(environment())
+        env.setdefault("resumed", []).append(environment(device))
         write_text_atomic(env_file, json.dumps(env, indent=2))
         if any(old.get(k) != new.get(k) for k in mutable):
             write_text_atomic(config_file, dump_yaml(cfg))
         return root
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(config_file, dump_yaml(cfg))
-    write_text_atomic(env_file, json.dumps(environment(), indent=2))
+    write_text_atomic(env_file, json.dumps(environment(device), indent=2))
     return root

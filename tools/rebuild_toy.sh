@@ -2,9 +2,11 @@
 # Rebuild the shipped toy checkpoints from scratch, stage by stage, into OUT:
 #   recognizer  the detector's recogniser (CPU, ~12 min on 2 cores, ~3 min on 16)
 #   teacher     the teacher and ToyClip side by side on one GPU (~6 min on an H200)
-#   students    the AC-DMD and DMD students of OUT's (else the shipped) teacher, side by side
-#   rl          the RTDMD student and its five ablation arms from OUT's (else the shipped) AC-DMD student
+#   students    the AC-DMD and DMD students of OUT's (else the shipped) teacher, side by side (~6 min on an H200)
+#   rl          the RTDMD student and its five ablation arms from OUT's (else the shipped) AC-DMD student, side
+#               by side (~7.5 min on an H200 with 16 CPU cores: the toy detector scores the rollouts on the CPU)
 # STAGES picks them (default: all, in this order), so a rebuild can span several GPU calls of 10 minutes.
+# The GPU stages took 20 minutes in all (teacher 5.3, students 6.2, rl 7.5; toy_*.md say how each was run).
 # Ship the results with `python -c "from pathlib import Path; from rtdmd.toyworld.weights import register;
 # [register(p) for p in Path('OUT').glob('*.safetensors')]"`, update the model cards and the metric
 # versions (rtdmd/rewards/toy.py), then rerun tools/toy_leaderboard.sh. The teacher's evaluation and the

@@ -13,8 +13,14 @@ terms. Over ``E`` epochs::
 SubGRPO's expected gradient is 2/3 of the all-steps one (2 of 3 steps' terms), so ``rel_var``
 compares like with like. The reward of the rollouts is the same policy's for both arms.
 
+Each record keeps the Gram matrix ``K[e, f] = g_e . g_f`` of its epochs' gradients, so ``--compare``
+can resample epochs (with replacement, each arm on its own: the arms are independent runs) and give a
+95% percentile interval of the ratio of the two arms' ``var`` and ``rel_var``: a resample's statistics
+follow from ``K`` alone (:func:`resampled_spread`).
+
     python bench/perf/pg_variance.py --arm rtdmd --epochs 60 --out pg_rtdmd.json
     python bench/perf/pg_variance.py --arm grpo-all-steps --epochs 60 --out pg_all.json
+    python bench/perf/pg_variance.py --compare pg_rtdmd.json pg_all.json
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -63,6 +70,39 @@ def spread(grads: torch.Tensor) -> dict[str, float]:
     return {"var": var, "mean_sq_norm": float(mean.pow(2).sum()), "rel_var": var / float(mean.pow(2).sum())}
 
 
+def resampled_spread(gram: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``var`` and ``mean_sq_norm`` of ``n_boot`` resamples of the epochs (indices ``I`` drawn with
+    replacement) from the Gram matrix ``K`` alone: with ``S = sum_{i in I} K[i, i]`` and
+    ``T = sum_{i, j in I} K[i, j]``, ``||mean||^2 = T / E^2`` and ``var = (S - T / E) / (E - 1)``."""
+    gram = np.asarray(gram, dtype=np.float64)
+    n = len(gram)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    diag = gram[idx, idx].sum(axis=1)
+    total = np.array([gram[np.ix_(i, i)].sum() for i in idx])
+    return (diag - total / n) / (n - 1), total / n**2
+
+
+def compare(paths: list[str], n_boot: int = 10_000) -> dict:
+    """Ratios (first arm / second) of ``var`` and ``rel_var``, each with a 95% percentile interval."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    for path, record in zip(paths, records, strict=True):
+        if "gram" not in record:
+            raise SystemExit(f"{path} has no Gram matrix (written by an older pg_variance.py): measure it again")
+    draws = [resampled_spread(np.array(r["gram"]), n_boot, seed) for seed, r in enumerate(records)]
+    out = {"arms": [r["arm"] for r in records], "epochs": [r["epochs"] for r in records], "resamples": n_boot}
+    for name, (num, den) in {
+        "var": (draws[0][0], draws[1][0]),
+        "rel_var": (draws[0][0] / draws[0][1], draws[1][0] / draws[1][1]),
+    }.items():
+        observed = records[0]["all"][name] / records[1]["all"][name]
+        ratio = num / den
+        out[f"{name}_ratio"] = {
+            "value": observed,
+            "ci95": [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))],
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="toy")
@@ -72,8 +112,14 @@ def main() -> None:
         "--max-seconds", type=float, default=0, help="stop after the epoch that passes this (0 = never)"
     )
     parser.add_argument("--out", default="pg_variance.json")
+    parser.add_argument(
+        "--compare", nargs=2, metavar="JSON", help="print the ratio of two records' var and rel_var with 95%% intervals"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. device=cpu iterations_per_epoch=1")
     args = parser.parse_args()
+    if args.compare:
+        print(json.dumps(compare(args.compare), indent=1))
+        return
 
     cfg = load(RLConfig, args.config, [f"arm={args.arm}", *args.overrides], group="rl")
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=0, rewards=()))
@@ -102,6 +148,7 @@ def main() -> None:
         "all": spread(stacked),
         "first_half": spread(stacked[:half]),
         "second_half": spread(stacked[half:]),
+        "gram": (stacked @ stacked.T).tolist(),
         "reward_mean": {k: sum(r[k] for r in rewards) / len(rewards) for k in rewards[0] if k.startswith("reward/")},
     }
     print(json.dumps({k: record[k] for k in ("arm", "all", "first_half", "second_half", "reward_mean")}, indent=1))

@@ -50,6 +50,19 @@ class SetMetric(Protocol):
     def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor: ...
 
 
+@runtime_checkable
+class ResamplableSetMetric(SetMetric, Protocol):
+    """A set metric computed from per-image rows (``set_features``: row i of each returned tensor
+    belongs to image i) by ``set_value``: a bootstrap over prompts resamples the rows instead of
+    scoring the images again (:mod:`bench.claim_stats`)."""
+
+    def set_features(
+        self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]
+    ) -> tuple[Tensor, ...]: ...
+
+    def set_value(self, *rows: Tensor) -> Tensor: ...
+
+
 REWARDS: Registry[type] = Registry("reward")
 
 

@@ -324,13 +324,22 @@ class ToyFD(_UsesToyClip):
             [model.image_features(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         )
 
-    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+    def set_features(
+        self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]
+    ) -> tuple[Tensor, Tensor]:
+        """``[N, D]`` features of the images and ``[N, D]`` of their ground truth, row i for image i: a
+        resampled prompt set (the claims' bootstrap) takes the same rows of both."""
         if not len(images) == len(prompts) == len(meta):
             raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(meta)} metadata rows")
-        reference = reference_renders(prompts, meta).to(images.device)
-        generated = gaussian_stats(self.features(images))
-        truth = gaussian_stats(self.features(reference))
-        return frechet_distance(*generated, *truth).cpu()
+        return self.features(images), self.features(reference_renders(prompts, meta).to(images.device))
+
+    @staticmethod
+    def set_value(generated: Tensor, truth: Tensor) -> Tensor:
+        """The metric of features from :meth:`set_features`: ``FD(N(mu_g, S_g), N(mu_t, S_t))``."""
+        return frechet_distance(*gaussian_stats(generated), *gaussian_stats(truth)).cpu()
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[dict[str, Any]]) -> Tensor:
+        return self.set_value(*self.set_features(images, prompts, meta))
 
 
 __all__ = [
