@@ -29,7 +29,8 @@ from bench.weights_cli import weights_app
 
 app = typer.Typer(
     help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards. "
-    "`rtdmd-bench run` without arguments runs the toy default (toy methods on toy-geneval, reports/toy/leaderboard.md).",
+    "`rtdmd-bench run` without arguments runs the toy default (the ten toy methods on toy-geneval-quick, about 8 "
+    "minutes on 2 CPU cores; its expected output is committed in reports/toy/quick/).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -284,8 +285,8 @@ def run_help(default: DefaultRun) -> str:
         f"Without arguments it runs the toy default: methods {', '.join(default.methods)} on suite {default.suite} "
         f"({metrics}), paired against {default.reference}, into {default.out}/ with the leaderboard at "
         f"{default.report or f'{default.out}/<suite>_leaderboard.md'} (+ .json, .png), stating the claims of "
-        f"bench/cards/claims/{default.claims}.yaml as held or not (tools/toy_leaderboard.sh rewrites the committed "
-        "reports/toy/leaderboard.md). "
+        f"bench/cards/claims/{default.claims}.yaml as held or not, with their significance (the committed "
+        "reports/toy/quick/ is this run; tools/toy_leaderboard.sh rewrites the full protocol's reports/toy/leaderboard.md). "
         "--method and --suite replace the default methods and suite; every other option still applies.\n\n"
         "Example: rtdmd-bench run --method tiny-cps4 --method tiny-teacher --suite my_prompts.txt --metrics brightness "
         "--reference tiny-teacher"
