@@ -3,7 +3,10 @@
 A prompt file is a text file (one prompt per line) or a ``.jsonl`` file (the ``"prompt"`` of each
 object, e.g. GenEval's metadata format), given as a path or as ``package:<python.package>/<path>``:
 package data read through importlib.resources (``package:rtdmd.toyworld/suites/toy_train.jsonl``),
-so a config can name a shipped file wherever the project is installed.
+so a config can name a shipped file wherever the project is installed, or as
+``generated:<name>``: the bytes a registered generator writes (:data:`GENERATED_PROMPTS`, e.g.
+``generated:geneval-train.jsonl``, GenEval-format training prompts that exclude GenEval's evaluation
+prompts), the same on every machine, so a config pins them by sha256 like a file.
 
 The prompt at position ``p`` of the training stream is ``perm_e[p mod N]`` where ``e = p // N`` and
 ``perm_e`` is a permutation seeded by ``seed_for(seed, "epoch", e)``: every prompt appears once per
@@ -16,18 +19,32 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from rtdmd.registry import Registry
 from rtdmd.seeding import seed_for
 
 PACKAGE_PREFIX = "package:"
+GENERATED_PREFIX = "generated:"
+GENERATED_PROMPTS: Registry[Callable[[], bytes]] = Registry("prompt generator")
+
+
+@GENERATED_PROMPTS.register("geneval-train.jsonl")
+def _geneval_train() -> bytes:
+    from rtdmd.geneval.prompts import to_jsonl, training_metadata
+
+    return to_jsonl(training_metadata())
 
 
 def read_source(source: str | Path) -> bytes:
-    """The bytes of a file path or of a ``package:<python.package>/<relative path>`` resource."""
+    """The bytes of a file path, a ``package:<python.package>/<relative path>`` resource or a
+    ``generated:<name>`` generator's output."""
+    if isinstance(source, str) and source.startswith(GENERATED_PREFIX):
+        return GENERATED_PROMPTS.get(source[len(GENERATED_PREFIX) :])()
     if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
         package, _, relative = source[len(PACKAGE_PREFIX) :].partition("/")
         if not package or not relative:

@@ -39,7 +39,17 @@ def _load(schema, group: str, config: str, overrides: list[str] | None, dry_run:
     with _config_errors():
         cfg = load(schema, config, overrides or [], group=group)
     if dry_run:
-        console.print(dump_yaml(cfg), end="", markup=False, highlight=False)
+        console.print(dump_yaml(cfg), end="", markup=False, highlight=False, soft_wrap=True)
+        if getattr(cfg, "prompt_file", ""):  # resolve the training prompts too: a bad source fails here, not on a GPU
+            from rtdmd.data import read_prompt_records
+
+            try:
+                records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
+            except (OSError, ValueError, UnknownNameError) as error:
+                err.print(f"[bold red]prompt error:[/] {error}")
+                raise typer.Exit(2) from None
+            checked = ", sha256 verified" if cfg.prompt_file_sha256 else ", no sha256 pinned"
+            console.print(f"# {len(records)} training prompts from {cfg.prompt_file}{checked}", markup=False)
         raise typer.Exit(0)
     return cfg
 
