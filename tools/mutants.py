@@ -38,7 +38,9 @@ def load(path: Path) -> dict:
     for m in spec["mutants"]:
         text = (ROOT / m["file"]).read_text()
         if text.count(m["old"]) != 1:
-            raise SystemExit(f"mutant {m['id']}: its snippet occurs {text.count(m['old'])} times in {m['file']}, not once")
+            raise SystemExit(
+                f"mutant {m['id']}: its snippet occurs {text.count(m['old'])} times in {m['file']}, not once"
+            )
     return spec
 
 
