@@ -186,3 +186,39 @@ def test_the_ema_follows_every_step_and_the_generator_moves_every_few(tmp_path):
         for k, p in sess.gen_params.items():
             expected[k] = d * expected[k] + (1 - d) * p.detach().float()
             torch.testing.assert_close(sess.ema.shadow[k], expected[k], rtol=1e-6, atol=1e-9)
+
+
+def test_plain_dmd_draws_its_levels_as_the_official_trainer(tmp_path):
+    """The fake score's level: entry ``floor(1000 sigmoid(z))`` (at most 999) of the descending shifted
+    1000-entry table, ``z ~ N(0, 1)``; the generator's: entry ``i ~ U{20..980}`` of the ascending one,
+    ``sigma = shift((i + 1) / 1000)``, with SD3's shift 3 here."""
+    from rtdmd.seeding import randn
+
+    def shifted(u: float) -> float:
+        return 3 * u / (1 + 2 * u)
+
+    overrides = [f"run_dir={tmp_path / 'run'}", "device=cpu", "method=dmd", "ac=null", "dmd_levels.table_shift=3.0"]
+    cfg = load(DistillConfig, "tiny", overrides, group="distill")
+    sess = build_session(cfg, distributed.init("cpu"), tmp_path)
+    samples, cond = inputs(sess, 0)
+    for phase in ("fake", "gen"):
+        with torch.no_grad():
+            sub = sample_subinterval(cfg, sess.models, phase, 0, samples, cond, grad=False)
+        expected = []
+        for i in samples:
+            seed = seed_for(cfg.seed, phase, 0, i, "t")
+            if phase == "fake":
+                u = 1 / (1 + math.exp(-float(randn(seed, ()))))
+                expected.append(shifted(1 - min(math.floor(1000 * u), 999) / 1000))
+            else:
+                expected.append(shifted((randint(seed, 20, 980) + 1) / 1000))
+        torch.testing.assert_close(sub.t.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+        assert sub.s == 0.0
+    from rtdmd.train.distill import DMDLevelsSpec, fake_table_level, generator_table_level
+
+    spec = DMDLevelsSpec(table_shift=3.0)
+    assert fake_table_level(0.0, spec) == pytest.approx(0.75)  # the median: sigmoid(0) = 1/2
+    assert generator_table_level(20, spec) == pytest.approx(shifted(0.021))
+    assert generator_table_level(980, spec) == pytest.approx(shifted(0.981))
+    with pytest.raises(Exception, match="dmd_levels belongs to method 'dmd'"):
+        load(DistillConfig, "tiny", [*overrides[:2], "dmd_levels.table_shift=3.0"], group="distill")

@@ -19,6 +19,7 @@ rollback per-sample ones (the same on any world size).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,11 @@ from rtdmd.backbones.base import BackboneConfig, Cond
 from rtdmd.distributed import Strategy
 from rtdmd.flow.cps import cps_step
 from rtdmd.flow.path import renoise, x0_from_velocity
-from rtdmd.flow.schedules import RTDMD_TIMESTEPS
+from rtdmd.flow.schedules import RTDMD_TIMESTEPS, shift_static
 from rtdmd.losses.ac_dmd import ambient_loss, ambient_target, consistency_loss
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.sampling import SamplerSpec, rollout, seed_table
-from rtdmd.seeding import randint, randn_rows, seed_for, uniform
+from rtdmd.seeding import randint, randn, randn_rows, seed_for, uniform
 from rtdmd.train.roles import RoleSpec
 
 
@@ -45,6 +46,20 @@ class RenoiseSpec:
 
     margin: float = 0.01
     clamp: tuple[float, float] = (0.02, 0.98)
+
+
+@dataclass(frozen=True)
+class DMDLevelsSpec:
+    """Plain DMD's noise levels as the official DMD trainer draws them: the fake score's from a
+    logit-normal over the 1000-entry descending scheduler table (:func:`fake_table_level`), the
+    generator's uniformly over indices ``index_range`` of the ascending one
+    (:func:`generator_table_level`). ``table_shift`` is that table's static shift (SD3 3; FLUX,
+    whose official table is unshifted, and the toy 1)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    index_range: tuple[int, int] = (20, 980)
+    table_shift: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class DistillConfig:
     teacher_guidance: tuple[float, float] = (4.5, 4.5)  # U[min, max] per generator update
     renoise: RenoiseSpec = field(default_factory=RenoiseSpec)
     ac: ACDMDSpec | None = field(default_factory=ACDMDSpec)  # null for method: dmd
+    dmd_levels: DMDLevelsSpec | None = None  # method dmd: the official trainer's levels; null: `renoise`'s U[...]
     height: int = 512
     width: int = 512
     prompt_file: str = ""
@@ -105,6 +121,14 @@ class DistillConfig:
     def validate(self) -> None:
         if (self.method == "ac_dmd") != (self.ac is not None):
             raise ValueError("method 'ac_dmd' needs an `ac` section; method 'dmd' takes `ac: null`")
+        if self.dmd_levels is not None:
+            lo, hi = self.dmd_levels.index_range
+            if self.method != "dmd":
+                raise ValueError("dmd_levels belongs to method 'dmd' (AC-DMD draws its levels from the sub-interval)")
+            if not 0 <= lo <= hi <= 999 or self.dmd_levels.logit_std <= 0 or self.dmd_levels.table_shift <= 0:
+                raise ValueError(
+                    "dmd_levels: 0 <= index_range[0] <= index_range[1] <= 999, logit_std > 0, table_shift > 0"
+                )
         if not self.prompt_file and not self.prompts:
             raise ValueError("give a prompt_file or inline prompts")
         lo, hi = self.teacher_guidance
@@ -160,8 +184,32 @@ def renoise_levels(spec: RenoiseSpec, s: float, seeds: list[int]) -> torch.Tenso
     return torch.tensor(t, dtype=torch.float32).clamp(*spec.clamp)
 
 
+def fake_table_level(z: float, spec: DMDLevelsSpec) -> float:
+    """``sigma = shift(1 - i / 1000)`` with ``i = min(floor(1000 sigmoid(m + s z)), 999)``: entry ``i``
+    of the descending 1000-entry table picked by a logit-normal draw (``z ~ N(0, 1)``)."""
+    u = 1 / (1 + math.exp(-(spec.logit_mean + spec.logit_std * z)))
+    index = min(math.floor(1000 * u), 999)
+    return float(shift_static(torch.tensor(1 - index / 1000, dtype=torch.float64), spec.table_shift))
+
+
+def generator_table_level(index: int, spec: DMDLevelsSpec) -> float:
+    """``sigma = shift((i + 1) / 1000)``: entry ``i`` of the ascending 1000-entry table."""
+    return float(shift_static(torch.tensor((index + 1) / 1000, dtype=torch.float64), spec.table_shift))
+
+
 def draw_renoise_levels(cfg: DistillConfig, phase: str, step: int, samples: list[int], s: float) -> torch.Tensor:
-    return renoise_levels(cfg.renoise, s, [seed_for(cfg.seed, phase, step, i, "t") for i in samples])
+    """Per-sample renoising levels: :func:`renoise_levels`, or for plain DMD with ``dmd_levels`` the
+    official draws (the fake phase's from :func:`fake_table_level`, the generator's from
+    :func:`generator_table_level`)."""
+    seeds = [seed_for(cfg.seed, phase, step, i, "t") for i in samples]
+    spec = cfg.dmd_levels
+    if spec is None:
+        return renoise_levels(cfg.renoise, s, seeds)
+    if phase == "fake":
+        levels = [fake_table_level(float(randn(seed, ())), spec) for seed in seeds]
+    else:
+        levels = [generator_table_level(randint(seed, *spec.index_range), spec) for seed in seeds]
+    return torch.tensor(levels, dtype=torch.float32)
 
 
 def sample_subinterval(
