@@ -242,3 +242,32 @@ def test_an_eval_reward_without_its_metadata_fails_before_training(tmp_path):
     cfg = tiny(tmp_path, "run", "eval.rewards=[toy-geneval]")
     with pytest.raises(ValueError, match="needs per-prompt metadata"):
         build_session(cfg, distributed.init("cpu"), tmp_path)
+
+
+def test_lora_dtype_base_keeps_the_official_bf16_numerics(tmp_path):
+    """``generator.lora.dtype=base`` on a bf16 backbone: the LoRA, its AdamW state and the EMA stay in
+    bf16, so an update of lr 1e-6 rounds away in most weights; the float32 default keeps them."""
+    moved = {}
+    for dtype in ("float32", "base"):
+        overrides = [
+            "backbone.dtype=bfloat16",
+            f"generator.lora.dtype={dtype}",
+            "generator.optim.lr=1e-6",
+            "fake_updates_per_generator=1",
+        ]
+        cfg = tiny(tmp_path, dtype, *overrides)
+        sess = build_session(cfg, distributed.init("cpu"), tmp_path / dtype)
+        want = torch.bfloat16 if dtype == "base" else torch.float32
+        assert {p.dtype for p in sess.gen_params.values()} == {want}
+        assert {t.dtype for t in sess.ema.shadow.values()} == {want}
+        with torch.no_grad():  # B = 0 at the start gets no gradient in A: give B weights so every weight moves
+            for name, p in sess.gen_params.items():
+                if "lora_B" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        before = {k: p.detach().clone() for k, p in sess.gen_params.items()}
+        train_step(sess, 0)
+        states = [s for s in sess.optimizers["generator"].state.values() if "exp_avg" in s]
+        assert states and {s["exp_avg"].dtype for s in states} == {want}
+        changed = sum(int((p.detach() != before[k]).sum()) for k, p in sess.gen_params.items())
+        moved[dtype] = changed / sum(p.numel() for p in sess.gen_params.values())
+    assert moved["float32"] > 0.9 and moved["base"] < 0.1 * moved["float32"], moved  # measured: 0.93 and 0.003

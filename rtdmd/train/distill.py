@@ -411,7 +411,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
     """Build the roles on ``cfg.backbone`` (or on an already built ``backbone``, e.g. random weights
     at real size for a benchmark)."""
     from rtdmd.backbones.base import build_backbone
-    from rtdmd.train.roles import EMA
+    from rtdmd.train.roles import EMA, ema_dtype
 
     backbone = backbone or build_backbone(cfg.backbone, world.device)
     built = build_roles(cfg, world, backbone)
@@ -437,7 +437,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
         fake_params=built.fake_params,
         optimizers=built.optimizers,
         roles=built.roles,
-        ema=EMA(built.gen_params, cfg.ema_decay),
+        ema=EMA(built.gen_params, cfg.ema_decay, dtype=ema_dtype(cfg.generator)),
         prompts=prompts,
         eval_records=records,
     )

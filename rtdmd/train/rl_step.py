@@ -120,7 +120,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
     from rtdmd.rewards import REWARDS
     from rtdmd.rewards.base import lacking_metadata
     from rtdmd.train.distill import build_roles, check_eval_metadata, eval_records
-    from rtdmd.train.roles import EMA
+    from rtdmd.train.roles import EMA, ema_dtype
 
     backbone = backbone or build_backbone(cfg.backbone, world.device)
     built = build_roles(cfg, world, backbone, stage1_merges(cfg), seed_scope="rl-")
@@ -148,7 +148,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
         fake_params=built.fake_params,
         optimizers=built.optimizers,
         roles=built.roles,
-        ema=EMA(built.gen_params, cfg.ema.decay),
+        ema=EMA(built.gen_params, cfg.ema.decay, dtype=ema_dtype(cfg.generator)),
         records=records,
         rewards=scorers,
         eval_records=evals,

@@ -30,6 +30,10 @@ class LoraSpec:
     alpha: float = 64.0
     targets: tuple[str, ...] = ()
     init: Literal["gaussian", "default", "normal"] = "gaussian"
+    # float32: the LoRA weights, their AdamW state and the EMA in float32 on any base (our default:
+    # at learning rates of 1e-6 many bf16 updates would round away); base: in the base model's dtype
+    # (bf16 for a bf16 backbone), the official code's numerics, which its learning rates were tuned under
+    dtype: Literal["float32", "base"] = "float32"
 
     def validate(self) -> None:
         if self.rank < 1 or self.alpha <= 0:
@@ -91,9 +95,10 @@ def attach_lora(net: nn.Module, spec: LoraSpec, default_targets: tuple[str, ...]
             for name, param in net.named_parameters():
                 if "lora_A" in name:
                     torch.nn.init.normal_(param.data, 0.0, 1.0)
-    for name, param in net.named_parameters():  # LoRA weights train in float32 on bf16 bases
-        if "lora_" in name:
-            param.data = param.data.float()
+    if spec.dtype == "float32":  # peft creates the LoRA in the base's dtype
+        for name, param in net.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
     return net
 
 
@@ -117,6 +122,11 @@ def trainable(net: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
+def ema_dtype(spec: RoleSpec) -> torch.dtype | None:
+    """The EMA's dtype for a role: the parameters' own for a LoRA kept in the base's dtype, else float32."""
+    return None if spec.lora is not None and spec.lora.dtype == "base" else torch.float32
+
+
 def adamw(params: dict[str, nn.Parameter], spec: OptimSpec) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         list(params.values()), lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=False
@@ -134,13 +144,21 @@ def warmup_decay(num_updates: int, decay: float) -> float:
 
 
 class EMA:
-    """Float32 exponential moving average of a role's trainable parameters."""
+    """Exponential moving average of a role's trainable parameters (float32 unless they are stored lower)."""
 
-    def __init__(self, params: dict[str, nn.Parameter], decay: float, warmup: bool = False) -> None:
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        decay: float,
+        warmup: bool = False,
+        dtype: torch.dtype | None = torch.float32,
+    ) -> None:
+        """The average is kept in ``dtype``, or in each parameter's own dtype with ``None`` (a LoRA in
+        bf16, ``LoraSpec.dtype = "base"``, averages in bf16 as the official code does: :func:`ema_dtype`)."""
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in params.items()}
+        self.shadow = {name: p.detach().to(dtype or p.dtype).clone() for name, p in params.items()}
 
     @torch.no_grad()
     def update(self, params: dict[str, nn.Parameter], decay: float | None = None) -> None:
