@@ -403,3 +403,18 @@ def save_tiny_clip(
     transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size=224).save_pretrained(
         processor_dir or model_dir
     )
+
+
+def param_grads(loss: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+    """``d loss / d p`` for each named parameter (zeros where ``loss`` does not depend on it)."""
+    values = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), values, strict=True)}
+
+
+def assert_same_gradients(ours: dict, expected: dict) -> None:
+    """Equal up to float32 rounding: each element within 1e-4 relative, or 1e-4 of the largest element;
+    an all-zero expectation is refused (it could not tell a mistake)."""
+    scale = max(float(g.abs().max()) for g in expected.values())
+    assert scale > 0, "the expected gradient is zero: the check would not see a mistake"
+    for name in expected:
+        torch.testing.assert_close(ours[name].double(), expected[name].double(), rtol=1e-4, atol=1e-4 * scale)

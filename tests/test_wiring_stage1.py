@@ -13,6 +13,7 @@ import torch
 from rtdmd import distributed
 from rtdmd.config import load
 from rtdmd.seeding import randint, randn_rows, seed_for
+from rtdmd.testing import assert_same_gradients, param_grads
 from rtdmd.train.distill import (
     DistillConfig,
     batch_prompts,
@@ -59,19 +60,6 @@ def cps(x, v, t, s, eta, z):
     return (1 - s) * (x - t * v) + s * math.cos(theta) * (x + (1 - t) * v) + s * math.sin(theta) * z
 
 
-def grads(loss: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
-    values = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), values, strict=True)}
-
-
-def assert_same_gradients(ours: dict, expected: dict) -> None:
-    """Equal up to float32 rounding: each element within 1e-4 relative, or 1e-4 of the largest element."""
-    scale = max(float(g.abs().max()) for g in expected.values())
-    assert scale > 0, "the expected gradient is zero: the check would not see a mistake"
-    for name in expected:
-        torch.testing.assert_close(ours[name].double(), expected[name].double(), rtol=1e-4, atol=1e-4 * scale)
-
-
 @pytest.mark.parametrize("step", [1, 3])
 def test_sub_interval_renoises_the_boundary_sample_from_its_own_level(session, step):
     """§4.2.1: ``s = sigma[K]`` and ``x_t = a x_s + sigma_ts eps`` with ``a = (1 - t)/(1 - s)``,
@@ -93,7 +81,7 @@ def test_generator_loss_value_and_gradient(session, step):
     cfg, models = session.cfg, session.models
     samples, cond = inputs(session, step)
     loss, _ = generator_loss(cfg, models, step, samples, cond)
-    ours = grads(loss, session.gen_params)
+    ours = param_grads(loss, session.gen_params)
 
     sub = sample_subinterval(cfg, models, "gen", step, samples, cond, grad=True)
     bb = models.backbone
@@ -110,7 +98,7 @@ def test_generator_loss_value_and_gradient(session, step):
     g = (x_fake.double() - x_real.double()) / norm
     expected = 0.5 * ((x_s - (x_s - g).detach()) ** 2).mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert_same_gradients(ours, grads(expected, session.gen_params))
+    assert_same_gradients(ours, param_grads(expected, session.gen_params))
 
 
 def low_noise_steps(sess, count: int) -> list[int]:
@@ -139,7 +127,7 @@ def test_fake_loss_value_and_gradient(session, which):
     step = low_noise_steps(session, 2)[which]
     samples, cond = inputs(session, step)
     loss, _ = fake_loss(cfg, models, step, samples, cond)
-    ours = grads(loss, session.fake_params)
+    ours = param_grads(loss, session.fake_params)
 
     bb = models.backbone
     with torch.no_grad():
@@ -168,7 +156,7 @@ def test_fake_loss_value_and_gradient(session, which):
     consistency = ((h[0] - anchor) * (h[1] - anchor)).mean()
     expected = ambient + ac.consistency_weight * consistency
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
-    assert_same_gradients(ours, grads(expected, session.fake_params))
+    assert_same_gradients(ours, param_grads(expected, session.fake_params))
 
 
 def test_the_ema_follows_every_step_and_the_generator_moves_every_few(tmp_path):

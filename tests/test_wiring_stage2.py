@@ -14,6 +14,7 @@ import rtdmd.train.distill as distill
 from rtdmd import distributed
 from rtdmd.config import load
 from rtdmd.seeding import randint, randn_rows, seed_for, uniform
+from rtdmd.testing import assert_same_gradients, param_grads
 from rtdmd.train import rl_step
 from rtdmd.train.rl import RLConfig, trained_steps
 
@@ -46,19 +47,6 @@ def rollouts(session):
     return trained, batches, advantages
 
 
-def grads(loss: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
-    values = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), values, strict=True)}
-
-
-def assert_same_gradients(ours: dict, expected: dict) -> None:
-    """Equal up to float32 rounding: each element within 1e-4 relative, or 1e-4 of the largest element."""
-    scale = max(float(g.abs().max()) for g in expected.values())
-    assert scale > 0, "the expected gradient is zero: the check would not see a mistake"
-    for name in expected:
-        torch.testing.assert_close(ours[name].double(), expected[name].double(), rtol=1e-4, atol=1e-4 * scale)
-
-
 def rows(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(-1, *[1] * (like.ndim - 1)).to(like.dtype)
 
@@ -83,7 +71,7 @@ def test_ppo_term_value_and_gradient(session, rollouts):
         x = batch.states[:, j]
         v = models.backbone.velocity(models.generator_run, x, sigma, batch.cond, 1.0)
         loss, _ = rl_step.ppo_term(session, batch, keep, adv, j, x, v)
-        ours = grads(loss, session.gen_params)
+        ours = param_grads(loss, session.gen_params)
 
         v = models.backbone.velocity(models.generator_run, x, sigma, batch.cond, 1.0).double()
         theta = cfg.sampler.eta * math.pi / 2
@@ -102,7 +90,7 @@ def test_ppo_term_value_and_gradient(session, rollouts):
         expected = (per * keep).sum() / keep.sum()
         assert ((ratio - 1).abs() > e).any() and ((ratio - 1).abs() < e).any(), "want clipped and unclipped rows"
         assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
-        assert_same_gradients(ours, grads(expected, session.gen_params))
+        assert_same_gradients(ours, param_grads(expected, session.gen_params))
     finally:
         with torch.no_grad():
             for k, p in session.gen_params.items():
@@ -125,7 +113,7 @@ def test_final_step_dm_and_bp_terms(session, rollouts):
         return x.float() - sigma * v.float()
 
     loss, logs = rl_step.final_step_loss(session, EPOCH, batch, keep, clean(), GUIDANCE)
-    ours = grads(loss, session.gen_params)
+    ours = param_grads(loss, session.gen_params)
 
     x0 = clean()
     spec = cfg.renoise
@@ -147,7 +135,7 @@ def test_final_step_dm_and_bp_terms(session, rollouts):
     bp = cfg.bp.scale * (torch.relu(cfg.bp.margin - total) * keep).sum() / keep.sum()
     assert logs["loss/dm"] == pytest.approx(float(dm.detach()), rel=1e-5)
     assert logs["loss/bp"] == pytest.approx(float(bp.detach()), rel=1e-5)
-    assert_same_gradients(ours, grads(cfg.dm.weight * dm + bp, session.gen_params))
+    assert_same_gradients(ours, param_grads(cfg.dm.weight * dm + bp, session.gen_params))
 
 
 def test_fake_update_trains_on_the_final_samples_with_consistency(session, rollouts, monkeypatch):
@@ -200,7 +188,7 @@ def test_fake_update_trains_on_the_final_samples_with_consistency(session, rollo
         expected = expected + (ambient + obj.consistency_weight * consistency) * len(batch.samples) / total_rows
     assert low_noise, "no row where the ambient weighting departs from 1: the test would not see it dropped"
     assert logs["loss/fake"] == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert_same_gradients(captured, grads(expected, session.fake_params))
+    assert_same_gradients(captured, param_grads(expected, session.fake_params))
 
 
 def test_stage_two_ema_cadence_and_decay(tmp_path):
