@@ -46,7 +46,9 @@ def _load(schema, group: str, config: str, overrides: list[str] | None, dry_run:
             try:
                 records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
             except FileNotFoundError as error:  # a file the user fetches later: say so, the config itself is fine
-                console.print(f"# training prompts not checked: {error} (a run would stop here)", markup=False, soft_wrap=True)
+                console.print(
+                    f"# training prompts not checked: {error} (a run would stop here)", markup=False, soft_wrap=True
+                )
                 raise typer.Exit(0) from None
             except (OSError, ValueError, UnknownNameError) as error:
                 err.print(f"[bold red]prompt error:[/] {error}")
