@@ -38,11 +38,13 @@ def direction(claim: Claim) -> float:
 
 
 class Runs:
-    """Each run directory's config, manifest and scores, read once per report."""
+    """Each run directory's manifest and scores, and a set metric's per-image rows, computed once per
+    report (a card compares one method's toy-fd in several claims)."""
 
     def __init__(self, summaries: list[dict]):
         self.by_method = {s["method"]["name"]: s for s in summaries}
         self._read: dict[str, tuple] = {}
+        self.rows: dict[tuple[str, str], list] = {}
 
     def read(self, method: str) -> tuple[Path, list[dict], list[dict]]:
         root = Path(self.by_method[method]["run_dir"])
@@ -87,7 +89,14 @@ def prompt_test(claim: Claim, runs: Runs, seed: int) -> dict:
 
 def set_rows(operand: Operand, runs: Runs, reward) -> list[tuple[list[str], tuple[torch.Tensor, ...]]]:
     """Per run seed: the prompt id of each image and the reward's per-image rows, grouped by prompt."""
-    root, manifest, _ = runs.read(operand.method)
+    key = (operand.method, operand.metric)
+    if key not in runs.rows:
+        runs.rows[key] = _set_rows(operand.method, runs, reward)
+    return runs.rows[key]
+
+
+def _set_rows(method: str, runs: Runs, reward) -> list[tuple[list[str], tuple[torch.Tensor, ...]]]:
+    root, manifest, _ = runs.read(method)
     out = []
     for _, members in sorted(seed_sets(manifest).items()):
         members = sorted(members, key=lambda r: (r["prompt_id"], r["sample_index"]))
