@@ -125,16 +125,17 @@ def set_test(claim: Claim, runs: Runs, seed: int) -> dict:
     if not isinstance(reward, ResamplableSetMetric):
         return {"p_value": None, "note": f"set metric {claim.left.metric} cannot be resampled"}
     sides = [(claim.left, set_rows(claim.left, runs, reward))]
+    ids = sides[0][1][0][0]  # the first run seed's prompt id per image (every seed holds the same prompts)
     if claim.right.value is None:
         sides.append((claim.right, set_rows(claim.right, runs, reward)))
-        paired([ids for ids, _ in sides[0][1]][0], [ids for ids, _ in sides[1][1]][0], claim)
+        paired(ids, sides[1][1][0][0], claim)
     margin = claim.right.value if claim.right.value is not None else 0.0
 
     def difference(prompts: np.ndarray | None) -> float:
         values = [op.factor * set_value(reward, rows, prompts) + op.offset for op, rows in sides]
         return values[0] - (values[1] if len(values) > 1 else margin)
 
-    n_prompts = len(set(sides[0][1][0][0]))
+    n_prompts = len(set(ids))
     rng = np.random.default_rng(seed)
     draws = np.array([difference(rng.integers(0, n_prompts, n_prompts)) for _ in range(SET_BOOT)])
     return finish(claim, difference(None), draws)

@@ -189,12 +189,12 @@ def fake_table_level(z: float, spec: DMDLevelsSpec) -> float:
     of the descending 1000-entry table picked by a logit-normal draw (``z ~ N(0, 1)``)."""
     u = 1 / (1 + math.exp(-(spec.logit_mean + spec.logit_std * z)))
     index = min(math.floor(1000 * u), 999)
-    return float(shift_static(torch.tensor(1 - index / 1000, dtype=torch.float64), spec.table_shift))
+    return float(shift_static(1 - index / 1000, spec.table_shift))
 
 
 def generator_table_level(index: int, spec: DMDLevelsSpec) -> float:
     """``sigma = shift((i + 1) / 1000)``: entry ``i`` of the ascending 1000-entry table."""
-    return float(shift_static(torch.tensor((index + 1) / 1000, dtype=torch.float64), spec.table_shift))
+    return float(shift_static((index + 1) / 1000, spec.table_shift))
 
 
 def draw_renoise_levels(cfg: DistillConfig, phase: str, step: int, samples: list[int], s: float) -> torch.Tensor:

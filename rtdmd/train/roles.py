@@ -144,7 +144,8 @@ def warmup_decay(num_updates: int, decay: float) -> float:
 
 
 class EMA:
-    """Exponential moving average of a role's trainable parameters (float32 unless they are stored lower)."""
+    """Exponential moving average of a role's trainable parameters, in float32 or (``dtype=None``) in
+    the parameters' own dtype."""
 
     def __init__(
         self,
