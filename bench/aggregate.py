@@ -3,7 +3,7 @@
 Per metric: the headline value (the mean over prompts of each prompt's mean score over all its
 images and run seeds; for ``category_mean`` metrics such as GenEval's overall score, the mean of the
 per-category means), a 95% bootstrap interval of that same statistic (prompts resampled, within
-each category for category means: :mod:`bench.stats`), the value each run seed alone gives, the
+each category for category means: :mod:`rtdmd.stats`), the value each run seed alone gives, the
 per-category means, and, against a reference method run on the same suite, prompts and seeds, the
 paired difference with its interval and p-value. ``category_mean`` metrics also report
 ``prompt_mean``, the plain mean over prompts. Set metrics (``set_scores.json``) have one value per
@@ -29,12 +29,12 @@ import yaml
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
 from bench.score import SCORES, read_set_scores, seed_sets, set_key
-from bench.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
 from rtdmd import run_dir
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import from_dict, to_dict
 from rtdmd.rewards import REWARDS
 from rtdmd.seeding import seed_for
+from rtdmd.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
 
 SUMMARY = "summary.json"
 SET_NOTE = "set metric: no per-prompt bootstrap"

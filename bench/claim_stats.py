@@ -7,7 +7,7 @@ tested on the difference ``t = s * ((f_l * L + o_l) - (f_r * R + o_r))`` with ``
 only where it holds in the direction it states. Both sides are resampled together: the same prompts
 for both methods (a paired bootstrap; both runs must hold the same prompts and seeds), within
 categories when the metric averages categories, as the report's headline is resampled
-(:mod:`bench.stats`). A set metric is resampled through its per-image rows
+(:mod:`rtdmd.stats`). A set metric is resampled through its per-image rows
 (:class:`rtdmd.rewards.base.ResamplableSetMetric`): every draw recomputes both sides' values on the
 drawn prompts' images (and ground truth), with fewer draws, as each costs a covariance and two
 eigendecompositions. The p-values of a card's claims are adjusted together by Holm's method.
@@ -24,10 +24,10 @@ import torch
 from bench.aggregate import metric_strata, prompt_values, read_run
 from bench.claims import Claim, ClaimCard, ClaimError, Operand
 from bench.score import load_images, seed_sets
-from bench.stats import N_BOOT, headline, holm, one_sided_p, percentile_interval, resampled_headlines
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import ResamplableSetMetric
 from rtdmd.seeding import seed_for
+from rtdmd.stats import N_BOOT, headline, holm, one_sided_p, percentile_interval, resampled_headlines
 
 SET_BOOT = 1000  # draws of a set metric's bootstrap (each recomputes the metric twice)
 ALPHA = 0.05

@@ -142,10 +142,10 @@ def clean_errors() -> Iterator[None]:
     from bench.methods import MethodError
     from bench.report import ReportError
     from bench.score import ScoreError
-    from bench.suites import SuiteError
     from rtdmd.config import ConfigError
     from rtdmd.distributed import DeviceError
     from rtdmd.registry import UnknownNameError
+    from rtdmd.suites import SuiteError
 
     try:
         yield
@@ -330,7 +330,7 @@ def run(
     from bench.aggregate import aggregate_stage
     from bench.methods import load_method
     from bench.report import report_stage
-    from bench.suites import load_suite
+    from rtdmd.suites import load_suite
 
     with clean_errors():
         plan = resolve_run(method, suite, metrics, reference, out, report, claims)
@@ -380,7 +380,7 @@ def generate(
 
     Example: torchrun --nproc_per_node 8 -m bench.cli generate --method rtdmd-sd35m --suite drawbench
     """
-    from bench.suites import load_suite
+    from rtdmd.suites import load_suite
 
     with clean_errors():
         loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
@@ -456,7 +456,7 @@ def report(
 @app.command()
 def suites(name: str = typer.Argument("", help="Show one suite's card."), prompts_dir: Path = PROMPTS_DIR) -> None:
     """List the packaged prompt suites, or show one (rows, licence, source, sha256, availability)."""
-    from bench.suites import card_names, load_card, load_suite
+    from rtdmd.suites import card_names, load_card, load_suite
 
     with clean_errors():
         if name:
@@ -498,7 +498,7 @@ def build_dpg_command(
 
     Example: git clone https://github.com/TencentQQGYLab/ELLA && rtdmd-bench build-dpg ELLA/dpg_bench/prompts
     """
-    from bench.suites import CACHE, SuiteError, build_dpg, load_card, sha256_bytes
+    from rtdmd.suites import CACHE, SuiteError, build_dpg, load_card, sha256_bytes
 
     with clean_errors():
         data = build_dpg(prompt_dir)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.methods import MethodCard, build_method
-from bench.suites import Suite
 from rtdmd import distributed, run_dir
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
+from rtdmd.suites import Suite
 from rtdmd.train.sample import save_png, to_uint8
 
 MANIFEST = "manifest.jsonl"

@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
-from bench.stats import N_BOOT, holm
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import to_dict
+from rtdmd.stats import N_BOOT, holm
 
 GRID_PROMPTS = 6
 GRID_CELL = 128

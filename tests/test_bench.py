@@ -18,14 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 import bench.generate
-import bench.suites
+import rtdmd.suites
 from bench.cli import app
 from bench.methods import MethodError, build_method, card_names, load_method
-from bench.suites import SuiteError, build_dpg, load_card, load_suite, sha256_bytes
-from bench.suites import card_names as suite_names
 from rtdmd.lora import LoraError, merge_lora_state_dict
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo
+from rtdmd.suites import SuiteError, build_dpg, load_card, load_suite, sha256_bytes
+from rtdmd.suites import card_names as suite_names
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "prompts"
@@ -323,7 +323,7 @@ def test_dpg_file_is_rebuilt_from_the_upstream_layout(tmp_path):
 
 
 def test_unpinned_hub_files_are_pinned_on_first_use(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench.suites, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(rtdmd.suites, "CACHE", tmp_path / "cache")
     local = tmp_path / "prompts" / "hpdv2" / "benchmark"
     local.mkdir(parents=True)
     for style in ("anime", "concept-art", "paintings", "photo"):

@@ -1,5 +1,5 @@
 """The leaderboard's statistics: stratified bootstrap of the reported value, paired differences,
-Holm's correction, and how run seeds enter (bench/stats.py, bench/aggregate.py)."""
+Holm's correction, and how run seeds enter (rtdmd/stats.py, bench/aggregate.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.aggregate import metric_summary, paired_entry, prompt_values
-from bench.stats import N_BOOT, bootstrap_ci, headline, holm, paired_difference, resampled_headlines, strata_of
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo
 from rtdmd.seeding import seed_for
+from rtdmd.stats import N_BOOT, bootstrap_ci, headline, holm, paired_difference, resampled_headlines, strata_of
 
 
 @REWARDS.register("test_category_score")

@@ -13,11 +13,11 @@ from PIL import Image
 
 from bench.claim_stats import SET_BOOT, significance
 from bench.claims import ClaimCard, ClaimError, check, claims_section
-from bench.stats import N_BOOT
 from rtdmd.config import from_dict
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo
 from rtdmd.seeding import seed_for
+from rtdmd.stats import N_BOOT
 
 PROMPTS, PER_PROMPT = 10, 2
 CATEGORIES = ["x"] * 4 + ["y"] * 6  # unequal strata: a stratified mean differs from the plain one

@@ -22,7 +22,7 @@ UPSTREAM = ROOT.parent / "shared" / "prompts" / "geneval" / "evaluation_metadata
 
 
 def test_the_evaluation_metadata_is_the_official_file():
-    card = yaml.safe_load((ROOT / "bench/cards/suites/geneval.yaml").read_text())
+    card = yaml.safe_load((ROOT / "rtdmd/cards/suites/geneval.yaml").read_text())
     data = to_jsonl(evaluation_metadata())
     assert hashlib.sha256(data).hexdigest() == card["files"][0]["sha256"]
     assert len(evaluation_metadata()) == card["rows"] == 553

@@ -40,7 +40,9 @@ def test_cli_runs_every_part_and_writes_checkpoints_stats_and_eval(tmp_path):
     for key in ("reward/brightness", "loss/ppo", "loss/dm", "loss/bp", "loss/fake", "loss/fake_consistency"):
         assert all(key in r for r in stats), key
     assert all(r["ppo/ratio_deviation_max"] == 0.0 for r in stats)  # recomputed on the rollout's own batch
-    assert "eval/brightness" in stats[1] and (run / "eval" / "step_00000004.png").exists()
+    assert (
+        "eval/toy-geneval-quick/brightness" in stats[1] and (run / "eval/toy-geneval-quick/step_00000004.png").exists()
+    )
     assert {k.split("/")[0] for k in checkpoint(run, 4)} == {"generator", "fake", "ema", "opt"}
     exported = runner.invoke(app, ["export-lora", str(run), "--out", str(tmp_path / "lora.safetensors")])
     assert exported.exit_code == 0, exported.output

@@ -9,10 +9,10 @@ import urllib.request
 
 import pytest
 
-import bench.suites
-from bench.suites import SuiteError, SuiteFile, load_card, load_suite
+import rtdmd.suites
 from rtdmd.config import ConfigError, from_dict
 from rtdmd.data import read_prompt_file
+from rtdmd.suites import SuiteError, SuiteFile, load_card, load_suite
 from rtdmd.toyworld import suites as toy_suites
 from rtdmd.toyworld.prompts import TAGS
 
@@ -26,7 +26,7 @@ def offline(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("the network was used")
 
-    monkeypatch.setattr(bench.suites, "CACHE", tmp_path / "empty_cache")
+    monkeypatch.setattr(rtdmd.suites, "CACHE", tmp_path / "empty_cache")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
 
 
@@ -81,11 +81,11 @@ def test_toy_geneval_loads_without_prompts_dir_or_network(offline):
 def test_a_packaged_file_that_does_not_match_its_card_fails_clearly(offline, monkeypatch):
     card = load_card("toy-geneval")
     wrong = dataclasses.replace(card, files=(dataclasses.replace(card.files[0], sha256="0" * 64),))
-    monkeypatch.setattr(bench.suites, "load_card", lambda name: wrong)
+    monkeypatch.setattr(rtdmd.suites, "load_card", lambda name: wrong)
     with pytest.raises(SuiteError, match=r"packaged file rtdmd.toyworld/suites/toy_geneval.jsonl has sha256 41e88830"):
         load_suite("toy-geneval")
     missing = dataclasses.replace(card, files=(dataclasses.replace(card.files[0], path="suites/nope.jsonl"),))
-    monkeypatch.setattr(bench.suites, "load_card", lambda name: missing)
+    monkeypatch.setattr(rtdmd.suites, "load_card", lambda name: missing)
     with pytest.raises(SuiteError, match="is missing; regenerate it with `python -m rtdmd.toyworld.suites`"):
         load_suite("toy-geneval")
 

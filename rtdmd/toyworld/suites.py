@@ -7,7 +7,7 @@ GenEval's order (tag, include, [exclude], prompt), ``json.dumps`` default separa
 * ``toy_train.jsonl``: the first :data:`TRAIN_PROMPTS` distinct prompts of the training stream
   ``train_metadata(0, i)``, i = 0, 1, 2, ... (disjoint from the evaluation prompts by construction).
 
-The files are generated, committed, and pinned by sha256 in ``bench/cards/suites/toy-*.yaml``;
+The files are generated, committed, and pinned by sha256 in ``rtdmd/cards/suites/toy-*.yaml``;
 regenerate them with ``python -m rtdmd.toyworld.suites``.
 """
 

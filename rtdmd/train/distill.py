@@ -36,6 +36,7 @@ from rtdmd.losses.ac_dmd import ambient_loss, ambient_target, consistency_loss
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.sampling import SamplerSpec, rollout, seed_table
 from rtdmd.seeding import randint, randn, randn_rows, seed_for, uniform
+from rtdmd.train.evaluation import EvalSpec, evaluate, load_tasks
 from rtdmd.train.roles import RoleSpec
 
 
@@ -71,19 +72,6 @@ class ACDMDSpec:
     move_scale_out: bool = True
     consistency_weight: float = 0.01
     consistency_max_rollback: int = 200  # model-timestep units (sigma * 1000)
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """In-training evaluation with the EMA generator every ``every`` steps (0 = off)."""
-
-    every: int = 0
-    prompts: tuple[str, ...] = ()
-    prompt_file: str = ""  # instead of `prompts`: a prompt file whose .jsonl records carry metadata
-    num_prompts: int = 0  # the first N prompts of prompt_file (0 = all)
-    images_per_prompt: int = 1
-    rewards: tuple[str, ...] = ()
-    compute_batch: int = 4
 
 
 @dataclass(frozen=True)
@@ -140,15 +128,6 @@ class DistillConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
-        if self.eval.every and not (self.eval.prompts or self.eval.prompt_file):
-            raise ValueError("eval.every > 0 needs eval.prompts or eval.prompt_file")
-        if self.eval.prompts and self.eval.prompt_file:
-            raise ValueError("give eval.prompts or eval.prompt_file, not both")
-        if self.eval.num_prompts < 0 or self.eval.images_per_prompt < 1:
-            raise ValueError("eval.num_prompts must be >= 0 and eval.images_per_prompt >= 1")
-        from rtdmd.rewards.base import require_per_image
-
-        require_per_image(self.eval.rewards, "eval.rewards")
 
 
 @dataclass
@@ -353,7 +332,7 @@ class Session:
     roles: dict
     ema: object
     prompts: list[str]
-    eval_records: list[dict]  # read once: the evaluation prompts and their metadata
+    eval_tasks: list  # the evaluation suites, loaded once (rtdmd.train.evaluation.EvalTask)
 
 
 @dataclass
@@ -420,8 +399,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
         raise ValueError(
             f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
         )
-    records = eval_records(cfg.eval) if cfg.eval.every or cfg.eval.rewards else []
-    check_eval_metadata(cfg.eval, records)
+    tasks = load_tasks(cfg.eval) if cfg.eval.every else []
     prompts = list(cfg.prompts)
     if cfg.prompt_file:
         from rtdmd.data import read_prompt_file
@@ -439,7 +417,7 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
         roles=built.roles,
         ema=EMA(built.gen_params, cfg.ema_decay, dtype=ema_dtype(cfg.generator)),
         prompts=prompts,
-        eval_records=records,
+        eval_tasks=tasks,
     )
 
 
@@ -488,65 +466,6 @@ def batch_prompts(sess: Session, step: int) -> list[str]:
     from rtdmd.data import batch_indices
 
     return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
-
-
-def check_eval_metadata(spec: EvalSpec, records: list[dict]) -> None:
-    """Fail before training when an eval reward needs metadata the eval prompts lack."""
-    from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import lacking_metadata
-
-    for name in spec.rewards:
-        lacking = list(lacking_metadata(REWARDS.get(name).info, records))
-        if lacking:
-            raise ValueError(
-                f"eval reward {name} needs per-prompt metadata {lacking}: use an eval.prompt_file whose .jsonl "
-                "records carry it (e.g. package:rtdmd.toyworld/suites/toy_geneval.jsonl)"
-            )
-
-
-def eval_records(spec: EvalSpec) -> list[dict]:
-    """The evaluation prompts as records (``{"prompt": ...}`` plus any metadata of the prompt file)."""
-    if spec.prompt_file:
-        from rtdmd.data import read_prompt_records
-
-        return read_prompt_records(spec.prompt_file)[: spec.num_prompts or None]
-    return [{"prompt": p} for p in spec.prompts]
-
-
-def evaluate(sess: Session, step: int) -> dict[str, float]:
-    """EMA generator on the eval prompts: a grid under ``eval/`` and the mean of each listed reward."""
-    from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import score
-    from rtdmd.sampling import generate
-    from rtdmd.train.sample import grid, to_uint8
-
-    spec, cfg = sess.cfg.eval, sess.cfg
-    records = sess.eval_records
-    prompts = [r["prompt"] for r in records for _ in range(spec.images_per_prompt)]
-    meta = [r for r in records for _ in range(spec.images_per_prompt)]
-    keys = [(f"eval/{j}", k) for j in range(len(records)) for k in range(spec.images_per_prompt)]
-    with (
-        sess.ema.swapped_in(sess.gen_params),
-        torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16"),
-    ):
-        images = generate(
-            sess.models.backbone,
-            sess.generator,
-            prompts,
-            keys,
-            cfg.sampler,
-            run_seed=cfg.seed,
-            height=cfg.height,
-            width=cfg.width,
-            compute_batch=spec.compute_batch,
-        )
-    logs = {f"eval/{name}": float(score(REWARDS.get(name)(), images, prompts, meta).mean()) for name in spec.rewards}
-    if sess.world.is_main:
-        (sess.root / "eval").mkdir(exist_ok=True)
-        grid(
-            list(to_uint8(images)), spec.images_per_prompt if spec.images_per_prompt > 1 else min(8, len(prompts))
-        ).save(sess.root / "eval" / f"step_{step:08d}.png")
-    return logs
 
 
 def train(cfg: DistillConfig, show_progress: bool = True) -> dict:

@@ -29,7 +29,8 @@ from rtdmd.backbones.base import BackboneConfig
 from rtdmd.distributed import Strategy
 from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.sampling import SamplerSpec
-from rtdmd.train.distill import ACDMDSpec, EvalSpec, RenoiseSpec
+from rtdmd.train.distill import ACDMDSpec, RenoiseSpec
+from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.roles import LoraSpec, OptimSpec, RoleSpec
 
 
@@ -219,9 +220,6 @@ class RLConfig:
                 f"grpo.clip_range {self.grpo.clip_range} never binds on simplified log-probs (their ratios stay "
                 "within ~1e-5 of 1): the official value is 1e-5"
             )
-        if self.eval.every and not (self.eval.prompts or self.eval.prompt_file):
-            raise ValueError("eval.every > 0 needs eval.prompts or eval.prompt_file")
-        require_per_image(self.eval.rewards, "eval.rewards")
 
 
 def trained_steps(cfg: RLConfig, epoch: int) -> tuple[int, ...]:
@@ -253,7 +251,7 @@ def check_stage1_origin(cfg: RLConfig, root: Path) -> None:
 def train(cfg: RLConfig, show_progress: bool = True) -> dict:
     """Run (or resume) stage 2 in ``cfg.run_dir``; returns a summary."""
     from rtdmd import distributed, run_dir
-    from rtdmd.train.distill import evaluate
+    from rtdmd.train.evaluation import evaluate
     from rtdmd.train.loop import Schedule, run_loop
     from rtdmd.train.rl_step import build_session, run_epoch
 

@@ -47,7 +47,7 @@ class Session:
     ema: object
     records: list[dict]  # training prompts and their metadata
     rewards: dict  # name -> reward object
-    eval_records: list[dict] = field(default_factory=list)
+    eval_tasks: list = field(default_factory=list)  # rtdmd.train.evaluation.EvalTask
 
 
 @dataclass
@@ -119,7 +119,8 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
     from rtdmd.backbones.base import build_backbone
     from rtdmd.rewards import REWARDS
     from rtdmd.rewards.base import lacking_metadata
-    from rtdmd.train.distill import build_roles, check_eval_metadata, eval_records
+    from rtdmd.train.distill import build_roles
+    from rtdmd.train.evaluation import load_tasks
     from rtdmd.train.roles import EMA, ema_dtype
 
     backbone = backbone or build_backbone(cfg.backbone, world.device)
@@ -136,8 +137,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
             scorers[term.name] = REWARDS.get(term.name)(**term.options)
         if lacking := lacking_metadata(scorers[term.name].info, records):
             raise ValueError(f"reward {term.name} needs per-prompt metadata {lacking}: use a .jsonl prompt file")
-    evals = eval_records(cfg.eval) if cfg.eval.every or cfg.eval.rewards else []
-    check_eval_metadata(cfg.eval, evals)
+    tasks = load_tasks(cfg.eval) if cfg.eval.every else []
     return Session(
         cfg=cfg,
         world=world,
@@ -151,7 +151,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
         ema=EMA(built.gen_params, cfg.ema.decay, dtype=ema_dtype(cfg.generator)),
         records=records,
         rewards=scorers,
-        eval_records=evals,
+        eval_tasks=tasks,
     )
 
 

@@ -1,4 +1,4 @@
-"""Prompt suites: YAML cards (``bench/cards/suites/*.yaml``) -> Hugging Face ``datasets.Dataset``.
+"""Prompt suites: YAML cards (``rtdmd/cards/suites/*.yaml``) -> Hugging Face ``datasets.Dataset``.
 
 A card names the canonical upstream file(s), their sha256, licence, field mapping, images per prompt
 and default metrics. Upstream files are never copied into this repository: they are read from a local
@@ -96,14 +96,14 @@ class Suite:
 
 
 def card_names() -> list[str]:
-    root = resources.files("bench") / "cards" / "suites"
+    root = resources.files("rtdmd") / "cards" / "suites"
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_card(name: str) -> SuiteCard:
     import yaml
 
-    path = resources.files("bench") / "cards" / "suites" / f"{name}.yaml"
+    path = resources.files("rtdmd") / "cards" / "suites" / f"{name}.yaml"
     if not path.is_file():
         raise SuiteError(f"unknown suite {name!r}{did_you_mean(name, card_names())}; known: {', '.join(card_names())}")
     try:
@@ -255,7 +255,7 @@ def load_suite(
     path = Path(name_or_path)
     if (
         path.suffix in (".jsonl", ".txt", ".tsv", ".csv", ".json")
-        and not (resources.files("bench") / "cards" / "suites" / f"{name_or_path}.yaml").is_file()
+        and not (resources.files("rtdmd") / "cards" / "suites" / f"{name_or_path}.yaml").is_file()
     ):
         return _file_suite(path, images_per_prompt or 1)
     card = load_card(name_or_path)
