@@ -122,7 +122,7 @@ def main() -> None:
         return
 
     cfg = load(RLConfig, args.config, [f"arm={args.arm}", *args.overrides], group="rl")
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=0, rewards=()))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, every=0))
     world = distributed.init(cfg.device)
     sess = rl_step.build_session(cfg, world, Path(tempfile.mkdtemp()))
     t0 = time.perf_counter()
