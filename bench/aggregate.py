@@ -32,6 +32,7 @@ from bench.score import SCORES, read_set_scores, seed_sets, set_key
 from rtdmd import run_dir
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import from_dict, to_dict
+from rtdmd.errors import RtdmdError
 from rtdmd.rewards import REWARDS
 from rtdmd.seeding import seed_for
 from rtdmd.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
@@ -41,7 +42,7 @@ SET_NOTE = "set metric: no per-prompt bootstrap"
 REPAIR_SCORES = "run `rtdmd-bench score` on this run again: it rewrites scores.jsonl from its cache"
 
 
-class AggregateError(ValueError):
+class AggregateError(RtdmdError, ValueError):
     pass
 
 

@@ -17,13 +17,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from rtdmd.config import ConfigError, from_dict
+from rtdmd.config import ConfigError, from_dict, yaml_mapping
+from rtdmd.errors import RtdmdError
 from rtdmd.registry import did_you_mean
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-class ClaimError(ValueError):
+class ClaimError(RtdmdError, ValueError):
     pass
 
 
@@ -76,14 +77,13 @@ def card_names() -> list[str]:
 
 
 def load_claims(name_or_path: str) -> ClaimCard:
-    import yaml
 
     packaged = resources.files("bench") / "cards" / "claims" / f"{name_or_path}.yaml"
     path = packaged if packaged.is_file() else Path(name_or_path)
     if not path.is_file():
         raise ClaimError(f"unknown claim card {name_or_path!r}{did_you_mean(name_or_path, card_names())}")
     try:
-        card = from_dict(ClaimCard, yaml.safe_load(path.read_text()))
+        card = from_dict(ClaimCard, yaml_mapping(path.read_text(), "the file"))
     except ConfigError as error:
         raise ClaimError(f"claim card {name_or_path}: {error}") from None
     check_names(card)

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bench.weights_cli import weights_app
+from rtdmd.errors import one_line_errors
 
 app = typer.Typer(
     help="rtdmd benchmark harness: prompt suites -> images -> scores -> summaries -> leaderboards. "
@@ -135,36 +137,9 @@ METRICS = typer.Option(
 
 @contextmanager
 def clean_errors() -> Iterator[None]:
-    """Expected failures print one line and exit 2; only bugs show a traceback."""
-    from bench.aggregate import AggregateError
-    from bench.claims import ClaimError
-    from bench.generate import RunFileError
-    from bench.methods import MethodError
-    from bench.report import ReportError
-    from bench.score import ScoreError
-    from rtdmd.config import ConfigError
-    from rtdmd.distributed import DeviceError
-    from rtdmd.registry import UnknownNameError
-    from rtdmd.suites import SuiteError
-
-    try:
+    """Expected failures (:mod:`rtdmd.errors`) print one line and exit 2; only bugs show a traceback."""
+    with one_line_errors(lambda line: err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)):
         yield
-    except (
-        SuiteError,
-        MethodError,
-        ScoreError,
-        AggregateError,
-        ClaimError,
-        ConfigError,
-        RunFileError,
-        ReportError,
-        DeviceError,
-        UnknownNameError,
-        PermissionError,
-        FileNotFoundError,
-    ) as error:
-        err.print(f"[bold red]error:[/] {error}", soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 class Bar:
@@ -585,7 +560,8 @@ app.add_typer(weights_app, name="weights")
 
 
 def main() -> None:
-    app(prog_name="rtdmd-bench")
+    with clean_errors():
+        app(prog_name="rtdmd-bench")
 
 
 if __name__ == "__main__":

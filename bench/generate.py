@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.methods import MethodCard, build_method
 from rtdmd import distributed, run_dir
+from rtdmd.errors import RtdmdError
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 from rtdmd.suites import Suite
@@ -55,7 +56,7 @@ class Item:
         return self.row["prompt_id"], self.seed, self.sample_index
 
 
-class RunFileError(ValueError):
+class RunFileError(RtdmdError, ValueError):
     """A run directory's file is torn or inconsistent: the message names it and says what to do."""
 
 

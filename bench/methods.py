@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from rtdmd.backbones.base import BackboneConfig, build_backbone
-from rtdmd.config import ConfigError, from_dict, to_dict
+from rtdmd.config import ConfigError, from_dict, to_dict, yaml_mapping
+from rtdmd.errors import RtdmdError
 from rtdmd.lora import (
     SHIPPED_PREFIX,
     LoraError,
@@ -33,7 +34,7 @@ from rtdmd.registry import did_you_mean
 from rtdmd.sampling import SamplerSpec
 
 
-class MethodError(ValueError):
+class MethodError(RtdmdError, ValueError):
     """A method card that cannot be resolved or built."""
 
 
@@ -106,7 +107,6 @@ def card_names() -> list[str]:
 
 def load_method(name_or_path: str) -> MethodCard:
     """A packaged card by name, or a YAML file."""
-    import yaml
 
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
@@ -121,7 +121,7 @@ def load_method(name_or_path: str) -> MethodCard:
             )
         text = packaged.read_text()
     try:
-        return from_dict(MethodCard, yaml.safe_load(text))
+        return from_dict(MethodCard, yaml_mapping(text, "the file"))
     except ConfigError as error:
         raise MethodError(f"method card {name_or_path}: {error}") from None
 

@@ -26,13 +26,14 @@ from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import to_dict
+from rtdmd.errors import RtdmdError
 from rtdmd.stats import N_BOOT, holm
 
 GRID_PROMPTS = 6
 GRID_CELL = 128
 
 
-class ReportError(ValueError):
+class ReportError(RtdmdError, ValueError):
     """Summaries that cannot make a report."""
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from rtdmd import distributed
 from rtdmd.checkpoint import write_text_atomic
+from rtdmd.errors import RtdmdError
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo, lacking_metadata, score
 
@@ -36,7 +37,7 @@ SCORES = "scores.jsonl"
 SET_SCORES = "set_scores.json"
 
 
-class ScoreError(ValueError):
+class ScoreError(RtdmdError, ValueError):
     """Scoring cannot start: no manifest, an unknown metric, missing metadata."""
 
 

@@ -28,6 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets what open() would give it
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -38,11 +39,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` (as contiguous CPU copies) to ``path`` as safetensors, atomically."""
+    """Write ``tensors`` (as contiguous CPU copies) to ``path`` as safetensors, atomically. Metadata
+    keys are written sorted, so equal contents give equal bytes however the dict was built."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
+        save_file(cpu, str(tmp), metadata=dict(sorted(metadata.items())) if metadata else metadata)
     return Path(path)
 
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from rtdmd.errors import RtdmdError
 from rtdmd.registry import UnknownNameError, did_you_mean
 
 C = TypeVar("C")
@@ -30,7 +31,7 @@ C = TypeVar("C")
 PACKAGED_ROOT = "rtdmd.configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(RtdmdError, ValueError):
     """A config file or override that does not match its schema."""
 
 
@@ -275,13 +276,26 @@ def resolve_source(name_or_path: str, group: str) -> tuple[str, str]:
 def load(cls: type[C], name_or_path: str, overrides: list[str] | tuple[str, ...] = (), group: str = "") -> C:
     """Load a config of schema ``cls`` from a packaged name or a YAML path, then apply overrides."""
     label, text = resolve_source(name_or_path, group)
+    return from_dict(cls, apply_overrides(cls, yaml_mapping(text, label, empty_ok=True), overrides))
+
+
+def yaml_mapping(text: str, label: str, empty_ok: bool = False) -> dict[str, Any]:
+    """The mapping a YAML file (config or card) holds; invalid YAML, an empty file or another top
+    level is a :class:`ConfigError` naming ``label`` (the line YAML reports is in the message)."""
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{label}: invalid YAML: {err}") from None
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or "not YAML"
+        raise ConfigError(f"{label}: invalid YAML{line}: {problem}") from None
+    if data is None and empty_ok:
+        return {}
+    if data is None:
+        raise ConfigError(f"{label} is empty")
     if not isinstance(data, dict):
-        raise ConfigError(f"{label}: top level must be a mapping")
-    return from_dict(cls, apply_overrides(cls, data, overrides))
+        raise ConfigError(f"{label}: the top level must be a mapping of keys, not a {type(data).__name__}")
+    return data
 
 
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:

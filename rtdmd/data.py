@@ -25,12 +25,17 @@ from pathlib import Path
 
 import torch
 
+from rtdmd.errors import RtdmdError
 from rtdmd.registry import Registry
 from rtdmd.seeding import seed_for
 
 PACKAGE_PREFIX = "package:"
 GENERATED_PREFIX = "generated:"
 GENERATED_PROMPTS: Registry[Callable[[], bytes]] = Registry("prompt generator")
+
+
+class PromptFileError(RtdmdError, ValueError):
+    """A prompt file that cannot be read as one: not UTF-8, a torn JSON line, no prompts."""
 
 
 @GENERATED_PROMPTS.register("geneval-train.jsonl")
@@ -48,7 +53,7 @@ def read_source(source: str | Path) -> bytes:
     if isinstance(source, str) and source.startswith(PACKAGE_PREFIX):
         package, _, relative = source[len(PACKAGE_PREFIX) :].partition("/")
         if not package or not relative:
-            raise ValueError(f"prompt file {source!r}: expected package:<python.package>/<relative path>")
+            raise PromptFileError(f"prompt file {source!r}: expected package:<python.package>/<relative path>")
         try:
             resource = resources.files(package).joinpath(relative)
         except (ModuleNotFoundError, TypeError):  # TypeError: a module, not a package
@@ -62,17 +67,45 @@ def read_source(source: str | Path) -> bytes:
     return path.read_bytes()
 
 
+def decode_text(data: bytes, name: str) -> str:
+    """``data`` as UTF-8 text, or a :class:`PromptFileError` naming the file and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PromptFileError(
+            f"{name} is not UTF-8 text (line {line}, byte {error.start}: {data[error.start : error.start + 1]!r}): "
+            "save it as UTF-8"
+        ) from None
+
+
+def jsonl_values(text: str, name: str) -> list[tuple[int, object]]:
+    """``(line number, value)`` of each non-empty line of a JSON-lines text; a line that is not JSON
+    (a torn write, a hand edit) is a :class:`PromptFileError` naming the file and the line."""
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise PromptFileError(
+                f"{name} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
+                "a torn or edited line; repair or delete it"
+            ) from None
+    return values
+
+
 def parse_records(data: bytes, name: str) -> list[dict]:
     """Records of a file's bytes: ``.jsonl`` = each object (it must have a "prompt"), otherwise
     ``{"prompt": line}`` for each non-empty stripped line."""
-    lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    text = decode_text(data, name)
     if not name.endswith(".jsonl"):
-        return [{"prompt": line} for line in lines]
+        return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     records = []
-    for number, line in enumerate(lines, 1):
-        record = json.loads(line)
+    for number, record in jsonl_values(text, name):
         if not isinstance(record, dict) or not str(record.get("prompt", "")).strip():
-            raise ValueError(f'prompt file {name}: non-empty line {number} has no "prompt"')
+            raise PromptFileError(f'prompt file {name}: line {number} has no "prompt"')
         records.append(record | {"prompt": str(record["prompt"]).strip()})
     return records
 
@@ -82,10 +115,10 @@ def read_prompt_records(path: str | Path, sha256: str = "") -> list[dict]:
     e.g. GenEval's ``tag``/``include``/``exclude``); ``sha256`` (if given) must match the file."""
     data = read_source(path)
     if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"prompt file {path} has sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
+        raise PromptFileError(f"prompt file {path} has sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
     records = parse_records(data, str(path))
     if not records:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise PromptFileError(f"prompt file {path} holds no prompts")
     return records
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rtdmd.errors import RtdmdError
+
 Strategy = Literal["none", "ddp", "fsdp"]
 
 
@@ -37,7 +39,7 @@ class World:
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
-class DeviceError(ValueError):
+class DeviceError(RtdmdError, ValueError):
     """A device name that is not one, or a device this machine does not have."""
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rtdmd.errors import RtdmdError
+
 LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 SHIPPED_PREFIX = "shipped:"
 
 
-class LoraError(ValueError):
+class LoraError(RtdmdError, ValueError):
     """A LoRA file that cannot be read or does not fit the network."""
 
 

@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from rtdmd.errors import RtdmdError
+
 T = TypeVar("T")
 
 
@@ -19,7 +21,7 @@ def did_you_mean(name: str, candidates: list[str] | tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(RtdmdError, KeyError):
     """Raised by :meth:`Registry.get` for a name that was never registered."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

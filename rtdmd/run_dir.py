@@ -92,12 +92,14 @@ def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = (), device: t
 
     A new directory gets ``config.yaml`` and ``env.json``. An existing one must hold the same
     resolved config (otherwise :class:`ConfigError` lists the differing keys), except the keys in
-    ``mutable`` (e.g. ``steps``, to extend a training run), which are updated; the environment of
+    ``mutable`` (e.g. ``steps``, to extend a training run) and ``run_dir`` (the directory may have been
+    moved), which are updated; the environment of
     the resumed start is appended to ``env.json["resumed"]``.
     """
     root = Path(path)
     config_file = root / "config.yaml"
     env_file = root / "env.json"
+    mutable = (*mutable, "run_dir")  # a run directory moved or renamed still resumes (config.yaml is updated)
     if config_file.exists():
         old = _flatten(yaml.safe_load(config_file.read_text()) or {})
         new = _flatten(to_dict(cfg))

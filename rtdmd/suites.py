@@ -24,14 +24,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from rtdmd.config import ConfigError, from_dict
+from rtdmd.config import ConfigError, from_dict, yaml_mapping
+from rtdmd.data import decode_text, jsonl_values
+from rtdmd.errors import RtdmdError
 from rtdmd.registry import did_you_mean
 
 CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
 Format = Literal["jsonl", "txt", "tsv", "csv", "json"]
 
 
-class SuiteError(ValueError):
+class SuiteError(RtdmdError, ValueError):
     """A suite that cannot be loaded: unknown name, missing or tampered file."""
 
 
@@ -101,13 +103,12 @@ def card_names() -> list[str]:
 
 
 def load_card(name: str) -> SuiteCard:
-    import yaml
 
     path = resources.files("rtdmd") / "cards" / "suites" / f"{name}.yaml"
     if not path.is_file():
         raise SuiteError(f"unknown suite {name!r}{did_you_mean(name, card_names())}; known: {', '.join(card_names())}")
     try:
-        return from_dict(SuiteCard, yaml.safe_load(path.read_text()))
+        return from_dict(SuiteCard, yaml_mapping(path.read_text(), "the file"))
     except ConfigError as error:
         raise SuiteError(f"suite card {name}: {error}") from None
 
@@ -198,16 +199,19 @@ def _pin(lock: dict[str, str], path: str, digest: str) -> None:
     _lock_path().write_text(json.dumps(lock, indent=2, sort_keys=True))
 
 
-def parse_records(data: bytes, fmt: Format) -> list[dict[str, Any] | str]:
+def parse_records(data: bytes, fmt: Format, name: str = "the suite file") -> list[dict[str, Any] | str]:
     """Raw records of one file: dicts (jsonl, tsv, csv, json objects) or strings (txt, json strings)."""
-    text = data.decode("utf-8")
+    text = decode_text(data, name)
     if fmt == "txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if fmt == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [value for _, value in jsonl_values(text, name)]
     if fmt in ("tsv", "csv"):
         return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
-    records = json.loads(text)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SuiteError(f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
     if not isinstance(records, list):
         raise SuiteError("a .json suite file must hold a list of prompts or of objects")
     return records
@@ -263,7 +267,10 @@ def load_suite(
         card = _replace(card, images_per_prompt=images_per_prompt)
     local = Path(prompts_dir) if prompts_dir else None
     fetched = [(entry, *_fetch(entry, card, local, download)) for entry in card.files]
-    rows = rows_from_records(card, [(entry, parse_records(data, card.format)) for entry, data, _ in fetched])
+    rows = rows_from_records(
+        card,
+        [(entry, parse_records(data, card.format, f"suite {card.name}: {entry.path}")) for entry, data, _ in fetched],
+    )
     if len(rows) != card.rows:
         raise SuiteError(f"suite {card.name}: {len(rows)} prompts, the card expects {card.rows}")
     ids = [r["prompt_id"] for r in rows]
@@ -286,7 +293,9 @@ def _file_suite(path: Path, images_per_prompt: int) -> Suite:
         raise SuiteError(f"suite file {path} does not exist")
     data = path.read_bytes()
     fmt: Format = path.suffix[1:]  # type: ignore[assignment]
-    records = parse_records(data, fmt)
+    records = parse_records(data, fmt, f"suite file {path}")
+    if not records:
+        raise SuiteError(f"suite file {path} holds no prompts")
     has = lambda key: any(isinstance(r, dict) and key in r for r in records)  # noqa: E731
     card = SuiteCard(
         name=path.stem,
@@ -314,7 +323,14 @@ def _hub_suite(dataset_id: str, images_per_prompt: int) -> Suite:
     """A hub dataset with a "prompt" column (optional "id", "category"); its revision is pinned in the version."""
     import datasets
 
-    ds = datasets.load_dataset(dataset_id, split="train")
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as error:  # noqa: BLE001 - offline, unknown id, gated, a broken cache: all surface here
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SuiteError(
+            f"hub dataset {dataset_id} cannot be loaded ({type(error).__name__}: {reason}); check the id and the "
+            "network (HF_HUB_OFFLINE=1 reads only the local cache), or pass a local prompt file"
+        ) from None
     if "prompt" not in ds.column_names:
         raise SuiteError(f"hub dataset {dataset_id} has no 'prompt' column (columns: {ds.column_names})")
     fingerprint = ds._fingerprint

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rtdmd.errors import RtdmdError
+
 WORKER = Path(__file__).with_name("worker.py")
 PYTHON_ENV = "RTDMD_GENEVAL_PYTHON"  # the detector environment's python, overriding the tox default
 TOX_ENV = Path(".tox") / "geneval-mmdet" / "bin" / "python"
@@ -32,11 +34,11 @@ START_TIMEOUT_S = 600.0  # building Swin-S and loading 0.3 GB; slow disks and fi
 BATCH_TIMEOUT_S = 3600.0  # 64 images at about 5 s each on a CPU, with margin
 
 
-class DetectorError(RuntimeError):
+class DetectorError(RtdmdError, RuntimeError):
     """The worker died, timed out, broke the protocol or reported a failure."""
 
 
-class MissingDetectorEnv(FileNotFoundError):
+class MissingDetectorEnv(RtdmdError, FileNotFoundError):
     """No python of the ``geneval-mmdet`` environment."""
 
 

@@ -55,10 +55,24 @@ def detections(pixels, scorer: str = "learned") -> tuple:
     return _remember(key, tuple(detector.detect(pixels, scorer)))  # immutable: the variants share it
 
 
-def _one_thread() -> None:
+def _one_thread(parent: int) -> None:
     """Detector workers run the recogniser on one image's few objects at a time: one torch thread each
-    (torch's default, every core per process, oversubscribes the machine N-fold)."""
+    (torch's default, every core per process, oversubscribes the machine N-fold). A watchdog thread
+    ends the worker when ``parent`` (the pool's owner, passed in: a worker that starts after its death
+    must see it gone) is no longer its parent: a SIGKILLed run would otherwise leave its workers, and
+    their memory, behind for good."""
+    import threading
+
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(0)
 
 
 def detect_many(images, scorer: str = "learned") -> list[tuple]:
@@ -81,7 +95,9 @@ def detect_many(images, scorer: str = "learned") -> list[tuple]:
 
             _POOL.clear()
             context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or OpenMP threads
-            pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread)
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_one_thread, initargs=(os.getpid(),)
+            )
             atexit.register(pool.shutdown)
             _POOL.append((workers, pool))
         found = _POOL[0][1].map(

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rtdmd.errors import RtdmdError
+
 ENV = "RTDMD_WEIGHTS"
 URL_CACHE = Path.home() / ".cache" / "rtdmd"  # URL files without a root (the hub has its own cache)
 
@@ -44,7 +46,7 @@ class WeightFiles:
         return self.files or (self.url.rsplit("/", 1)[-1],)
 
 
-class MissingWeights(FileNotFoundError):
+class MissingWeights(RtdmdError, FileNotFoundError):
     pass
 
 

@@ -11,11 +11,13 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
+from rtdmd.errors import RtdmdError
+
 ROOT = Path(str(resources.files("rtdmd.toyworld") / "weights"))
 SUMS = ROOT / "SHA256SUMS"
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(RtdmdError, FileNotFoundError):
     pass
 
 

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rtdmd.config import ConfigError, dump_yaml, load, packaged_names
-from rtdmd.distributed import DeviceError
+from rtdmd.config import dump_yaml, load, packaged_names
+from rtdmd.errors import one_line_errors
 from rtdmd.registry import UnknownNameError
 
 app = typer.Typer(
@@ -61,12 +62,10 @@ def _load(schema, group: str, config: str, overrides: list[str] | None, dry_run:
 
 @contextlib.contextmanager
 def _config_errors() -> Iterator[None]:
-    """A config error (here, or a run directory holding another config) prints one line and exits 2."""
-    try:
+    """A failure of input, environment or a fault (a bad config, a run directory holding another one,
+    a missing GPU, a full disk) prints one line and exits 2 (:mod:`rtdmd.errors`)."""
+    with one_line_errors(lambda line: err.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)):
         yield
-    except (ConfigError, UnknownNameError, DeviceError) as error:
-        err.print(f"[bold red]config error:[/] {error}")
-        raise typer.Exit(2) from None
 
 
 class _LazyBar:
@@ -295,7 +294,8 @@ def configs() -> None:
 
 
 def main() -> None:
-    app(prog_name="rtdmd-train")
+    with _config_errors():
+        app(prog_name="rtdmd-train")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -24,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rtdmd.checkpoint import load_tensors, save_tensors
+from rtdmd.errors import RtdmdError
 from rtdmd.train.roles import EMA
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -35,13 +38,19 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}.safetensors"
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file of ``run_dir``, newest first."""
     found = [
         (int(m.group(1)), p)
         for p in (run_dir / "checkpoints").glob("step_*.safetensors")
         if (m := CHECKPOINT.search(p.name))
     ]
-    return max(found) if found else None
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    found = checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def full(t: Tensor) -> Tensor:
@@ -77,18 +86,57 @@ def save(
         save_tensors(tensors, path, metadata={**meta, "step": str(step)})
 
 
+class RunStateError(RtdmdError, ValueError):
+    """A run directory whose state cannot be resumed without a person's decision."""
+
+
+UNREADABLE = (SafetensorError, OSError, ValueError, KeyError)  # a torn, truncated or foreign file
+
+
 def resume(
     run_dir: Path, roles: dict[str, tuple[nn.Module, torch.optim.Optimizer]], ema: EMA, is_main: bool = True
 ) -> int:
-    """Restore the latest checkpoint of ``run_dir`` (if any) and, on the main process, drop the
-    ``stats.jsonl`` rows logged after it; returns the step to continue from (0 for a new run)."""
-    latest = latest_checkpoint(run_dir)
-    start = load(latest[1], roles, ema) if latest is not None else 0
+    """Restore the newest readable checkpoint of ``run_dir`` (if any) and, on the main process, drop
+    the ``stats.jsonl`` rows logged after it; returns the step to continue from (0 for a new run).
+
+    A checkpoint that cannot be read (a kill or a full disk mid-write on a file system without atomic
+    rename, a copy cut short) is skipped with a warning for the one before it; it is overwritten
+    when the run reaches its step again."""
+    start, found = 0, checkpoints(run_dir)
+    for number, (_, path) in enumerate(found):
+        try:
+            start = load(path, roles, ema)
+            break
+        except UNREADABLE as error:
+            if number == len(found) - 1:  # a failed load may have set part of the state: never start over on it
+                raise RunStateError(
+                    f"no checkpoint of {run_dir} can be read (the oldest, {path.name}: {error}): "
+                    "start the run in a new run_dir"
+                ) from None
+            if is_main:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                warnings.warn(f"checkpoint {path} is unreadable ({reason}): resuming from an earlier one", stacklevel=2)
     stats = run_dir / "stats.jsonl"
     if is_main and stats.exists():
-        rows = [line for line in stats.read_text().splitlines() if json.loads(line)["step"] <= start]
-        stats.write_text("".join(r + "\n" for r in rows))
+        stats.write_text("".join(line + "\n" for line in logged_until(stats, start)))
     return start
+
+
+def logged_until(stats: Path, step: int) -> list[str]:
+    """The lines of ``stats`` whose ``step`` is at most ``step``. A last line that is not JSON is what
+    a kill mid-write leaves: it is dropped; a bad line before it is a :class:`RunStateError`."""
+    lines = stats.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise RunStateError(f"{stats} line {number} is not JSON: repair or delete that line, then rerun") from None
+        if row["step"] <= step:
+            kept.append(line)
+    return kept
 
 
 def load(path: Path, roles: dict[str, tuple[nn.Module, torch.optim.Optimizer]], ema: EMA) -> int:

@@ -1,0 +1,290 @@
+"""Faults and bad input through the real entry points: one line on stderr, exit code 2, nothing lost.
+
+Each test injects one fault (a bad file, a torn write, a missing device, a full disk) and checks the
+message, the exit code and, where work was interrupted, that a rerun gives what a run that never
+failed gives."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cli as bench_cli
+from rtdmd.checkpoint import load_tensors
+from rtdmd.train import cli as train_cli
+
+
+def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of a CLI's ``main()`` with ``argv``."""
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["prog", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- cards and configs
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\n  display: [unclosed\n", "invalid YAML (line 2"),
+        ("", "is empty"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_a_broken_method_card_is_one_line(tmp_path, capsys, text, expected):
+    card = tmp_path / "card.yaml"
+    card.write_text(text)
+    code, err = run_main(bench_cli.main, ["methods", str(card)], capsys)
+    assert code == 2 and expected in one_error_line(err) and "method card" in err
+
+
+def test_a_broken_training_config_is_one_line(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("steps: 2\nsampler: {num_steps: 4\n")
+    code, err = run_main(train_cli.main, ["distill", "--config", str(config), "--dry-run"], capsys)
+    assert code == 2 and "invalid YAML" in one_error_line(err)
+
+
+# ---------------------------------------------------------------- prompt files
+
+
+def suite_fault(tmp_path, capsys, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    argv = [
+        "generate",
+        "--method",
+        "tiny-cps4",
+        "--suite",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
+    code, err = run_main(bench_cli.main, argv, capsys)
+    assert code == 2
+    return one_error_line(err)
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_line(tmp_path, capsys):
+    line = suite_fault(tmp_path, capsys, "p.txt", b"a red circle\nfour \xff cyan circles\n")
+    assert "not UTF-8" in line and "line 2" in line and "p.txt" in line
+
+
+def test_a_torn_jsonl_line_names_file_and_line(tmp_path, capsys):
+    line = suite_fault(tmp_path, capsys, "p.jsonl", b'{"prompt": "a red circle"}\n{"prompt": "four cy\n')
+    assert "p.jsonl line 2 is not valid JSON" in line
+
+
+def test_an_empty_prompt_file_says_so(tmp_path, capsys):
+    line = suite_fault(tmp_path, capsys, "p.txt", b"\n \n")
+    assert "holds no prompts" in line and "manifest" not in line
+
+
+def test_a_training_prompt_file_that_is_not_utf8_stops_before_training(tmp_path, capsys):
+    bad = tmp_path / "train.txt"
+    bad.write_bytes(b"\xfe\xff")
+    argv = ["distill", "--config", "tiny", f"prompt_file={bad}", f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "not UTF-8" in one_error_line(err)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------- environment
+
+
+def test_a_hub_suite_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    argv = ["generate", "--method", "tiny-cps4", "--suite", "hub:nobody/no-such-prompts", "--out", str(tmp_path / "o")]
+    code, err = run_main(bench_cli.main, [*argv, "--device", "cpu"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "hub dataset nobody/no-such-prompts cannot be loaded" in line
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["distill", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "device=cuda"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "CUDA" in one_error_line(err)
+    argv = ["generate", "--method", "tiny-cps4", "--suite", "toy-geneval-quick", "--limit", "1"]
+    code, err = run_main(bench_cli.main, [*argv, "--out", str(tmp_path / "out"), "--device", "cuda"], capsys)
+    # an option's value: typer's usage error names the option and the reason, without a traceback
+    assert code == 2 and "Invalid value for '--device'" in err and "no CUDA device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("number", "expected"),
+    [(errno.ENOSPC, "no space left"), (errno.EROFS, "cannot write"), (errno.EACCES, "cannot write")],
+)
+def test_os_write_failures_are_one_line(tmp_path, capsys, monkeypatch, number, expected):
+    """A full disk or a read-only run_dir (root ignores permission bits, so the OS error is injected)."""
+    import rtdmd.run_dir
+
+    def refuse(*args, **kwargs):
+        raise OSError(number, "injected", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(rtdmd.run_dir, "write_text_atomic", refuse)
+    code, err = run_main(
+        train_cli.main, ["distill", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "device=cpu"], capsys
+    )
+    line = one_error_line(err)
+    assert code == 2 and expected in line and "config.yaml" in line
+
+
+# ---------------------------------------------------------------- interrupted training
+
+
+def distill(run: Path, steps: int, capsys) -> None:
+    argv = ["distill", "--config", "tiny", f"run_dir={run}", "device=cpu", f"steps={steps}", "eval.every=0"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 0, err
+
+
+def final_state(run: Path, steps: int) -> tuple[dict, list[dict]]:
+    tensors = load_tensors(run / "checkpoints" / f"step_{steps:08d}.safetensors")
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    return tensors, [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("plain") / "run"
+    from rtdmd.config import load
+    from rtdmd.train.distill import DistillConfig, train
+
+    train(
+        load(DistillConfig, "tiny", [f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"], group="distill"), False
+    )
+    return final_state(run, 4)
+
+
+def assert_same_run(run: Path, expected) -> None:
+    tensors, rows = final_state(run, 4)
+    assert tensors.keys() == expected[0].keys()
+    assert all(torch.equal(tensors[k], expected[0][k]) for k in tensors)
+    assert rows == expected[1]
+
+
+def test_a_torn_last_stats_line_is_dropped_on_resume(tmp_path, capsys, uninterrupted):
+    run = tmp_path / "run"
+    distill(run, 2, capsys)
+    with (run / "stats.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "loss/fa')  # a kill in the middle of a write
+    distill(run, 4, capsys)
+    assert_same_run(run, uninterrupted)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, uninterrupted):
+    run = tmp_path / "run"
+    distill(run, 4, capsys)
+    latest = run / "checkpoints" / "step_00000004.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="step_00000004.safetensors is unreadable"):
+        distill(run, 4, capsys)
+    assert_same_run(run, uninterrupted)
+
+
+def test_no_readable_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    distill(run, 2, capsys)
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"not a checkpoint")
+    argv = ["distill", "--config", "tiny", f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "no checkpoint" in one_error_line(err) and "new run_dir" in err
+
+
+def test_a_corrupt_stats_line_before_the_last_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    distill(run, 2, capsys)
+    lines = (run / "stats.jsonl").read_text().splitlines()
+    (run / "stats.jsonl").write_text("garbage\n" + "\n".join(lines) + "\n")
+    argv = ["distill", "--config", "tiny", f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "stats.jsonl line 1 is not JSON" in one_error_line(err)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, capsys, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        distill(tmp_path / "run", 2, capsys)
+    finally:
+        os.umask(old)
+    for name in ("config.yaml", "env.json", "checkpoints/step_00000002.safetensors"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_a_moved_run_directory_resumes(tmp_path, capsys, uninterrupted):
+    distill(tmp_path / "before", 2, capsys)
+    (tmp_path / "before").rename(tmp_path / "after")
+    distill(tmp_path / "after", 4, capsys)
+    assert_same_run(tmp_path / "after", uninterrupted)
+    assert f"run_dir: {tmp_path / 'after'}" in (tmp_path / "after" / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------- processes
+
+
+def test_detector_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of a process scoring toy GenEval: its detector workers (and the resource tracker) exit
+    instead of staying alive for good. The parent is killed while its pool is alive (after a batch)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time, numpy as np\n"
+        "from rtdmd.rewards import toy\n"
+        "if __name__ == '__main__':\n"
+        "    toy.detect_many([np.full((64, 64, 3), 250 - i, np.uint8) for i in range(16)])\n"
+        "    print(' '.join(str(p) for p in toy._POOL[0][1]._processes), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = {**os.environ, "RTDMD_TOY_DETECTOR_WORKERS": "2"}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split()[2] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 120  # generous: the check is that they go, not how fast
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in workers)
