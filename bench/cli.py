@@ -157,6 +157,7 @@ class Bar:
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=err,
+                transient=True,  # the summary line that follows says what was done; an error stands alone
             )
             self.progress.start()
             self.task = self.progress.add_task(self.label, total=total)

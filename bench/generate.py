@@ -163,67 +163,68 @@ def generate_stage(
         len(suite.rows[:limit] if limit else suite.rows),
     )
     root = run_path(out, method.name, suite.card.name)
-    if world.is_main:
-        run_dir.prepare(root, spec, device=world.device)
-        for seed in spec.seeds:
-            (root / "images" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    items = items_of(suite, limit, spec.images_per_prompt, spec.seeds)
-    done = valid_rows(root, spec, items)
-    missing = [item for item in items if item.key not in done]
-    distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
-    mine = missing[world.rank :: world.size]
-    rows_forwarded = 0
-    if mine:
-        backbone, net = build_method(method, world.device)
-        counter = ForwardCounter(net)
-        part = (root / f"manifest.part{world.rank}.jsonl").open("a")
-        done_count = 0
-        for chunk in chunks_by_seed(mine, method.compute_batch):
+    with run_dir.exclusive(root, world.is_main):  # one writer per run folder
+        if world.is_main:
+            run_dir.prepare(root, spec, device=world.device)
+            for seed in spec.seeds:
+                (root / "images" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        items = items_of(suite, limit, spec.images_per_prompt, spec.seeds)
+        done = valid_rows(root, spec, items)
+        missing = [item for item in items if item.key not in done]
+        distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
+        mine = missing[world.rank :: world.size]
+        rows_forwarded = 0
+        if mine:
+            backbone, net = build_method(method, world.device)
+            counter = ForwardCounter(net)
+            part = (root / f"manifest.part{world.rank}.jsonl").open("a")
+            done_count = 0
+            for chunk in chunks_by_seed(mine, method.compute_batch):
+                if progress:
+                    progress(done_count, len(mine))
+                done_count += len(chunk)
+                calls_before = counter.rows
+                images = generate(
+                    backbone,
+                    net,
+                    [it.row["prompt"] for it in chunk],
+                    [(f"{spec.suite}/{it.row['prompt_id']}", it.sample_index) for it in chunk],
+                    method.sampler,
+                    run_seed=chunk[0].seed,
+                    height=method.height,
+                    width=method.width,
+                    compute_batch=method.compute_batch,
+                )
+                nfe = (counter.rows - calls_before) / method.compute_batch  # rows per sampled chain (CFG counts twice)
+                for item, pixels in zip(chunk, to_uint8(images), strict=True):
+                    part.write(json.dumps(manifest_row(spec, item, root, pixels, nfe)) + "\n")
+                part.flush()
+                os.fsync(part.fileno())
+            part.close()
+            counter.close()
+            rows_forwarded = counter.rows
             if progress:
-                progress(done_count, len(mine))
-            done_count += len(chunk)
-            calls_before = counter.rows
-            images = generate(
-                backbone,
-                net,
-                [it.row["prompt"] for it in chunk],
-                [(f"{spec.suite}/{it.row['prompt_id']}", it.sample_index) for it in chunk],
-                method.sampler,
-                run_seed=chunk[0].seed,
-                height=method.height,
-                width=method.width,
-                compute_batch=method.compute_batch,
-            )
-            nfe = (counter.rows - calls_before) / method.compute_batch  # rows per sampled chain (CFG counts twice)
-            for item, pixels in zip(chunk, to_uint8(images), strict=True):
-                part.write(json.dumps(manifest_row(spec, item, root, pixels, nfe)) + "\n")
-            part.flush()
-            os.fsync(part.fileno())
-        part.close()
-        counter.close()
-        rows_forwarded = counter.rows
-        if progress:
-            progress(len(mine), len(mine))
-    distributed.barrier()
-    if world.is_main:
-        merged = done | valid_rows(root, spec, items, manifest_parts(root))  # `done` was verified above
-        if len(merged) != len(items):
-            raise RuntimeError(f"{len(items) - len(merged)} images are still missing after generation")
-        text = "".join(json.dumps(merged[item.key]) + "\n" for item in items)
-        from rtdmd.checkpoint import write_text_atomic
+                progress(len(mine), len(mine))
+        distributed.barrier()
+        if world.is_main:
+            merged = done | valid_rows(root, spec, items, manifest_parts(root))  # `done` was verified above
+            if len(merged) != len(items):
+                raise RuntimeError(f"{len(items) - len(merged)} images are still missing after generation")
+            text = "".join(json.dumps(merged[item.key]) + "\n" for item in items)
+            from rtdmd.checkpoint import write_text_atomic
 
-        write_text_atomic(root / MANIFEST, text)
-        for part_file in manifest_parts(root):
-            part_file.unlink()
-    distributed.barrier()
-    return {
-        "run_dir": str(root),
-        "images": len(items),
-        "generated": len(missing),
-        "skipped": len(items) - len(missing),
-        "rows_forwarded": rows_forwarded,
-    }
+            write_text_atomic(root / MANIFEST, text)
+            for part_file in manifest_parts(root):
+                part_file.unlink()
+        distributed.barrier()
+        return {
+            "run_dir": str(root),
+            "images": len(items),
+            "generated": len(missing),
+            "skipped": len(items) - len(missing),
+            "rows_forwarded": rows_forwarded,
+        }
 
 
 def chunks_by_seed(items: list[Item], size: int) -> list[list[Item]]:

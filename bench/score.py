@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
-from rtdmd import distributed
+from rtdmd import distributed, run_dir
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.errors import RtdmdError
 from rtdmd.rewards import REWARDS
@@ -102,12 +102,22 @@ def read_set_scores(root: Path) -> list[dict]:
 
 
 def load_images(root: Path, rows: list[dict]) -> torch.Tensor:
-    return (
-        torch.stack(
-            [torch.from_numpy(np.array(Image.open(root / r["file"]).convert("RGB"))).permute(2, 0, 1) for r in rows]
-        ).float()
-        / 255
-    )
+    return torch.stack([read_image(root, r) for r in rows]).float() / 255
+
+
+def read_image(root: Path, row: dict) -> torch.Tensor:
+    """One image of the manifest as ``[3, H, W]`` uint8; a missing, truncated or corrupt file is a
+    :class:`ScoreError` that names it (``generate`` and ``run`` replace such files)."""
+    path = root / row["file"]
+    try:
+        with Image.open(path) as image:
+            pixels = np.array(image.convert("RGB"))
+    except OSError as error:  # PIL's truncated and unidentified images are OSErrors too
+        raise ScoreError(
+            f"{path} is unreadable ({error}): rerun `rtdmd-bench generate` (or `run`) with the same arguments, "
+            "which regenerates it, then score again"
+        ) from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def score_stage(
@@ -123,68 +133,69 @@ def score_stage(
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
     rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
     world = distributed.init(device)
-    cached = cached_scores(root)
-    todo = [
-        (name, row)
-        for name, reward in rewards.items()
-        for row in manifest
-        if cache_key(row, name, reward.info) not in cached
-    ]
-    # every rank must read the cache before any rank appends to it: a rank that read a part file
-    # another had started writing would deal itself a different share (a race seen under load)
-    distributed.barrier()
-    mine = todo[world.rank :: world.size]
-    if mine:
-        part = (root / f"scores.part{world.rank}.jsonl").open("a")
-        for start in range(0, len(mine), batch_size):
-            if progress:
-                progress(start, len(mine))
-            batch = mine[start : start + batch_size]
-            for name in dict.fromkeys(n for n, _ in batch):
-                rows = [row for n, row in batch if n == name]
-                values = score(
-                    rewards[name],
-                    load_images(root, rows).to(world.device),
-                    [r["prompt"] for r in rows],
-                    [json.loads(r["metadata"]) for r in rows],
-                    batch_size=batch_size,
-                )
-                values = values.tolist()
-                refuse_non_finite(name, rows, values)
-                for row, value in zip(rows, values, strict=True):
-                    part.write(json.dumps(score_row(row, name, rewards[name].info, value)) + "\n")
-            part.flush()
-            os.fsync(part.fileno())
-        part.close()
-        if progress:
-            progress(len(mine), len(mine))
-    distributed.barrier()
-    set_scored = 0
-    if world.is_main:
-        merged = cached_scores(root)
-        keep = [
-            score_row(row, name, reward.info, merged[cache_key(row, name, reward.info)]["score"])
-            for row in manifest
+    with run_dir.exclusive(root, world.is_main):  # one writer per run folder
+        cached = cached_scores(root)
+        todo = [
+            (name, row)
             for name, reward in rewards.items()
+            for row in manifest
+            if cache_key(row, name, reward.info) not in cached
         ]
-        order = {(row["sha256"], row["prompt"]): i for i, row in enumerate(manifest)}
-        # scores of other metrics for the current images stay cached, in a canonical order
-        others = sorted(
-            (r for k, r in merged.items() if k[2] not in rewards and k[:2] in order),
-            key=lambda r: (order[(r["sha256"], r["prompt"])], r["metric"]),
-        )
-        write_text_atomic(root / SCORES, "".join(json.dumps(r) + "\n" for r in keep + others))
-        for part_file in root.glob("scores.part*.jsonl"):
-            part_file.unlink()
-        set_scored = score_sets(root, manifest, set_rewards, world.device, batch_size)
-    distributed.barrier()
-    return {
-        "run_dir": str(root),
-        "scored": len(todo),
-        "cached": len(manifest) * len(rewards) - len(todo),
-        "set_scored": set_scored,
-        "set_cached": len(set_rewards) * len(seed_sets(manifest)) - set_scored if world.is_main else 0,
-    }
+        # every rank must read the cache before any rank appends to it: a rank that read a part file
+        # another had started writing would deal itself a different share (a race seen under load)
+        distributed.barrier()
+        mine = todo[world.rank :: world.size]
+        if mine:
+            part = (root / f"scores.part{world.rank}.jsonl").open("a")
+            for start in range(0, len(mine), batch_size):
+                if progress:
+                    progress(start, len(mine))
+                batch = mine[start : start + batch_size]
+                for name in dict.fromkeys(n for n, _ in batch):
+                    rows = [row for n, row in batch if n == name]
+                    values = score(
+                        rewards[name],
+                        load_images(root, rows).to(world.device),
+                        [r["prompt"] for r in rows],
+                        [json.loads(r["metadata"]) for r in rows],
+                        batch_size=batch_size,
+                    )
+                    values = values.tolist()
+                    refuse_non_finite(name, rows, values)
+                    for row, value in zip(rows, values, strict=True):
+                        part.write(json.dumps(score_row(row, name, rewards[name].info, value)) + "\n")
+                part.flush()
+                os.fsync(part.fileno())
+            part.close()
+            if progress:
+                progress(len(mine), len(mine))
+        distributed.barrier()
+        set_scored = 0
+        if world.is_main:
+            merged = cached_scores(root)
+            keep = [
+                score_row(row, name, reward.info, merged[cache_key(row, name, reward.info)]["score"])
+                for row in manifest
+                for name, reward in rewards.items()
+            ]
+            order = {(row["sha256"], row["prompt"]): i for i, row in enumerate(manifest)}
+            # scores of other metrics for the current images stay cached, in a canonical order
+            others = sorted(
+                (r for k, r in merged.items() if k[2] not in rewards and k[:2] in order),
+                key=lambda r: (order[(r["sha256"], r["prompt"])], r["metric"]),
+            )
+            write_text_atomic(root / SCORES, "".join(json.dumps(r) + "\n" for r in keep + others))
+            for part_file in root.glob("scores.part*.jsonl"):
+                part_file.unlink()
+            set_scored = score_sets(root, manifest, set_rewards, world.device, batch_size)
+        distributed.barrier()
+        return {
+            "run_dir": str(root),
+            "scored": len(todo),
+            "cached": len(manifest) * len(rewards) - len(todo),
+            "set_scored": set_scored,
+            "set_cached": len(set_rewards) * len(seed_sets(manifest)) - set_scored if world.is_main else 0,
+        }
 
 
 def seed_sets(manifest: list[dict]) -> dict[int, list[dict]]:

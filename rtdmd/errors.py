@@ -35,8 +35,8 @@ def _os_line(error: OSError) -> str | None:
         return f"no space left on the device writing{where}: free some space and rerun (finished work is kept)"
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where} ({error.strerror}): choose a writable location (run_dir=..., --out ...)"
-    if isinstance(error, FileNotFoundError | NotADirectoryError | IsADirectoryError):
-        return str(error) if not error.filename else f"{error.strerror}: {error.filename}"
+    if error.filename:  # a file the run needed or wanted to write: not a bug of ours
+        return f"{error.strerror}: {error.filename}"
     return None
 
 

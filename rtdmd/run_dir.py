@@ -7,12 +7,15 @@ directory resumes it; rerunning with a different config is refused, naming the k
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import yaml
 
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import ConfigError, dump_yaml, to_dict
+from rtdmd.errors import RtdmdError
 
 TRACKED_PACKAGES = ("rtdmd", "torch", "diffusers", "transformers", "peft", "safetensors", "numpy", "accelerate")
 
@@ -120,3 +124,41 @@ def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = (), device: t
     write_text_atomic(config_file, dump_yaml(cfg))
     write_text_atomic(env_file, json.dumps(environment(device), indent=2))
     return root
+
+
+class RunBusyError(RtdmdError, RuntimeError):
+    """Another process is working on the same run directory."""
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(root: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold ``<root>/.lock`` (an advisory ``flock``, released when the process ends, however it ends):
+    a second ``rtdmd-bench`` or ``rtdmd-train`` on the same run stops with one line instead of
+    writing beside the first. ``enabled`` False (the non-main ranks of one run) holds nothing."""
+    if not enabled:
+        yield
+        return
+    import fcntl
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunBusyError(
+                f"{root} is in use by {holder}: wait for it to finish, or use another output directory"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

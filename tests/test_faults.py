@@ -35,6 +35,7 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
 
 
 def one_error_line(err: str) -> str:
+    """stderr is one ``error:`` line, without a traceback."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -288,3 +289,44 @@ def test_detector_workers_die_with_a_killed_parent(tmp_path):
     while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(alive(pid) for pid in workers)
+
+
+def test_a_second_process_on_the_same_run_stops_with_one_line(tmp_path, capsys):
+    """Two `rtdmd-bench` (or `rtdmd-train`) on one output at once: the second stops, the first's
+    files are untouched. The first is simulated by holding the run's lock here."""
+    from rtdmd.run_dir import exclusive
+
+    root = tmp_path / "out" / "tiny-cps4" / "toy-geneval-quick"
+    argv = ["generate", "--method", "tiny-cps4", "--suite", "toy-geneval-quick", "--limit", "2"]
+    with exclusive(root):
+        code, err = run_main(bench_cli.main, [*argv, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 2 and "is in use by pid" in one_error_line(err)
+    code, err = run_main(bench_cli.main, [*argv, "--out", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 0, err  # released: the same command now runs
+    with exclusive(tmp_path / "run"):
+        argv = ["distill", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "device=cpu", "steps=2"]
+        code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "is in use by pid" in one_error_line(err)
+
+
+def test_a_truncated_image_is_named_by_score_and_replaced_by_generate(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["generate", "--method", "tiny-cps4", "--suite", "toy-geneval-quick", "--limit", "3", "--device", "cpu"]
+    assert run_main(bench_cli.main, [*argv, "--out", str(out)], capsys)[0] == 0
+    root = out / "tiny-cps4" / "toy-geneval-quick"
+    clean = {p.name: p.read_bytes() for p in sorted((root / "images").rglob("*.png"))}
+    victim = sorted((root / "images").rglob("*.png"))[1]
+    victim.write_bytes(victim.read_bytes()[:100])
+    code, err = run_main(bench_cli.main, ["score", str(root), "--metrics", "brightness", "--device", "cpu"], capsys)
+    assert code == 2 and victim.name in one_error_line(err) and "rtdmd-bench generate" in err
+    assert run_main(bench_cli.main, [*argv, "--out", str(out)], capsys)[0] == 0
+    assert {p.name: p.read_bytes() for p in sorted((root / "images").rglob("*.png"))} == clean
+    assert run_main(bench_cli.main, ["score", str(root), "--metrics", "brightness", "--device", "cpu"], capsys)[0] == 0
+
+
+def test_export_lora_to_an_unwritable_place_is_one_line(tmp_path, capsys):
+    distill(tmp_path / "run", 2, capsys)
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    argv = ["export-lora", str(tmp_path / "run"), "--out", str(tmp_path / "blocked" / "lora.safetensors")]
+    code, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "blocked" in one_error_line(err)

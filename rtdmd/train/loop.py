@@ -36,33 +36,34 @@ def run_loop(
     show_progress: bool = True,
 ) -> tuple[int, float]:
     """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``."""
-    from rtdmd import distributed
+    from rtdmd import distributed, run_dir
     from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
     from rtdmd.train import state
 
     world, root = sess.world, sess.root
-    start = state.resume(root, sess.roles, sess.ema, world.is_main)
-    loggers = NullLogger()
-    if world.is_main:
-        bars = [StatusLine(schedule.total, status, status_keys)] if show_progress else []
-        loggers = Loggers(JsonlLogger(root / "stats.jsonl"), *bars)
-        bars and bars[0].log(start, {})
-    t_start = time.perf_counter()
-    for index in range(start, schedule.total):
-        t0 = time.perf_counter()
-        logs = step(index)
-        done = index + 1
-        if schedule.eval_every and done % schedule.eval_every == 0:
-            logs |= evaluate(done)
-        if done % schedule.log_every == 0 or done == schedule.total:
-            logs = distributed.reduce_logs(logs)
-            logs[time_key] = time.perf_counter() - t0
-            if torch.cuda.is_available():
-                logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            loggers.log(done, logs)
-        if done % schedule.checkpoint_every == 0 or done == schedule.total:
-            state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
-            distributed.barrier()
-    loggers.close()
+    with run_dir.exclusive(root, world.is_main):  # a second trainer on this run_dir stops here
+        start = state.resume(root, sess.roles, sess.ema, world.is_main)
+        loggers = NullLogger()
+        if world.is_main:
+            bars = [StatusLine(schedule.total, status, status_keys)] if show_progress else []
+            loggers = Loggers(JsonlLogger(root / "stats.jsonl"), *bars)
+            bars and bars[0].log(start, {})
+        t_start = time.perf_counter()
+        for index in range(start, schedule.total):
+            t0 = time.perf_counter()
+            logs = step(index)
+            done = index + 1
+            if schedule.eval_every and done % schedule.eval_every == 0:
+                logs |= evaluate(done)
+            if done % schedule.log_every == 0 or done == schedule.total:
+                logs = distributed.reduce_logs(logs)
+                logs[time_key] = time.perf_counter() - t0
+                if torch.cuda.is_available():
+                    logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                loggers.log(done, logs)
+            if done % schedule.checkpoint_every == 0 or done == schedule.total:
+                state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
+                distributed.barrier()
+        loggers.close()
     distributed.shutdown()
     return start, time.perf_counter() - t_start
