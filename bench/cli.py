@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -183,9 +184,19 @@ def metric_list(text: str, suite) -> list[str]:
     if not names:
         raise typer.BadParameter("no metrics: pass --metrics")
     from rtdmd.rewards import REWARDS
+    from rtdmd.rewards.base import lacking_metadata
+    from rtdmd.suites import SuiteError
 
+    meta = [json.loads(row["metadata"]) for row in suite.rows]
     for name in names:
-        REWARDS.get(name)  # unknown names fail here, with a did-you-mean, before any work
+        info = REWARDS.get(name).info  # unknown names fail here, with a did-you-mean, before any work
+        if lacking := lacking_metadata(info, meta):  # and a suite without what a metric needs, before generating
+            key, count = next(iter(lacking.items()))
+            raise SuiteError(
+                f"metric {name} needs per-prompt metadata {key!r}, which suite {suite.card.name} lacks "
+                f'({count} of {len(meta)} prompts); a .jsonl file gives it as keys beside "prompt" (GenEval\'s '
+                'layout) or in a "metadata" object'
+            )
     return names
 
 

@@ -288,7 +288,8 @@ def _replace(card: SuiteCard, **changes: Any) -> SuiteCard:
 
 def _file_suite(path: Path, images_per_prompt: int) -> Suite:
     """A user file: .txt (one prompt per line), .jsonl / .json (objects with "prompt" and optional
-    "id", "category", "metadata"), .csv / .tsv (columns "prompt" [, "id", "category"])."""
+    "id", "category" (else GenEval's "tag"), and "metadata", or else any other keys, which become the
+    metadata), .csv / .tsv (columns "prompt" [, "id", "category"])."""
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist")
     data = path.read_bytes()
@@ -297,6 +298,10 @@ def _file_suite(path: Path, images_per_prompt: int) -> Suite:
     if not records:
         raise SuiteError(f"suite file {path} holds no prompts")
     has = lambda key: any(isinstance(r, dict) and key in r for r in records)  # noqa: E731
+    # metadata: a "metadata" object, or else every other top-level key (GenEval's layout: tag, include,
+    # exclude beside the prompt), so a GenEval-format file keeps what GenEval's metrics need
+    reserved = {"prompt", "id", "category", "metadata"}
+    flat = [] if has("metadata") else sorted({k for r in records if isinstance(r, dict) for k in r} - reserved)
     card = SuiteCard(
         name=path.stem,
         version=f"file:{sha256_bytes(data)[:12]}",
@@ -308,14 +313,14 @@ def _file_suite(path: Path, images_per_prompt: int) -> Suite:
         files=(SuiteFile(path=path.name, sha256=sha256_bytes(data)),),
         rows=1,
         images_per_prompt=images_per_prompt,
-        category_field="category" if has("category") else "",
+        category_field="category" if has("category") else "tag" if has("tag") else "",
         id_field="id" if has("id") else "",
-        metadata_fields=("metadata",) if has("metadata") else (),
+        metadata_fields=("metadata",) if has("metadata") else tuple(flat),
     )
     rows = rows_from_records(card, [(card.files[0], records)])
-    for row in rows:  # a user "metadata" object is the metadata itself
-        meta = json.loads(row["metadata"])
-        row["metadata"] = json.dumps(meta.get("metadata", {}), sort_keys=True)
+    if has("metadata"):
+        for row in rows:  # a user "metadata" object is the metadata itself
+            row["metadata"] = json.dumps(json.loads(row["metadata"]).get("metadata", {}), sort_keys=True)
     return Suite(card=_replace(card, rows=len(rows)), sha256=sha256_bytes(data), rows=rows)
 
 

@@ -330,3 +330,21 @@ def test_export_lora_to_an_unwritable_place_is_one_line(tmp_path, capsys):
     argv = ["export-lora", str(tmp_path / "run"), "--out", str(tmp_path / "blocked" / "lora.safetensors")]
     code, err = run_main(train_cli.main, argv, capsys)
     assert code == 2 and "blocked" in one_error_line(err)
+
+
+def test_a_geneval_layout_file_keeps_its_metadata_and_a_plain_one_is_refused_before_generating(tmp_path, capsys):
+    from importlib import resources
+
+    source = resources.files("rtdmd.toyworld") / "suites" / "toy_geneval.jsonl"
+    layout = tmp_path / "mine.jsonl"
+    layout.write_text("".join(source.read_text().splitlines(keepends=True)[:3]))
+    argv = ["run", "--method", "tiny-cps4", "--metrics", "toy-geneval", "--device", "cpu", "--out"]
+    code, err = run_main(bench_cli.main, [*argv, str(tmp_path / "a"), "--suite", str(layout)], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "a" / "tiny-cps4" / "mine" / "summary.json").read_text())
+    assert "toy-geneval" in summary["metrics"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a photo of a diamond\n")
+    code, err = run_main(bench_cli.main, [*argv, str(tmp_path / "b"), "--suite", str(plain)], capsys)
+    assert code == 2 and "needs per-prompt metadata" in one_error_line(err)
+    assert not (tmp_path / "b" / "tiny-cps4").exists()  # refused before any image was made
