@@ -215,6 +215,8 @@ def _generate(method_name: str, suite, out: Path, seeds: tuple[int, ...], limit:
     console.print(
         f"{method.name}/{suite.card.name}: {result['generated']} generated, {result['skipped']} reused ({result['images']} images)"
     )
+    for note in result["notes"]:
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     return Path(result["run_dir"])
 
 

@@ -174,9 +174,10 @@ def generate_stage(
         missing = [item for item in items if item.key not in done]
         distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
         mine = missing[world.rank :: world.size]
-        rows_forwarded = 0
+        rows_forwarded, notes = 0, []
         if mine:
             backbone, net = build_method(method, world.device)
+            notes = backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
             counter = ForwardCounter(net)
             part = (root / f"manifest.part{world.rank}.jsonl").open("a")
             done_count = 0
@@ -224,6 +225,7 @@ def generate_stage(
             "generated": len(missing),
             "skipped": len(items) - len(missing),
             "rows_forwarded": rows_forwarded,
+            "notes": notes if world.is_main else [],  # e.g. prompts a text encoder cuts: said once
         }
 
 

@@ -348,3 +348,27 @@ def test_a_geneval_layout_file_keeps_its_metadata_and_a_plain_one_is_refused_bef
     code, err = run_main(bench_cli.main, [*argv, str(tmp_path / "b"), "--suite", str(plain)], capsys)
     assert code == 2 and "needs per-prompt metadata" in one_error_line(err)
     assert not (tmp_path / "b" / "tiny-cps4").exists()  # refused before any image was made
+
+
+def test_a_prompt_longer_than_the_text_encoder_is_said_once(tmp_path, capsys):
+    suite = tmp_path / "long.txt"
+    suite.write_text("a red circle\n" + "four cyan circles " * 600 + "\n")
+    argv = ["generate", "--method", "tiny-cps4", "--suite", str(suite), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    code, err = run_main(bench_cli.main, argv, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 1 of 2 prompts exceed the byte encoder's 32 tokens (the longest has 10799): the encoder sees only their beginning"
+    ]
+
+
+def test_every_family_says_which_encoder_cuts_a_long_prompt():
+    from rtdmd.backbones.sd3 import SD3Backbone
+    from rtdmd.testing import tiny_sd3_pipeline
+
+    backbone = SD3Backbone(tiny_sd3_pipeline(), max_sequence_length=16)
+    short, long = "a red circle", " ".join(["circle"] * 100)
+    assert backbone.truncation_notes([short]) == []
+    notes = backbone.truncation_notes([short, long])
+    assert len(notes) == 3  # two CLIP encoders at 77 tokens, T5 at max_sequence_length 16
+    assert sum("77 tokens" in n for n in notes) == 2 and sum("16 tokens" in n for n in notes) == 1

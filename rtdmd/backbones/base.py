@@ -78,6 +78,10 @@ class Backbone(Protocol):
         """Latents -> images ``[B, 3, H, W]`` in [0, 1] (float32, differentiable)."""
         ...
 
+    def truncation_notes(self, prompts: Sequence[str]) -> list[str]:
+        """One line per text encoder that cuts some of ``prompts`` (see :func:`truncation_note`)."""
+        ...
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of the sampler's latent for an image of ``height x width`` pixels."""
         ...
@@ -131,6 +135,18 @@ def build_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu") -> B
 
 def net_dtype(net: nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
+
+
+def truncation_note(encoder: str, lengths: Sequence[int], limit: int) -> str | None:
+    """``"k of n prompts exceed <encoder>'s <limit> tokens ..."`` when some ``lengths`` pass ``limit``
+    (the encoders cut them there, silently), else None."""
+    over = [n for n in lengths if n > limit]
+    if not over:
+        return None
+    return (
+        f"{len(over)} of {len(lengths)} prompts exceed {encoder}'s {limit} tokens (the longest has {max(over)}): "
+        "the encoder sees only their beginning"
+    )
 
 
 def encode_with_negative(

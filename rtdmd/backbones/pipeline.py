@@ -13,8 +13,17 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from rtdmd.backbones.base import TORCH_DTYPES, BackboneConfig, Cond, encode_with_negative, images_from_vae
+from rtdmd.backbones.base import (
+    TORCH_DTYPES,
+    BackboneConfig,
+    Cond,
+    encode_with_negative,
+    images_from_vae,
+    truncation_note,
+)
 from rtdmd.flow.schedules import TimeShift
+
+CLIP_TOKENS = 77
 
 
 class PipelineBackbone:
@@ -68,6 +77,21 @@ class PipelineBackbone:
     def encode(self, prompts: Sequence[str], guidance: float = 1.0) -> Cond:
         needs_negative = guidance != 1.0 and not self.guidance_embeds
         return encode_with_negative(self._encode_texts, prompts, needs_negative, self._empty)
+
+    def truncation_notes(self, prompts: Sequence[str]) -> list[str]:
+        """Each tokenizer of the pipeline with its limit: CLIP's own 77, else ``max_sequence_length``."""
+        notes = []
+        for attr in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            tokenizer = getattr(self.pipe, attr, None)
+            if tokenizer is None:
+                continue
+            own = int(tokenizer.model_max_length)
+            # CLIP encoders always take their own 77 tokens; max_sequence_length is the T5 / Qwen encoder's
+            limit = own if own <= CLIP_TOKENS else min(own, self.max_sequence_length)
+            lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+            if note := truncation_note(type(tokenizer).__name__, lengths, limit):
+                notes.append(note)
+        return notes
 
     def default_timesteps(self, num_steps: int) -> tuple[float, ...]:
         return self.spacing(num_steps, self.time_shift)

@@ -28,6 +28,7 @@ from rtdmd.backbones.base import (
     guided_velocity,
     images_from_vae,
     reference_schedule,
+    truncation_note,
 )
 from rtdmd.backbones.sd3 import SD3_LORA_TARGETS, sd3_default_timesteps, sd3_forward
 from rtdmd.flow.schedules import TimeShift
@@ -127,6 +128,12 @@ class TinyBackbone:
 
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         return guided_velocity(partial(sd3_forward, net), x, sigma, cond, guidance)
+
+    def truncation_notes(self, prompts: Sequence[str]) -> list[str]:
+        note = truncation_note(
+            "the byte encoder", [len(p.encode("utf-8")) for p in prompts], self.text_encoder.max_length
+        )
+        return [note] if note else []
 
     def decode(self, latents: Tensor) -> Tensor:
         return images_from_vae(F.pixel_shuffle(latents.float(), PIXELS_PER_CELL))

@@ -30,13 +30,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import BACKBONES, TORCH_DTYPES, BackboneConfig, Cond, check_resolution, guided_velocity
+from rtdmd.backbones.base import (
+    BACKBONES,
+    TORCH_DTYPES,
+    BackboneConfig,
+    Cond,
+    check_resolution,
+    guided_velocity,
+    truncation_note,
+)
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.tiny import PIXELS_PER_CELL, TinyBackbone
 from rtdmd.config import from_dict
 from rtdmd.flow.path import expand_sigma
 from rtdmd.flow.schedules import TimeShift
-from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids, unknown_words
+from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids, unknown_words, words
 
 SHIPPED = "toy_teacher"
 
@@ -189,6 +197,10 @@ class ToyBackbone(TinyBackbone):
         """This checkpoint's shift (static: the token count does not enter)."""
         check_resolution(height, width, PIXELS_PER_CELL * 2, self.name)
         return self.time_shift.sigmas(timesteps or self.default_timesteps(num_steps), 0)
+
+    def truncation_notes(self, prompts: Sequence[str]) -> list[str]:
+        note = truncation_note("the toy word encoder", [len(words(p)) for p in prompts], MAX_WORDS)
+        return [note] if note else []
 
     def velocity(self, net: nn.Module, x: Tensor, sigma: float | Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         return guided_velocity(partial(toy_forward, net), x, sigma, cond, guidance)
