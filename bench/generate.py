@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.methods import MethodCard, build_method
 from rtdmd import distributed, run_dir
-from rtdmd.errors import RtdmdError
+from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 from rtdmd.suites import Suite
@@ -202,6 +202,7 @@ def generate_stage(
                     part.write(json.dumps(manifest_row(spec, item, root, pixels, nfe)) + "\n")
                 part.flush()
                 os.fsync(part.fileno())
+                kill_point("generate-chunk")
             part.close()
             counter.close()
             rows_forwarded = counter.rows

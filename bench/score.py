@@ -29,7 +29,7 @@ from PIL import Image
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from rtdmd import distributed, run_dir
 from rtdmd.checkpoint import write_text_atomic
-from rtdmd.errors import RtdmdError
+from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo, lacking_metadata, score
 
@@ -166,6 +166,7 @@ def score_stage(
                         part.write(json.dumps(score_row(row, name, rewards[name].info, value)) + "\n")
                 part.flush()
                 os.fsync(part.fileno())
+                kill_point("score-batch")
             part.close()
             if progress:
                 progress(len(mine), len(mine))

@@ -63,3 +63,22 @@ def one_line_errors(print_line) -> Iterator[None]:
             raise
         print_line(line)
         raise SystemExit(EXIT_CODE) from None
+
+
+# ---------------------------------------------------------------- fault injection (tests)
+
+KILL_ENV = "RTDMD_KILL_AT"  # "<site>:<n>": SIGKILL this process at its n-th pass through <site>
+_passes: dict[str, int] = {}
+
+
+def kill_point(site: str) -> None:
+    """A place where a real run can be killed (between two durable writes). With ``RTDMD_KILL_AT``
+    naming it, the n-th pass kills the process, so a test reaches every such place without timing."""
+    spec = os.environ.get(KILL_ENV, "")
+    if not spec.startswith(site + ":"):
+        return
+    _passes[site] = _passes.get(site, 0) + 1
+    if _passes[site] == int(spec.rsplit(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -372,3 +372,65 @@ def test_every_family_says_which_encoder_cuts_a_long_prompt():
     notes = backbone.truncation_notes([short, long])
     assert len(notes) == 3  # two CLIP encoders at 77 tokens, T5 at max_sequence_length 16
     assert sum("77 tokens" in n for n in notes) == 2 and sum("16 tokens" in n for n in notes) == 1
+
+
+# ---------------------------------------------------------------- kills at every durable point
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def killed_then_rerun(command: list[str], site: str, n: int) -> None:
+    """Run ``command`` with a SIGKILL at the n-th pass through ``site``, check it died there, rerun it."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RTDMD_KILL_AT": f"{site}:{n}"}
+    died = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert died.returncode == -9, (died.returncode, died.stderr[-2000:])
+    env.pop("RTDMD_KILL_AT")
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def harness_outputs(out: Path) -> dict[str, bytes]:
+    root = out / "tiny-cps4" / "toy-geneval-quick"
+    summary = json.loads((root / "summary.json").read_text())
+    summary.pop("run_dir")  # the folder's own path: the one thing two output folders differ in
+    return {name: (root / name).read_bytes() for name in ("manifest.jsonl", "scores.jsonl")} | {
+        "summary": json.dumps(summary).encode(),
+        **{p.name: p.read_bytes() for p in sorted((root / "images").rglob("*.png"))},
+    }
+
+
+def harness_command(out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.cli", "run", "--method", "tiny-cps4", "--suite", "toy-geneval-quick",
+        "--limit", "12", "--metrics", "brightness", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_harness(tmp_path_factory):
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("straight")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(harness_command(out), cwd=ROOT, env=env, check=True, capture_output=True)
+    return harness_outputs(out)
+
+
+@pytest.mark.parametrize(("site", "n"), [("generate-chunk", 1), ("generate-chunk", 2), ("score-batch", 1)])
+def test_a_run_killed_at_any_durable_point_reruns_to_the_same_bytes(tmp_path, site, n, straight_harness):
+    """12 prompts, compute batch 4: killed after the first or second of three generated chunks, or after
+    the first scored batch; the rerun's manifest, scores, summary and images equal a straight run's."""
+    killed_then_rerun(harness_command(tmp_path / "out"), site, n)
+    assert harness_outputs(tmp_path / "out") == straight_harness
+
+
+@pytest.mark.parametrize(("site", "n"), [("train-logged", 1), ("train-logged", 3), ("train-checkpoint", 1)])
+def test_training_killed_at_any_durable_point_resumes_to_the_same_bytes(tmp_path, site, n, uninterrupted):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "rtdmd.train.cli", "distill", "--config", "tiny", f"run_dir={run}"]
+    killed_then_rerun([*command, "device=cpu", "steps=4", "eval.every=0"], site, n)
+    assert_same_run(run, uninterrupted)

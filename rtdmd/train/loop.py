@@ -37,6 +37,7 @@ def run_loop(
 ) -> tuple[int, float]:
     """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``."""
     from rtdmd import distributed, run_dir
+    from rtdmd.errors import kill_point
     from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
     from rtdmd.train import state
 
@@ -61,9 +62,11 @@ def run_loop(
                 if torch.cuda.is_available():
                     logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 loggers.log(done, logs)
+                kill_point("train-logged")
             if done % schedule.checkpoint_every == 0 or done == schedule.total:
                 state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)
                 distributed.barrier()
+                kill_point("train-checkpoint")
         loggers.close()
     distributed.shutdown()
     return start, time.perf_counter() - t_start
