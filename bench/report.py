@@ -398,10 +398,21 @@ def holm_family(summaries: list[dict]) -> dict[tuple[int, str], float]:
     return {(key, m): a for (key, m, _), a in zip(family, adjusted, strict=True)}
 
 
+def read_summary(path: Path) -> dict:
+    """A ``summary.json``; one that is not JSON (copied half, edited) is a :class:`ReportError`."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReportError(
+            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}): "
+            "run `rtdmd-bench aggregate` on its run again, which rewrites it"
+        ) from None
+
+
 def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCard] = (), claims=None) -> dict:
     """Write the leaderboard (markdown, JSON, image grid); ``claims``: a :class:`bench.claims.ClaimCard`
     whose claims are checked against these summaries and stated after the tables."""
-    summaries = [json.loads(Path(p).read_text()) for p in summary_paths]
+    summaries = [read_summary(Path(p)) for p in summary_paths]
     if not summaries:
         raise ReportError("no summary.json files given")
     for path, s in zip(summary_paths, summaries, strict=True):

@@ -8,13 +8,14 @@ torn file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 @contextlib.contextmanager
@@ -46,12 +47,25 @@ def current_umask() -> int:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``tensors`` (as contiguous CPU copies) to ``path`` as safetensors, atomically. Metadata
-    keys are written sorted, so equal contents give equal bytes however the dict was built."""
+    """Write ``tensors`` (as contiguous CPU copies) to ``path`` as safetensors, atomically, with a
+    canonical header (:func:`canonical_header`): equal contents give equal bytes in any process."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=dict(sorted(metadata.items())) if metadata else metadata)
+        tmp.write_bytes(canonical_header(save(cpu, metadata=metadata)))
     return Path(path)
+
+
+def canonical_header(data: bytes) -> bytes:
+    """A safetensors file's bytes with its JSON header in one fixed order: metadata keys sorted, then
+    the tensors by offset. The library's writer orders the metadata by a hash map whose seed changes
+    from process to process, so a resumed run's checkpoints would otherwise differ in bytes only."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+    ordered |= dict(sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

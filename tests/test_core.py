@@ -68,7 +68,7 @@ def test_checkpoint_round_trip_and_atomic_overwrite(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", broken)
+    monkeypatch.setattr(ck, "save", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_tensors({"w": torch.zeros(1)}, path)
     assert torch.equal(load_tensors(path)["w"], tensors["w"])  # the old checkpoint is intact

@@ -113,6 +113,19 @@ def test_a_training_prompt_file_that_is_not_utf8_stops_before_training(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_a_torn_summary_is_one_line_and_aggregate_rewrites_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["run", "--method", "tiny-cps4", "--suite", "toy-geneval-quick", "--limit", "3", "--metrics", "brightness"]
+    assert run_main(bench_cli.main, [*argv, "--device", "cpu", "--out", str(out)], capsys)[0] == 0
+    summary = out / "tiny-cps4" / "toy-geneval-quick" / "summary.json"
+    whole = summary.read_bytes()
+    summary.write_bytes(whole[:150])
+    code, err = run_main(bench_cli.main, ["report", str(summary), "--out", str(tmp_path / "r.md")], capsys)
+    assert code == 2 and "summary.json is not valid JSON" in one_error_line(err)
+    assert run_main(bench_cli.main, ["aggregate", str(summary.parent)], capsys)[0] == 0
+    assert summary.read_bytes() == whole
+
+
 # ---------------------------------------------------------------- environment
 
 
@@ -181,14 +194,18 @@ def uninterrupted(tmp_path_factory):
     train(
         load(DistillConfig, "tiny", [f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"], group="distill"), False
     )
-    return final_state(run, 4)
+    return run
 
 
-def assert_same_run(run: Path, expected) -> None:
+def assert_same_run(run: Path, plain: Path) -> None:
+    """The same tensors, the same stats rows (but their times), the same checkpoint bytes."""
     tensors, rows = final_state(run, 4)
-    assert tensors.keys() == expected[0].keys()
-    assert all(torch.equal(tensors[k], expected[0][k]) for k in tensors)
-    assert rows == expected[1]
+    expected_tensors, expected_rows = final_state(plain, 4)
+    assert tensors.keys() == expected_tensors.keys()
+    assert all(torch.equal(tensors[k], expected_tensors[k]) for k in tensors)
+    assert rows == expected_rows
+    name = "checkpoints/step_00000004.safetensors"
+    assert (run / name).read_bytes() == (plain / name).read_bytes()
 
 
 def test_a_torn_last_stats_line_is_dropped_on_resume(tmp_path, capsys, uninterrupted):
@@ -434,3 +451,22 @@ def test_training_killed_at_any_durable_point_resumes_to_the_same_bytes(tmp_path
     command = [sys.executable, "-m", "rtdmd.train.cli", "distill", "--config", "tiny", f"run_dir={run}"]
     killed_then_rerun([*command, "device=cpu", "steps=4", "eval.every=0"], site, n)
     assert_same_run(run, uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rl(tmp_path_factory):
+    import os
+    import subprocess
+
+    run = tmp_path_factory.mktemp("plain_rl") / "run"
+    command = [sys.executable, "-m", "rtdmd.train.cli", "rl", "--config", "tiny", f"run_dir={run}", "device=cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([*command, "eval.every=0"], cwd=ROOT, env=env, check=True, capture_output=True)
+    return run
+
+
+def test_stage_two_killed_between_epochs_resumes_to_the_same_bytes(tmp_path, uninterrupted_rl):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "rtdmd.train.cli", "rl", "--config", "tiny", f"run_dir={run}", "device=cpu"]
+    killed_then_rerun([*command, "eval.every=0"], "train-logged", 3)
+    assert_same_run(run, uninterrupted_rl)
