@@ -77,7 +77,6 @@ def card_names() -> list[str]:
 
 
 def load_claims(name_or_path: str) -> ClaimCard:
-
     packaged = resources.files("bench") / "cards" / "claims" / f"{name_or_path}.yaml"
     path = packaged if packaged.is_file() else Path(name_or_path)
     if not path.is_file():

@@ -183,20 +183,10 @@ def metric_list(text: str, suite) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()] or list(suite.card.default_metrics)
     if not names:
         raise typer.BadParameter("no metrics: pass --metrics")
-    from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import lacking_metadata
-    from rtdmd.suites import SuiteError
+    from rtdmd.rewards.base import require_metadata
 
-    meta = [json.loads(row["metadata"]) for row in suite.rows]
-    for name in names:
-        info = REWARDS.get(name).info  # unknown names fail here, with a did-you-mean, before any work
-        if lacking := lacking_metadata(info, meta):  # and a suite without what a metric needs, before generating
-            key, count = next(iter(lacking.items()))
-            raise SuiteError(
-                f"metric {name} needs per-prompt metadata {key!r}, which suite {suite.card.name} lacks "
-                f'({count} of {len(meta)} prompts); a .jsonl file gives it as keys beside "prompt" (GenEval\'s '
-                'layout) or in a "metadata" object'
-            )
+    # unknown names (with a did-you-mean) and a suite without what a metric needs fail here, before generating
+    require_metadata(names, [json.loads(row["metadata"]) for row in suite.rows], f"suite {suite.card.name}")
     return names
 
 

@@ -177,7 +177,8 @@ def generate_stage(
         rows_forwarded, notes = 0, []
         if mine:
             backbone, net = build_method(method, world.device)
-            notes = backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
+            if world.is_main:  # prompts a text encoder cuts, said once for the run (every rank would say the same)
+                notes = backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
             counter = ForwardCounter(net)
             part = (root / f"manifest.part{world.rank}.jsonl").open("a")
             done_count = 0
@@ -226,7 +227,7 @@ def generate_stage(
             "generated": len(missing),
             "skipped": len(items) - len(missing),
             "rows_forwarded": rows_forwarded,
-            "notes": notes if world.is_main else [],  # e.g. prompts a text encoder cuts: said once
+            "notes": notes,
         }
 
 

@@ -107,7 +107,6 @@ def card_names() -> list[str]:
 
 def load_method(name_or_path: str) -> MethodCard:
     """A packaged card by name, or a YAML file."""
-
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():

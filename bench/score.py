@@ -31,7 +31,7 @@ from rtdmd import distributed, run_dir
 from rtdmd.checkpoint import write_text_atomic
 from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.rewards import REWARDS
-from rtdmd.rewards.base import RewardInfo, lacking_metadata, score
+from rtdmd.rewards.base import RewardInfo, require_metadata, score
 
 SCORES = "scores.jsonl"
 SET_SCORES = "set_scores.json"
@@ -47,17 +47,8 @@ def cache_key(row: dict, metric: str, info: RewardInfo) -> tuple[str, str, str, 
 
 def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[str, object]:
     """Instantiate the rewards; refuse a suite that lacks the metadata a metric needs."""
-    rewards = {}
-    meta = [json.loads(row["metadata"]) for row in manifest]  # parsed once for every metric
-    for name in metrics:
-        cls = REWARDS.get(name)  # unknown names raise with a did-you-mean
-        if lacking := lacking_metadata(cls.info, meta):
-            key, count = next(iter(lacking.items()))
-            raise ScoreError(
-                f"metric {name} needs per-prompt metadata {key!r}, which suite {suite} lacks ({count} of {len(manifest)} images)"
-            )
-        rewards[name] = cls()
-    return rewards
+    require_metadata(metrics, [json.loads(row["metadata"]) for row in manifest], f"suite {suite}", "images")
+    return {name: REWARDS.get(name)() for name in metrics}
 
 
 def cached_scores(root: Path) -> dict[tuple[str, str, str, str], dict]:

@@ -5,7 +5,7 @@ missing GPU), not by a bug: every error class of the project derives from it (an
 catch them so, from the matching built-in: ``ValueError``, ``FileNotFoundError``, ...). The CLIs
 print such failures, and the operating system's (no space, read-only, permission), as one line
 ``error: <what, where, what to do>`` and exit 2; a traceback appears only for a bug or with
-``--debug`` (or ``RTDMD_DEBUG=1``).
+``RTDMD_DEBUG=1``.
 """
 
 from __future__ import annotations

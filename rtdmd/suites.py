@@ -103,7 +103,6 @@ def card_names() -> list[str]:
 
 
 def load_card(name: str) -> SuiteCard:
-
     path = resources.files("rtdmd") / "cards" / "suites" / f"{name}.yaml"
     if not path.is_file():
         raise SuiteError(f"unknown suite {name!r}{did_you_mean(name, card_names())}; known: {', '.join(card_names())}")

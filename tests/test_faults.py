@@ -470,3 +470,12 @@ def test_stage_two_killed_between_epochs_resumes_to_the_same_bytes(tmp_path, uni
     command = [sys.executable, "-m", "rtdmd.train.cli", "rl", "--config", "tiny", f"run_dir={run}", "device=cpu"]
     killed_then_rerun([*command, "eval.every=0"], "train-logged", 3)
     assert_same_run(run, uninterrupted_rl)
+
+
+def test_a_training_reward_without_its_metadata_stops_before_training(tmp_path, capsys):
+    rewards = "rewards=[{name: brightness, weight: 1.0}, {name: toy-geneval, weight: 1.0}]"
+    argv = ["rl", "--config", "tiny", rewards, f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    code, err = run_main(train_cli.main, argv, capsys)
+    line = one_error_line(err)
+    assert code == 2 and "metric toy-geneval needs per-prompt metadata" in line and "inline prompts" in line
+    assert not (tmp_path / "run" / "stats.jsonl").exists()

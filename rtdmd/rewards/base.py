@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from rtdmd.errors import RtdmdError
 from rtdmd.registry import Registry
 
 
@@ -89,6 +90,23 @@ def lacking_metadata(info: RewardInfo, meta: Sequence[dict[str, Any]]) -> dict[s
     """``{key: rows without it}`` for each metadata key ``info.needs`` that some row lacks."""
     counts = {key: sum(key not in row for row in meta) for key in info.needs}
     return {key: n for key, n in counts.items() if n}
+
+
+class MissingMetadata(RtdmdError, ValueError):
+    """Prompts that lack the metadata a metric needs (GenEval's ``include`` and ``tag``, ...)."""
+
+
+def require_metadata(names: Sequence[str], meta: Sequence[dict[str, Any]], where: str, unit: str = "prompts") -> None:
+    """Refuse the first metric of ``names`` whose ``info.needs`` some row of ``meta`` lacks, naming the
+    key, how many rows lack it and ``where`` the rows come from (e.g. ``suite geneval``). Checked
+    before any image is made or any scorer is loaded."""
+    for name in names:
+        if lacking := lacking_metadata(REWARDS.get(name).info, meta):
+            key, count = next(iter(lacking.items()))
+            raise MissingMetadata(
+                f"metric {name} needs per-prompt metadata {key!r}, which {where} lacks ({count} of {len(meta)} {unit}); "
+                'a .jsonl prompt file gives it as keys beside "prompt" (GenEval\'s layout) or in a "metadata" object'
+            )
 
 
 def require_per_image(names: Sequence[str], key: str) -> None:

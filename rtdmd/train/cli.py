@@ -20,7 +20,6 @@ from rich.table import Table
 
 from rtdmd.config import dump_yaml, load, packaged_names
 from rtdmd.errors import one_line_errors
-from rtdmd.registry import UnknownNameError
 
 app = typer.Typer(
     help="RTDMD reference trainer. Every command takes --config (a packaged name or a YAML path), then key=value overrides.",
@@ -44,16 +43,14 @@ def _load(schema, group: str, config: str, overrides: list[str] | None, dry_run:
         if getattr(cfg, "prompt_file", ""):  # resolve the training prompts too: a bad source fails here, not on a GPU
             from rtdmd.data import read_prompt_records
 
-            try:
-                records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
-            except FileNotFoundError as error:  # a file the user fetches later: say so, the config itself is fine
-                console.print(
-                    f"# training prompts not checked: {error} (a run would stop here)", markup=False, soft_wrap=True
-                )
-                raise typer.Exit(0) from None
-            except (OSError, ValueError, UnknownNameError) as error:
-                err.print(f"[bold red]prompt error:[/] {error}")
-                raise typer.Exit(2) from None
+            with _config_errors():  # a wrong sha256, an unknown generator, a broken file: one line, exit 2
+                try:
+                    records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
+                except FileNotFoundError as error:  # a file the user fetches later: say so, the config is fine
+                    console.print(
+                        f"# training prompts not checked: {error} (a run would stop here)", markup=False, soft_wrap=True
+                    )
+                    raise typer.Exit(0) from None
             checked = ", sha256 verified" if cfg.prompt_file_sha256 else ", no sha256 pinned"
             console.print(f"# {len(records)} training prompts from {cfg.prompt_file}{checked}", markup=False)
         raise typer.Exit(0)

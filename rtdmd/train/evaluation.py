@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from rtdmd.rewards import REWARDS
-from rtdmd.rewards.base import lacking_metadata, require_per_image, score
+from rtdmd.rewards.base import require_metadata, require_per_image, score
 from rtdmd.stats import headline, strata_of
 from rtdmd.suites import load_suite
 
@@ -93,12 +93,7 @@ def load_tasks(spec: EvalSpec) -> list[EvalTask]:
         rows = suite.rows[: entry.num_prompts or None]
         metrics = entry.metrics or suite.card.default_metrics
         require_per_image(metrics, f"eval suite {entry.suite} (its card's default metrics)")
-        meta = [json.loads(row["metadata"]) for row in rows]
-        for name in metrics:
-            if lacking := list(lacking_metadata(REWARDS.get(name).info, meta)):
-                raise ValueError(
-                    f"eval metric {name} needs per-prompt metadata {lacking}, which suite {entry.suite} lacks"
-                )
+        require_metadata(metrics, [json.loads(row["metadata"]) for row in rows], f"eval suite {entry.suite}")
         # built now, so that missing weights or a missing detector environment stop the run before training
         scorers = {name: REWARDS.get(name)() for name in metrics}
         tasks.append(EvalTask(suite.card.name, rows, scorers, suite.card.images_per_prompt))

@@ -118,7 +118,7 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
     ``backbone`` / ``rewards`` may be given already built (e.g. random weights for a benchmark)."""
     from rtdmd.backbones.base import build_backbone
     from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import lacking_metadata
+    from rtdmd.rewards.base import require_metadata
     from rtdmd.train.distill import build_roles
     from rtdmd.train.evaluation import load_tasks
     from rtdmd.train.roles import EMA, ema_dtype
@@ -131,12 +131,11 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
         records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
     else:
         records = [{"prompt": p} for p in cfg.prompts]
+    require_metadata([t.name for t in cfg.rewards], records, f"prompt file {cfg.prompt_file or '(the inline prompts)'}")
     scorers = dict(rewards or {})
     for term in cfg.rewards:
         if term.name not in scorers:
             scorers[term.name] = REWARDS.get(term.name)(**term.options)
-        if lacking := lacking_metadata(scorers[term.name].info, records):
-            raise ValueError(f"reward {term.name} needs per-prompt metadata {lacking}: use a .jsonl prompt file")
     tasks = load_tasks(cfg.eval) if cfg.eval.every else []
     return Session(
         cfg=cfg,

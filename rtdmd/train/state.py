@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from rtdmd.checkpoint import load_tensors, save_tensors
+from rtdmd.checkpoint import load_tensors, save_tensors, write_text_atomic
 from rtdmd.errors import RtdmdError
 from rtdmd.train.roles import EMA
 
@@ -118,7 +118,7 @@ def resume(
                 warnings.warn(f"checkpoint {path} is unreadable ({reason}): resuming from an earlier one", stacklevel=2)
     stats = run_dir / "stats.jsonl"
     if is_main and stats.exists():
-        stats.write_text("".join(line + "\n" for line in logged_until(stats, start)))
+        write_text_atomic(stats, "".join(line + "\n" for line in logged_until(stats, start)))
     return start
 
 
