@@ -30,9 +30,9 @@ from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
 from bench.score import SCORES, read_set_scores, seed_sets, set_key
 from rtdmd import run_dir
-from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import from_dict, to_dict
-from rtdmd.errors import RtdmdError
+from rtdmd.errors import RtdmdError, kill_point
+from rtdmd.files import write_text_atomic
 from rtdmd.rewards import REWARDS
 from rtdmd.seeding import seed_for
 from rtdmd.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
@@ -308,4 +308,5 @@ def aggregate_stage(root: Path, reference: str = "") -> dict:
         "provenance": provenance(root),
     }
     write_text_atomic(root / SUMMARY, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    kill_point("aggregate-summary")
     return summary

@@ -477,6 +477,7 @@ def build_dpg_command(
 
     Example: git clone https://github.com/TencentQQGYLab/ELLA && rtdmd-bench build-dpg ELLA/dpg_bench/prompts
     """
+    from rtdmd.files import write_bytes_atomic
     from rtdmd.suites import CACHE, SuiteError, build_dpg, load_card, sha256_bytes
 
     with clean_errors():
@@ -486,9 +487,7 @@ def build_dpg_command(
             raise SuiteError(
                 f"built file has sha256 {sha256_bytes(data)}, the card expects {entry.sha256}: is {prompt_dir} ELLA's dpg_bench/prompts?"
             )
-        target = (prompts_dir or CACHE) / entry.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        target = write_bytes_atomic((prompts_dir or CACHE) / entry.path, data)
         console.print(f"wrote {target} (sha256 verified)")
 
 

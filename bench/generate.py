@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from bench.methods import MethodCard, build_method
 from rtdmd import distributed, run_dir
 from rtdmd.errors import RtdmdError, kill_point
+from rtdmd.files import JsonLinesAppender, write_text_atomic
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 from rtdmd.suites import Suite
@@ -180,7 +180,7 @@ def generate_stage(
             if world.is_main:  # prompts a text encoder cuts, said once for the run (every rank would say the same)
                 notes = backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
             counter = ForwardCounter(net)
-            part = (root / f"manifest.part{world.rank}.jsonl").open("a")
+            part = JsonLinesAppender(root / f"manifest.part{world.rank}.jsonl")
             done_count = 0
             for chunk in chunks_by_seed(mine, method.compute_batch):
                 if progress:
@@ -199,10 +199,10 @@ def generate_stage(
                     compute_batch=method.compute_batch,
                 )
                 nfe = (counter.rows - calls_before) / method.compute_batch  # rows per sampled chain (CFG counts twice)
-                for item, pixels in zip(chunk, to_uint8(images), strict=True):
-                    part.write(json.dumps(manifest_row(spec, item, root, pixels, nfe)) + "\n")
-                part.flush()
-                os.fsync(part.fileno())
+                part.append(
+                    manifest_row(spec, item, root, pixels, nfe)
+                    for item, pixels in zip(chunk, to_uint8(images), strict=True)
+                )
                 kill_point("generate-chunk")
             part.close()
             counter.close()
@@ -215,8 +215,6 @@ def generate_stage(
             if len(merged) != len(items):
                 raise RuntimeError(f"{len(items) - len(merged)} images are still missing after generation")
             text = "".join(json.dumps(merged[item.key]) + "\n" for item in items)
-            from rtdmd.checkpoint import write_text_atomic
-
             write_text_atomic(root / MANIFEST, text)
             for part_file in manifest_parts(root):
                 part_file.unlink()

@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
-from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import to_dict
-from rtdmd.errors import RtdmdError
+from rtdmd.errors import RtdmdError, kill_point
+from rtdmd.files import save_image_atomic, write_text_atomic
 from rtdmd.stats import N_BOOT, holm
 
 GRID_PROMPTS = 6
@@ -383,7 +383,7 @@ def image_grid(summaries: list[dict], path: Path) -> None:
                 canvas.paste(
                     image.resize((GRID_CELL, GRID_CELL), Image.Resampling.LANCZOS), (label_w + j * GRID_CELL, top)
                 )
-    canvas.save(path, format="PNG")
+    save_image_atomic(canvas, path)
 
 
 def holm_family(summaries: list[dict]) -> dict[tuple[int, str], float]:
@@ -440,6 +440,7 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
     lines += footnotes(summaries, len(p_adjusted))
     out = Path(out)
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
+    kill_point("report-file")
     document = {
         "tables": tables,
         "published_cards": [to_dict(c) for c in published],
@@ -447,5 +448,6 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
         "multiple_comparisons": {"method": "holm", "comparisons": len(p_adjusted)},
     }
     write_text_atomic(out.with_suffix(".json"), json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    kill_point("report-file")
     image_grid(next(iter(by_suite.values())), out.with_suffix(".png"))
     return {"report": str(out), "tables": len(tables)}

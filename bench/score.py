@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from PIL import Image
 
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from rtdmd import distributed, run_dir
-from rtdmd.checkpoint import write_text_atomic
 from rtdmd.errors import RtdmdError, kill_point
+from rtdmd.files import JsonLinesAppender, write_text_atomic
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo, require_metadata, score
 
@@ -137,7 +136,7 @@ def score_stage(
         distributed.barrier()
         mine = todo[world.rank :: world.size]
         if mine:
-            part = (root / f"scores.part{world.rank}.jsonl").open("a")
+            part = JsonLinesAppender(root / f"scores.part{world.rank}.jsonl")
             for start in range(0, len(mine), batch_size):
                 if progress:
                     progress(start, len(mine))
@@ -153,10 +152,9 @@ def score_stage(
                     )
                     values = values.tolist()
                     refuse_non_finite(name, rows, values)
-                    for row, value in zip(rows, values, strict=True):
-                        part.write(json.dumps(score_row(row, name, rewards[name].info, value)) + "\n")
-                part.flush()
-                os.fsync(part.fileno())
+                    part.append(
+                        score_row(row, name, rewards[name].info, value) for row, value in zip(rows, values, strict=True)
+                    )
                 kill_point("score-batch")
             part.close()
             if progress:

@@ -68,6 +68,7 @@ def one_line_errors(print_line) -> Iterator[None]:
 # ---------------------------------------------------------------- fault injection (tests)
 
 KILL_ENV = "RTDMD_KILL_AT"  # "<site>:<n>": SIGKILL this process at its n-th pass through <site>
+FULL_ENV = "RTDMD_FULL_AT"  # "<n>": the n-th durable write of this process fails as on a full disk
 _passes: dict[str, int] = {}
 
 
@@ -82,3 +83,15 @@ def kill_point(site: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_fault(path: object) -> OSError | None:
+    """The error a full disk would raise at this durable write (:mod:`rtdmd.files` asks before each
+    commit) when ``RTDMD_FULL_AT`` names its pass; otherwise None."""
+    spec = os.environ.get(FULL_ENV, "")
+    if not spec:
+        return None
+    _passes["write"] = _passes.get("write", 0) + 1
+    if _passes["write"] != int(spec):
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

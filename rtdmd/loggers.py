@@ -6,7 +6,6 @@ other ranks get a :class:`NullLogger`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Protocol
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rtdmd.files import JsonLinesAppender
 
 
 class MetricLogger(Protocol):
@@ -37,20 +38,19 @@ def _short(value: Any) -> str:
 
 
 class JsonlLogger:
-    """Appends one ``{"step": ..., "time": ..., **metrics}`` line per call and flushes it."""
+    """Appends one ``{"step": ..., "time": ..., **metrics}`` line per call, durably (:mod:`rtdmd.files`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a")
+        self._file = JsonLinesAppender(self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        self._file.append(
+            [{"step": step, "time": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}]
+        )
 
     def close(self) -> None:
-        self._fh.close()
+        self._file.close()
 
 
 class StatusLine:

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from rtdmd.checkpoint import write_text_atomic
 from rtdmd.config import ConfigError, dump_yaml, to_dict
 from rtdmd.errors import RtdmdError
+from rtdmd.files import write_text_atomic
 
 TRACKED_PACKAGES = ("rtdmd", "torch", "diffusers", "transformers", "peft", "safetensors", "numpy", "accelerate")
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from rtdmd.config import ConfigError, from_dict, yaml_mapping
 from rtdmd.data import decode_text, jsonl_values
 from rtdmd.errors import RtdmdError
+from rtdmd.files import write_bytes_atomic, write_text_atomic
 from rtdmd.registry import did_you_mean
 
 CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
@@ -183,9 +184,7 @@ def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download
     digest = sha256_bytes(data)
     if expected and digest != expected:
         raise SuiteError(f"suite {card.name}: the download of {entry.url} has sha256 {digest}, expected {expected}")
-    target = CACHE / entry.path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
+    write_bytes_atomic(CACHE / entry.path, data)
     if not expected:
         _pin(lock, entry.path, digest)
     return data, digest
@@ -194,8 +193,7 @@ def _fetch(entry: SuiteFile, card: SuiteCard, prompts_dir: Path | None, download
 def _pin(lock: dict[str, str], path: str, digest: str) -> None:
     """Trust an unpinned upstream file on first use and verify it against that hash from then on."""
     lock[path] = digest
-    _lock_path().parent.mkdir(parents=True, exist_ok=True)
-    _lock_path().write_text(json.dumps(lock, indent=2, sort_keys=True))
+    write_text_atomic(_lock_path(), json.dumps(lock, indent=2, sort_keys=True))
 
 
 def parse_records(data: bytes, fmt: Format, name: str = "the suite file") -> list[dict[str, Any] | str]:

@@ -12,8 +12,9 @@ import torch
 import yaml
 
 from rtdmd import run_dir
-from rtdmd.checkpoint import load_tensors, save_tensors, write_text_atomic
+from rtdmd.checkpoint import load_tensors, save_tensors
 from rtdmd.config import ConfigError
+from rtdmd.files import write_text_atomic
 from rtdmd.loggers import JsonlLogger
 from rtdmd.registry import Registry, UnknownNameError
 from rtdmd.seeding import randn, randn_rows, seed_for

@@ -13,34 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import one_error_line, run_main
 
 from bench import cli as bench_cli
 from rtdmd.checkpoint import load_tensors
 from rtdmd.train import cli as train_cli
-
-
-def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of a CLI's ``main()`` with ``argv``."""
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["prog", *argv]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
-
-
-def one_error_line(err: str) -> str:
-    """stderr is one ``error:`` line, without a traceback."""
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]
-
 
 # ---------------------------------------------------------------- cards and configs
 
@@ -410,19 +387,19 @@ def killed_then_rerun(command: list[str], site: str, n: int) -> None:
 
 
 def harness_outputs(out: Path) -> dict[str, bytes]:
+    """The run's manifest, scores, summary and images, and the report's three files, with the output
+    folder's own path (in the summary and the report) written as ``<out>``."""
     root = out / "tiny-cps4" / "toy-geneval-quick"
-    summary = json.loads((root / "summary.json").read_text())
-    summary.pop("run_dir")  # the folder's own path: the one thing two output folders differ in
-    return {name: (root / name).read_bytes() for name in ("manifest.jsonl", "scores.jsonl")} | {
-        "summary": json.dumps(summary).encode(),
-        **{p.name: p.read_bytes() for p in sorted((root / "images").rglob("*.png"))},
-    }
+    files = [root / "manifest.jsonl", root / "scores.jsonl", root / "summary.json", *sorted(root.rglob("*.png"))]
+    files += [out / f"report.{suffix}" for suffix in ("md", "json", "png")]
+    return {str(p.relative_to(out)): p.read_bytes().replace(str(out).encode(), b"<out>") for p in files}
 
 
 def harness_command(out: Path) -> list[str]:
     return [
         sys.executable, "-m", "bench.cli", "run", "--method", "tiny-cps4", "--suite", "toy-geneval-quick",
-        "--limit", "12", "--metrics", "brightness", "--device", "cpu", "--out", str(out),
+        "--limit", "12", "--metrics", "brightness", "--device", "cpu", "--out", str(out), "--report",
+        str(out / "report.md"),
     ]  # fmt: skip
 
 
@@ -437,10 +414,14 @@ def straight_harness(tmp_path_factory):
     return harness_outputs(out)
 
 
-@pytest.mark.parametrize(("site", "n"), [("generate-chunk", 1), ("generate-chunk", 2), ("score-batch", 1)])
+@pytest.mark.parametrize(
+    ("site", "n"),
+    [("generate-chunk", 1), ("generate-chunk", 2), ("score-batch", 1), ("aggregate-summary", 1), ("report-file", 2)],
+)
 def test_a_run_killed_at_any_durable_point_reruns_to_the_same_bytes(tmp_path, site, n, straight_harness):
-    """12 prompts, compute batch 4: killed after the first or second of three generated chunks, or after
-    the first scored batch; the rerun's manifest, scores, summary and images equal a straight run's."""
+    """12 prompts, compute batch 4: killed after the first or second of three generated chunks, after
+    the first scored batch, after the summary, or between the report's files; the rerun's manifest,
+    scores, summary, images and report equal a straight run's."""
     killed_then_rerun(harness_command(tmp_path / "out"), site, n)
     assert harness_outputs(tmp_path / "out") == straight_harness
 

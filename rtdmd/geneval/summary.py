@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rtdmd.files import write_text_atomic
 from rtdmd.rewards.geneval import Verdict, summarize
 
 
@@ -56,10 +57,7 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def write_results(rows: Sequence[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def summary(rows: Sequence[dict]) -> tuple[dict, str]:
@@ -80,10 +78,9 @@ def summary(rows: Sequence[dict]) -> tuple[dict, str]:
 def write_summary(rows: Sequence[dict], folder: str | Path) -> tuple[Path, Path]:
     """``summary.txt`` (the official text) and ``summary.json`` (the same numbers) in ``folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     numbers, text = summary(rows)
-    (folder / "summary.txt").write_text(text)
-    (folder / "summary.json").write_text(json.dumps(numbers, indent=1) + "\n")
+    write_text_atomic(folder / "summary.txt", text)
+    write_text_atomic(folder / "summary.json", json.dumps(numbers, indent=1) + "\n")
     return folder / "summary.txt", folder / "summary.json"
 
 
@@ -96,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers, text = summary(read_results(args.results))
     sys.stdout.write(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=1) + "\n")
+        write_text_atomic(args.json, json.dumps(numbers, indent=1) + "\n")
     return 0
 
 

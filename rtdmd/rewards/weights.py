@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtdmd.errors import RtdmdError
+from rtdmd.files import atomic_path
 
 ENV = "RTDMD_WEIGHTS"
 URL_CACHE = Path.home() / ".cache" / "rtdmd"  # URL files without a root (the hub has its own cache)
@@ -96,13 +97,11 @@ def fetch(spec: WeightFiles, root: Path | None) -> Path:
     target_dir = (root or URL_CACHE) / spec.folder
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / spec.names[0]
-    partial = target.with_suffix(target.suffix + ".part")
-    with urllib.request.urlopen(spec.url) as response, open(partial, "wb") as out:
-        shutil.copyfileobj(response, out)
-    if spec.sha256 and sha256_of(partial) != spec.sha256:
-        partial.unlink()
-        raise ValueError(f"{spec.url}: sha256 differs from {spec.sha256}; the file was not kept")
-    partial.replace(target)
+    with atomic_path(target) as partial:  # the download lands whole or not at all
+        with urllib.request.urlopen(spec.url) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+        if spec.sha256 and sha256_of(partial) != spec.sha256:
+            raise ValueError(f"{spec.url}: sha256 differs from {spec.sha256}; the file was not kept")
     return target_dir
 
 

@@ -19,6 +19,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from rtdmd.files import write_bytes_atomic
 from rtdmd.toyworld.data import eval_metadata, train_metadata
 
 SUITES_DIR = Path(str(resources.files("rtdmd.toyworld") / "suites"))
@@ -55,7 +56,7 @@ def write(directory: Path = SUITES_DIR) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, data in build().items():
-        (directory / name).write_bytes(data)
+        write_bytes_atomic(directory / name, data)
         digests[name] = hashlib.sha256(data).hexdigest()
     return digests
 

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from rtdmd.errors import RtdmdError
+from rtdmd.files import write_bytes_atomic, write_text_atomic
 
 ROOT = Path(str(resources.files("rtdmd.toyworld") / "weights"))
 SUMS = ROOT / "SHA256SUMS"
@@ -53,11 +54,9 @@ def packaged(name: str) -> Path:
 
 def register(path: Path) -> str:
     """Copy a trained checkpoint into the package and record its sha256 (used when shipping)."""
-    import shutil
-
     target = ROOT / path.name
     if path.resolve() != target.resolve():
-        shutil.copyfile(path, target)
+        write_bytes_atomic(target, path.read_bytes())
     sums = expected_sha256() | {target.name: sha256_file(target)}
-    SUMS.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+    write_text_atomic(SUMS, "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
     return sums[target.name]

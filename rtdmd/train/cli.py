@@ -75,7 +75,12 @@ class _LazyBar:
     def update(self, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = Progress(
-                TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,  # the summary table follows; an error stays the one line printed
             )
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=total)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rtdmd.files import save_image_atomic
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import require_metadata, require_per_image, score
 from rtdmd.stats import headline, strata_of
@@ -151,5 +152,5 @@ def evaluate(sess, step: int) -> dict[str, float]:
         if sess.world.is_main:
             folder = Path(sess.root) / "eval" / task.name
             folder.mkdir(parents=True, exist_ok=True)
-            grid(list(pixels[::n][:64].cpu()), 8).save(folder / f"step_{step:08d}.png")
+            save_image_atomic(grid(list(pixels[::n][:64].cpu()), 8), folder / f"step_{step:08d}.png")
     return logs

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, save_toy
 from rtdmd.data import batch_indices
+from rtdmd.files import save_image_atomic, write_text_atomic
 from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
 from rtdmd.sampling import SamplerSpec
@@ -185,8 +186,8 @@ def evaluate(
             compute_batch=cfg.eval.compute_batch,
         )
     model.train()
-    (root / "eval").mkdir(exist_ok=True)
-    grid(list(to_uint8(images[:: max(1, images_per_prompt)][:64])), 8).save(root / "eval" / f"step_{step:08d}.png")
+    pixels = list(to_uint8(images[:: max(1, images_per_prompt)][:64]))
+    save_image_atomic(grid(pixels, 8), root / "eval" / f"step_{step:08d}.png")
     out = {}
     for name in cfg.eval.rewards:
         values = score(REWARDS.get(name)(), images, prompts, metadata)
@@ -310,5 +311,5 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         "final": final,
         "model": asdict(cfg.model),
     }
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -308,8 +308,8 @@ def _optimizer(cfg: ToyClipConfig, model: ToyClip) -> torch.optim.AdamW:
 def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     """Train ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall times, paths)."""
     from rtdmd import run_dir
-    from rtdmd.checkpoint import write_text_atomic
     from rtdmd.config import to_dict
+    from rtdmd.files import write_text_atomic
     from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
 
     device = distributed.resolve_device(cfg.device)  # a bad device must not leave a run directory behind

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rtdmd.files import write_text_atomic
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.recognizer import CLASSES, Recognizer, RecognizerArch, fit_temperature, training_set
 
@@ -143,5 +144,5 @@ def train(cfg: RecognizerConfig) -> dict:
         "arch": asdict(cfg.arch),
     }
     logger.close()
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

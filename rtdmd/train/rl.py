@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from rtdmd.backbones.base import BackboneConfig
 from rtdmd.distributed import Strategy
+from rtdmd.files import write_text_atomic
 from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.sampling import SamplerSpec
 from rtdmd.train.distill import ACDMDSpec, RenoiseSpec
@@ -245,7 +246,7 @@ def check_stage1_origin(cfg: RLConfig, root: Path) -> None:
             f"run directory {root} started from stage-1 weights {before}, now {origin}: "
             "use a new run_dir (or point stage1 at the original weights)"
         )
-    path.write_text(json.dumps(origin, indent=1))
+    write_text_atomic(path, json.dumps(origin, indent=1))
 
 
 def train(cfg: RLConfig, show_progress: bool = True) -> dict:

@@ -23,7 +23,7 @@ from PIL import Image
 from rtdmd import distributed, run_dir
 from rtdmd.backbones import BACKBONES
 from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
-from rtdmd.checkpoint import atomic_path, write_text_atomic
+from rtdmd.files import JsonLinesAppender, atomic_path, save_image_atomic, write_text_atomic
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 
@@ -143,7 +143,7 @@ def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -
         load_s = time.perf_counter() - t0
         counter = ForwardCounter(backbone.transformer)
         t1 = time.perf_counter()
-        index = (root / "samples.jsonl").open("a")
+        index = JsonLinesAppender(root / "samples.jsonl")
         # one compute chunk at a time, each saved at once: a kill loses at most one chunk
         for start in range(0, len(missing), cfg.compute_batch):
             if progress:
@@ -160,11 +160,12 @@ def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -
                 width=cfg.width,
                 compute_batch=cfg.compute_batch,
             )
-            for (prompt, pid, k), pixels in zip(part, to_uint8(images), strict=True):
-                row = image_row(cfg, root, prompt, pid, k, pixels)
-                new_rows[row["file"]] = row
-                index.write(json.dumps(row) + "\n")
-            index.flush()
+            rows = [
+                image_row(cfg, root, prompt, pid, k, pixels)
+                for (prompt, pid, k), pixels in zip(part, to_uint8(images), strict=True)
+            ]
+            index.append(rows)
+            new_rows |= {row["file"]: row for row in rows}
         index.close()
         if progress:
             progress(len(missing), len(missing))
@@ -175,7 +176,8 @@ def run(cfg: SampleConfig, progress: Callable[[int, int], None] | None = None) -
     rows = [(done | new_rows)[f"images/{pid}_{k}.png"] for _, pid, k in todo]
     write_text_atomic(root / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     pixels = [torch.from_numpy(np.array(Image.open(root / r["file"]).convert("RGB"))) for r in rows]
-    grid(pixels, cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(8, len(pixels))).save(root / "grid.png")
+    columns = cfg.images_per_prompt if cfg.images_per_prompt > 1 else min(8, len(pixels))
+    save_image_atomic(grid(pixels, columns), root / "grid.png")
     return {
         "run_dir": str(root),
         "rows": rows,

@@ -25,8 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from rtdmd.checkpoint import load_tensors, save_tensors, write_text_atomic
+from rtdmd.checkpoint import load_tensors, save_tensors
 from rtdmd.errors import RtdmdError
+from rtdmd.files import write_text_atomic
 from rtdmd.train.roles import EMA
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
