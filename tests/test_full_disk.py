@@ -24,8 +24,9 @@ from rtdmd.train import cli as train_cli
 
 
 def site_of(path: Path) -> str:
-    """``images/seed0/0003_1.png`` -> ``#_#.png``: one site per kind of file."""
-    return re.sub(r"\d+", "#", path.name)
+    """``images/seed0/0003_1.png`` -> ``#_#.png``, ``a1e4a280d27cad5b_0.png`` -> ``#_#.png``: one site per
+    kind of file (hashes and numbers blanked)."""
+    return re.sub(r"[0-9a-f]{8,}|\d+", "#", path.name)
 
 
 def record_writes(monkeypatch, job: Callable[[], None], root: Path) -> dict[str, tuple[int, Path]]:
