@@ -23,10 +23,10 @@ from bench.methods import MethodCard, build_method
 from rtdmd import distributed, run_dir
 from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.files import JsonLinesAppender, write_text_atomic
+from rtdmd.images import save_png, to_uint8
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 from rtdmd.suites import Suite
-from rtdmd.train.sample import save_png, to_uint8
 
 MANIFEST = "manifest.jsonl"
 

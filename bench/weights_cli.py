@@ -1,7 +1,7 @@
 """``rtdmd-bench weights``: what each metric's weights are, where they were found, and fetching them.
 
 A metric declares its files as ``weights: tuple[WeightFiles, ...]`` on its reward class
-(:mod:`rtdmd.rewards.weights`); metrics without that attribute need no downloads (toy metrics
+(:mod:`rtdmd.weights`); metrics without that attribute need no downloads (toy metrics
 ship inside the package, ``brightness`` has none).
 """
 
@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from rtdmd.rewards.weights import ENV, fetch, locate, offline, weights_root
+from rtdmd.weights import ENV, fetch, locate, offline, weights_root
 
 weights_app = typer.Typer(
     help=f"Reward weights: list what each metric needs and what is present; fetch them. One root for all "

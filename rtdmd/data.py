@@ -31,18 +31,14 @@ from rtdmd.seeding import seed_for
 
 PACKAGE_PREFIX = "package:"
 GENERATED_PREFIX = "generated:"
-GENERATED_PROMPTS: Registry[Callable[[], bytes]] = Registry("prompt generator")
+# generators live where their vocabulary does (a higher layer), registered on first use
+GENERATED_PROMPTS: Registry[Callable[[], bytes]] = Registry(
+    "prompt generator", lazy={"geneval-train.jsonl": "rtdmd.geneval.prompts"}
+)
 
 
 class PromptFileError(RtdmdError, ValueError):
     """A prompt file that cannot be read as one: not UTF-8, a torn JSON line, no prompts."""
-
-
-@GENERATED_PROMPTS.register("geneval-train.jsonl")
-def _geneval_train() -> bytes:
-    from rtdmd.geneval.prompts import to_jsonl, training_metadata
-
-    return to_jsonl(training_metadata())
 
 
 def read_source(source: str | Path) -> bytes:

@@ -72,7 +72,7 @@ def merge_lora_state_dict(net: nn.Module, tensors: dict[str, torch.Tensor], fact
 def resolve_lora_file(source: str) -> Path:
     """A LoRA file path, or ``shipped:<name>``: a LoRA shipped in rtdmd's package data (sha256-verified)."""
     if source.startswith(SHIPPED_PREFIX):
-        from rtdmd.toyworld.weights import WeightsError, packaged
+        from rtdmd.weights import WeightsError, packaged
 
         try:
             return packaged(source[len(SHIPPED_PREFIX) :])

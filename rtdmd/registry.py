@@ -1,12 +1,16 @@
 """Name registries: every variation point (backbone family, reward, ...) is picked by name.
 
 Adding a family or a reward is one new module plus one ``@REGISTRY.register("name")`` line; nothing
-else in the code branches on a model type.
+else in the code branches on a model type. A registry may also name entries that a module of a
+higher layer registers (``lazy``: name -> module): the module is imported on the first lookup of one
+of its names, so the contract's package never imports upward (the toy world registers its backbone
+and metrics this way).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -38,9 +42,10 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, lazy: dict[str, str] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._lazy = dict(lazy or {})  # name -> the module whose import registers it
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers its target under ``name``; a second use of a name is an error."""
@@ -54,6 +59,8 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        if name not in self._entries and name in self._lazy:
+            importlib.import_module(self._lazy[name])
         try:
             return self._entries[name]
         except KeyError:
@@ -63,13 +70,13 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._entries))
+        return tuple(sorted(set(self._entries) | set(self._lazy)))
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.names())

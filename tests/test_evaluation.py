@@ -66,7 +66,7 @@ def test_the_training_evaluation_equals_the_harness_on_the_same_weights(tmp_path
     # the grid of each prompt's first image, from the harness's PNGs: the same pixels
     from PIL import Image
 
-    from rtdmd.train.sample import grid
+    from rtdmd.images import grid
 
     manifest = [json.loads(line) for line in (Path(root) / "manifest.jsonl").read_text().splitlines()]
     firsts = [r for r in manifest if r["sample_index"] == 0]
@@ -112,7 +112,7 @@ def test_an_unknown_suite_fails_before_training_with_a_suggestion(tmp_path):
 
 
 def test_the_toy_configs_evaluate_on_the_harness_suite():
-    from rtdmd.train.rl import RLConfig
+    from rtdmd.train.rl_config import RLConfig
 
     for cls, group, name in ((DistillConfig, "distill", "toy"), (RLConfig, "rl", "toy")):
         cfg = load(cls, name, [], group=group)

@@ -259,7 +259,7 @@ def test_detector_workers_die_with_a_killed_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import time, numpy as np\n"
-        "from rtdmd.rewards import toy\n"
+        "from rtdmd.toyworld import rewards as toy\n"
         "if __name__ == '__main__':\n"
         "    toy.detect_many([np.full((64, 64, 3), 250 - i, np.uint8) for i in range(16)])\n"
         "    print(' '.join(str(p) for p in toy._POOL[0][1]._processes), flush=True)\n"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rtdmd.rewards.geneval import Detection, judge, relative_position, summarize
+from rtdmd.geneval.judge import Detection, judge, relative_position, summarize
 
 
 def det(label, box=(10, 10, 20, 20), score=0.95, color=None, mask=None):

@@ -16,13 +16,13 @@ from PIL import Image
 
 from rtdmd.geneval import client as client_module
 from rtdmd.geneval.client import DetectorClient, DetectorError, MissingDetectorEnv, default_python, worker_command
+from rtdmd.geneval.judge import COLORS, Detection, Verdict, crop_for_color
 from rtdmd.geneval.summary import main as summary_main
 from rtdmd.geneval.summary import read_results, result_row, summary, write_results, write_summary
 from rtdmd.geneval.worker import CHECKPOINT_URL
 from rtdmd.rewards import geneval_real  # noqa: F401  (registers geneval, geneval-strict, geneval-partial)
 from rtdmd.rewards.base import REWARDS
-from rtdmd.rewards.geneval import COLORS, Detection, Verdict, crop_for_color
-from rtdmd.rewards.weights import MissingWeights
+from rtdmd.weights import MissingWeights
 
 CKPT_NAME = "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco_20220504_001756-c9d0c4f2.pth"
 
@@ -322,7 +322,7 @@ def test_geneval_rewards_on_the_fake_detector(fake_worker, tmp_path):
 
 
 def test_classnames_are_genevals_80_in_mmdet_order():
-    from rtdmd.rewards.geneval_real import CLASSNAMES
+    from rtdmd.geneval.judge import CLASSNAMES
 
     assert len(set(CLASSNAMES)) == 80
     assert CLASSNAMES[:3] == ("person", "bicycle", "car") and CLASSNAMES[-1] == "toothbrush"

@@ -7,8 +7,8 @@ import torch
 
 from rtdmd.rewards import clip as clip_rewards
 from rtdmd.rewards.base import REWARDS, score
-from rtdmd.rewards.weights import MissingWeights, WeightFiles, resolve
 from rtdmd.testing import save_tiny_clip
+from rtdmd.weights import MissingWeights, WeightFiles, resolve
 
 PROMPTS = ["a photo of a cat", "a red cube on a table", "two dogs", "an astronaut riding a horse"]
 

@@ -16,7 +16,7 @@ import torch
 from rtdmd.rewards import hps
 from rtdmd.rewards.base import REWARDS, score
 from rtdmd.rewards.preprocess import resize_longest_pad, to_pil
-from rtdmd.rewards.weights import MissingWeights
+from rtdmd.weights import MissingWeights
 
 # ViT-H-14's structure (patch 14, 224 px, 77-token BPE text tower), few layers and narrow widths
 TINY = {

@@ -10,7 +10,7 @@ import torch
 from rtdmd.rewards import imagereward as ir
 from rtdmd.rewards.base import REWARDS, score
 from rtdmd.rewards.preprocess import clip_tensor
-from rtdmd.rewards.weights import MissingWeights
+from rtdmd.weights import MissingWeights
 
 PROMPTS = ["a red cat on a mat", "two dogs", "A CAFÉ at night, in the rain!", "猫 and a dog"]
 TINY_VIT = ir.VitShape(patch_px=32, width=128, depth=2, heads=2, mlp_width=256)  # heads = width / 64

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rtdmd import distributed
 from rtdmd.config import ConfigError, load, packaged_names
 from rtdmd.train.cli import app
-from rtdmd.train.rl import RLConfig
+from rtdmd.train.rl_config import RLConfig
 from rtdmd.train.rl_step import build_session
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ from rtdmd.losses.grpo import group_advantages, ppo_clipped_loss, reward_hinge
 from rtdmd.rewards.simple import Brightness
 from rtdmd.sampling import rollout
 from rtdmd.train import rl_step
-from rtdmd.train.rl import ARMS, GRPOSpec, RewardTerm, RLConfig, trained_steps
+from rtdmd.train.rl_config import ARMS, GRPOSpec, RewardTerm, RLConfig, trained_steps
 from rtdmd.train.rl_plan import k_repeat_batch, noise_seeds, select_steps
 from rtdmd.train.roles import RoleSpec
 

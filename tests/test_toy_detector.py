@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import pytest
 
-from rtdmd.rewards.geneval import judge, summarize
+from rtdmd.geneval.judge import judge, summarize
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld import degrade
 from rtdmd.toyworld.data import eval_metadata
@@ -124,7 +124,7 @@ def test_confidence_is_calibrated_on_fresh_scenes():
     import torch
 
     from rtdmd.toyworld.detector import shipped_recognizer
-    from rtdmd.toyworld.recognizer import training_set
+    from rtdmd.toyworld.recognizer_data import training_set
     from rtdmd.train.pretrain_recognizer import expected_calibration_error
 
     crops, labels = training_set(1, 0, 400)
@@ -146,7 +146,7 @@ def test_temperature_fit_minimises_the_held_out_nll():
     import torch
     import torch.nn.functional as F
 
-    from rtdmd.toyworld.recognizer import fit_temperature
+    from rtdmd.toyworld.recognizer_data import fit_temperature
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 9, (500,), generator=gen)

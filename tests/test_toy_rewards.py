@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from rtdmd import weights
 from rtdmd.config import ConfigError, load
+from rtdmd.geneval.judge import TAGS
 from rtdmd.rewards import REWARDS
-from rtdmd.rewards import toy as toy_rewards
-from rtdmd.rewards.geneval import TAGS
 from rtdmd.seeding import seed_for
-from rtdmd.toyworld import weights
+from rtdmd.toyworld import rewards as toy_rewards
 from rtdmd.toyworld.clip import ToyClip, ToyClipArch, canonical, caption_negatives, spellings
 from rtdmd.toyworld.data import eval_metadata
 from rtdmd.toyworld.prompts import scene_for

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.methods import MethodError, build_method, load_method
+from rtdmd import weights
 from rtdmd.sampling import generate
-from rtdmd.toyworld import weights
 from rtdmd.toyworld.data import eval_metadata
 
 ARMS = ("grpo_all_steps", "no_bp", "no_dm", "bp_only", "dmd_only")
@@ -30,16 +30,16 @@ def test_every_shipped_checkpoint_is_verified_and_has_a_model_card():
     assert sorted(sums) == sorted(f"{n}.safetensors" for n in SHIPPED)
     for name in SHIPPED:
         assert weights.packaged(name).is_file()
-        card = (weights.ROOT / f"{name}.md").read_text()
+        card = (weights.SHIPPED_ROOT / f"{name}.md").read_text()
         for field in ("command", "seed", "hardware", "wall time"):
             assert field in card, f"{name}.md lacks {field}"
-    total = sum((weights.ROOT / f).stat().st_size for f in sums)
+    total = sum((weights.SHIPPED_ROOT / f).stat().st_size for f in sums)
     assert total < 60e6, f"shipped checkpoints take {total / 1e6:.1f} MB"  # the bound for all of them
 
 
 def test_a_modified_or_unknown_checkpoint_is_refused(tmp_path, monkeypatch):
-    shutil.copytree(weights.ROOT, tmp_path / "weights")
-    monkeypatch.setattr(weights, "ROOT", tmp_path / "weights")
+    shutil.copytree(weights.SHIPPED_ROOT, tmp_path / "weights")
+    monkeypatch.setattr(weights, "SHIPPED_ROOT", tmp_path / "weights")
     monkeypatch.setattr(weights, "SUMS", tmp_path / "weights" / "SHA256SUMS")
     path = tmp_path / "weights" / "toy_dmd.safetensors"
     data = bytearray(path.read_bytes())

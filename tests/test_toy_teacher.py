@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rtdmd.backbones.base import BACKBONES, BackboneConfig, build_backbone
-from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, load_toy, save_toy
 from rtdmd.config import load
 from rtdmd.flow.schedules import shift_static
+from rtdmd.toyworld.backbone import ToyBackbone, ToySpec, build_toy, load_toy, save_toy
 from rtdmd.toyworld.text import UNK, token_ids, unknown_words
 from rtdmd.train.cli import app
 from rtdmd.train.pretrain import PretrainConfig, learning_rate, training_sigmas

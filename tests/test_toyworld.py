@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from rtdmd.rewards.geneval import Detection, judge, summarize
+from rtdmd.geneval.judge import Detection, judge, summarize
 from rtdmd.toyworld.detector import detect
 from rtdmd.toyworld.prompts import TAGS, composition, make_prompts, scene_for
 from rtdmd.toyworld.world import BACKGROUND, PALETTE, SHAPES, Obj, mask, render

@@ -16,7 +16,7 @@ from rtdmd.config import load
 from rtdmd.seeding import randint, randn_rows, seed_for, uniform
 from rtdmd.testing import assert_same_gradients, param_grads
 from rtdmd.train import rl_step
-from rtdmd.train.rl import RLConfig, trained_steps
+from rtdmd.train.rl_config import RLConfig, trained_steps
 
 GUIDANCE = 3.0
 EPOCH = 1

@@ -7,9 +7,9 @@
 #               by side (~7.5 min on an H200 with 16 CPU cores: the toy detector scores the rollouts on the CPU)
 # STAGES picks them (default: all, in this order), so a rebuild can span several GPU calls of 10 minutes.
 # The GPU stages took 20 minutes in all (teacher 5.3, students 6.2, rl 7.5; toy_*.md say how each was run).
-# Ship the results with `python -c "from pathlib import Path; from rtdmd.toyworld.weights import register;
+# Ship the results with `python -c "from pathlib import Path; from rtdmd.weights import register;
 # [register(p) for p in Path('OUT').glob('*.safetensors')]"`, update the model cards and the metric
-# versions (rtdmd/rewards/toy.py), then rerun tools/toy_leaderboard.sh. The teacher's evaluation and the
+# versions (rtdmd/toyworld/rewards.py), then rerun tools/toy_leaderboard.sh. The teacher's evaluation and the
 # RL rewards use the *shipped* recogniser and ToyClip: ship those before the later stages when they changed.
 # Extra arguments go to every `rtdmd-train` call of the GPU stages (e.g. device=cuda:1).
 set -euo pipefail

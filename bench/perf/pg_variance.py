@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.train import rl_step  # noqa: E402
-from rtdmd.train.rl import RLConfig, trained_steps  # noqa: E402
+from rtdmd.train.rl_config import RLConfig, trained_steps  # noqa: E402
 
 
 def policy_gradient(sess: rl_step.Session, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -35,8 +35,8 @@ import torch
 from rtdmd.rewards import clip as clip_rewards
 from rtdmd.rewards.base import score
 from rtdmd.rewards.preprocess import to_pil
-from rtdmd.rewards.weights import WeightFiles
 from rtdmd.testing import save_tiny_clip
+from rtdmd.weights import WeightFiles
 
 # sizes of the released config.json files (openai/clip-vit-large-patch14; laion CLIP-ViT-H-14 = PickScore_v1)
 CLIP_L14 = {

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.perf.distill_step import PROMPTS, build_backbone  # noqa: E402
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
-from rtdmd.train.rl import RewardTerm, RLConfig  # noqa: E402
+from rtdmd.train.rl_config import RewardTerm, RLConfig  # noqa: E402
 from rtdmd.train.rl_step import build_session, run_epoch  # noqa: E402
 
 BATCH = {"sd35m": 9, "sd3m": 2, "flux2_4b": 6}  # per GPU, rtdmd_method.md §6.2

@@ -27,7 +27,7 @@ from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.flow.path import x0_from_velocity  # noqa: E402
 from rtdmd.train import rl_step  # noqa: E402
-from rtdmd.train.rl import RLConfig, trained_steps  # noqa: E402
+from rtdmd.train.rl_config import RLConfig, trained_steps  # noqa: E402
 
 FINAL_STEP_ARMS = {"dm": "dmd-only", "bp": "no-dm"}  # arms whose final-step loss is that term alone
 

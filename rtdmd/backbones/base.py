@@ -95,7 +95,7 @@ class Backbone(Protocol):
         ...
 
 
-BACKBONES: Registry[type] = Registry("backbone family")
+BACKBONES: Registry[type] = Registry("backbone family", lazy={"toy": "rtdmd.toyworld.backbone"})
 
 Dtype = Literal["float32", "float64", "bfloat16", "float16"]
 TORCH_DTYPES = {

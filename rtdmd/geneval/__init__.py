@@ -1,5 +1,8 @@
-"""The real GenEval metric's parts that are not judging rules (those are :mod:`rtdmd.rewards.geneval`):
+"""GenEval below the reward layer (nothing here imports :mod:`rtdmd.rewards`):
 
+* :mod:`~rtdmd.geneval.judge`: the official decision rules on detections, pure, shared by the real
+  detector and the toy world's;
+* :mod:`~rtdmd.geneval.prompts`: GenEval-format prompt generation (the training prompts);
 * :mod:`~rtdmd.geneval.worker`: Mask2Former (mmdetection 3.x) as a worker process, run inside the
   isolated ``tox -e geneval-mmdet`` environment;
 * :mod:`~rtdmd.geneval.client`: starts the worker from the main environment and exchanges PNG files,

@@ -12,7 +12,7 @@ The official ``evaluate_images.py`` builds, per object class, a zero-shot head w
 * both steps run under ``torch.cuda.amp.autocast`` (clip-benchmark's ``amp=True`` default): fp16 on a
   GPU, no effect on a CPU. ``amp=False`` gives fp32 everywhere.
 
-Crops come from :func:`rtdmd.rewards.geneval.crop_for_color` (the object over grey #999 through its
+Crops come from :func:`rtdmd.geneval.judge.crop_for_color` (the object over grey #999 through its
 mask, cropped to its box), called by the judge.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rtdmd.rewards.geneval import COLORS
-from rtdmd.rewards.weights import WeightFiles, resolve
+from rtdmd.geneval.judge import COLORS
+from rtdmd.weights import WeightFiles, resolve
 
 ARCH = "ViT-L-14-quickgelu"
 # open_clip 3.3's pretrained cfg for ViT-L-14(-quickgelu)/openai is hf_hub "timm/vit_large_patch14_clip_224.openai/";

@@ -19,7 +19,8 @@ import json
 
 import numpy as np
 
-from rtdmd.rewards.geneval_real import CLASSNAMES
+from rtdmd.data import GENERATED_PROMPTS
+from rtdmd.geneval.judge import CLASSNAMES
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -134,3 +135,9 @@ def training_metadata(seed: int = TRAINING_SEED, draws_per_task: int = TRAINING_
             seen.add(row["prompt"])
             rows.append(row)
     return rows
+
+
+@GENERATED_PROMPTS.register("geneval-train.jsonl")
+def geneval_train_jsonl() -> bytes:
+    """``generated:geneval-train.jsonl``: the training prompts as a prompt file's bytes."""
+    return to_jsonl(training_metadata())

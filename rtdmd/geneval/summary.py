@@ -6,7 +6,7 @@ string: prompts are grouped by this string, as pandas' ``groupby('metadata')``),
 kept class, ``[x1, y1, x2, y2, score]`` rows, a JSON string) and the RL repositories' variants
 ``strict_correct`` and ``partial``. The official ``summary_scores.py`` reads these rows unchanged.
 
-Summary numbers (:func:`rtdmd.rewards.geneval.summarize`):
+Summary numbers (:func:`rtdmd.geneval.judge.summarize`):
 
 * ``% correct images`` = mean over rows of ``correct``;
 * ``% correct prompts`` = mean over distinct metadata strings of ``any(correct)``;
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rtdmd.files import write_text_atomic
-from rtdmd.rewards.geneval import Verdict, summarize
+from rtdmd.geneval.judge import Verdict, summarize
 
 
 def result_row(filename: str, metadata: dict, verdict: Verdict, details: dict | None = None) -> dict:

@@ -64,7 +64,16 @@ class ResamplableSetMetric(SetMetric, Protocol):
     def set_value(self, *rows: Tensor) -> Tensor: ...
 
 
-REWARDS: Registry[type] = Registry("reward")
+TOY_METRICS = (
+    "toy-geneval",
+    "toy-geneval-strict",
+    "toy-geneval-partial",
+    "toy-geneval-fit",
+    "toy-clip",
+    "toy-aesthetic",
+    "toy-fd",
+)
+REWARDS: Registry[type] = Registry("reward", lazy=dict.fromkeys(TOY_METRICS, "rtdmd.toyworld.rewards"))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rtdmd.rewards.base import DTYPES, REWARDS, OnDevice, RewardInfo
 from rtdmd.rewards.heads import linear_head
 from rtdmd.rewards.preprocess import Interpolation, clip_reference, clip_tensor, to_pil
-from rtdmd.rewards.weights import WeightFiles, resolve_all
+from rtdmd.weights import WeightFiles, resolve_all
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CLIP_L14 = WeightFiles(

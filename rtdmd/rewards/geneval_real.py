@@ -1,5 +1,5 @@
 """The real GenEval metric (metrics.md §8): Mask2Former Swin-S detections, the CLIP colour classifier
-and the official decision rules of :func:`rtdmd.rewards.geneval.judge`.
+and the official decision rules of :func:`rtdmd.geneval.judge.judge`.
 
 Per image: float ``[3, H, W]`` in [0, 1] -> uint8 (``round(255 x)``, the pixels a saved PNG holds) ->
 PNG -> the detector worker (mmdet 3.x in ``tox -e geneval-mmdet``, reads the file with OpenCV, BGR,
@@ -31,27 +31,15 @@ from torch import Tensor
 
 from rtdmd.geneval.client import DetectorClient, ImageDetections, default_python, worker_command
 from rtdmd.geneval.colour import CLIP_L14_OPENAI
+from rtdmd.geneval.judge import CLASSNAMES, ColorClassifier, Detection, Verdict, filter_detections, judge
 from rtdmd.geneval.worker import CHECKPOINT_URL
 from rtdmd.rewards.base import REWARDS, RewardInfo
-from rtdmd.rewards.geneval import ColorClassifier, Detection, Verdict, filter_detections, geneval_info, judge
-from rtdmd.rewards.weights import WeightFiles, resolve_all, sha256_of
+from rtdmd.rewards.geneval import geneval_info
+from rtdmd.weights import WeightFiles, resolve_all, sha256_of
 
 MASK2FORMER = WeightFiles(url=CHECKPOINT_URL)
 # OpenMMLab names each published checkpoint with the first 8 hex digits of its sha256
 CHECKPOINT_SHA256_PREFIX = CHECKPOINT_URL.rsplit("-", 1)[-1].removesuffix(".pth")
-# evaluation/object_names.txt of djghosh13/geneval: the 80 COCO classes in mmdet's label order,
-# three of them renamed (mouse, remote, keyboard); the prompts' metadata uses these names
-CLASSNAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
 MIN_SCORE = 0.3  # the lowest GenEval threshold: the worker drops detections at or below it (judge keeps > 0.3)
 VERDICT_CACHE_SIZE = 8192
 

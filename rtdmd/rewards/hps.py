@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from rtdmd.rewards.base import DTYPES, REWARDS, OnDevice, RewardInfo
 from rtdmd.rewards.preprocess import normalize, resize_longest_pad, to_pil
-from rtdmd.rewards.weights import WeightFiles, resolve
+from rtdmd.weights import WeightFiles, resolve
 
 HPS_REPO = "xswu/HPSv2"
 HPS_V20_FILE = "HPS_v2_compressed.pt"

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from rtdmd.rewards.base import DTYPES, REWARDS, OnDevice, RewardInfo
 from rtdmd.rewards.heads import linear_head
 from rtdmd.rewards.preprocess import clip_reference, clip_tensor
-from rtdmd.rewards.weights import WeightFiles, resolve_all
+from rtdmd.weights import WeightFiles, resolve_all
 
 REWARD_MEAN = 0.16717362830052426  # ImageReward.mean: raw head output on the authors' benchmark set
 REWARD_STD = 1.0333394966054072  # ImageReward.std

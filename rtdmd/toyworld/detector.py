@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtdmd.rewards.geneval import Detection
+from rtdmd.geneval.judge import Detection
 from rtdmd.toyworld.world import BACKGROUND, PALETTE, SHAPES, SIZE, Obj, silhouette
 
 FOREGROUND = 40.0
@@ -187,7 +187,7 @@ def fitted(found: Candidate) -> Detection:
 def shipped_recognizer():
     """The shipped recogniser (sha256-verified), loaded once per process."""
     from rtdmd.toyworld.recognizer import Recognizer
-    from rtdmd.toyworld.weights import packaged
+    from rtdmd.weights import packaged
 
     return Recognizer.load(packaged("toy_recognizer"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtdmd.rewards.geneval import Detection, relative_position
+from rtdmd.geneval.judge import Detection, relative_position
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.world import PALETTE, PLURALS, SHAPES, SIZE, SIZE_RANGES, Obj
 

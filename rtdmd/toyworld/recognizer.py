@@ -8,7 +8,7 @@ in a square window around its box, with :data:`PAD_FRACTION` of margin, resample
 over ``SHAPES + ("reject",)``, with the temperature ``T`` fitted after training on held-out samples
 (minimum negative log-likelihood). Inference runs in float64, so scores agree across CPUs.
 
-Training data (:func:`training_sample`): scenes of one to three objects of random class, colour and
+Training data (:func:`rtdmd.toyworld.recognizer_data.training_sample`): scenes of one to three objects of random class, colour and
 size, half of them drawn with a generator's errors (:func:`rtdmd.toyworld.degrade.varied`), some
 scenes with one object malformed (:data:`rtdmd.toyworld.degrade.MALFORMATIONS`), then mild
 degradations (:data:`rtdmd.toyworld.degrade.TRAINING_DEGRADATIONS`); each segmented component is
@@ -18,16 +18,14 @@ labelled with the class of the object whose mask it matches (IoU >= ``MATCH_IOU`
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rtdmd.toyworld.world import SHAPES, SIZE
+from rtdmd.toyworld.world import SHAPES
 
 CLASSES = (*SHAPES, "reject")
 REJECT = len(SHAPES)
@@ -117,89 +115,3 @@ def _area_matrix(edges: np.ndarray, n: int) -> np.ndarray:
     pixels = np.arange(n)[None]
     overlap = np.clip(np.minimum(hi, pixels + 1) - np.maximum(lo, pixels), 0, None)
     return overlap / (hi - lo)
-
-
-# ---------------------------------------------------------------- training data
-
-
-def _place(rng: np.random.Generator, count: int) -> list:
-    """``count`` non-overlapping objects of random class, colour and size 12-36 px."""
-    from rtdmd.toyworld.prompts import COLORS, _fits
-    from rtdmd.toyworld.world import Obj
-
-    objects: list = []
-    for _ in range(200):
-        if len(objects) == count:
-            break
-        size = float(rng.uniform(12, 36 if count == 1 else 28))
-        cx, cy = rng.uniform(size / 2 + 1, SIZE - size / 2 - 1, size=2)
-        obj = Obj(
-            SHAPES[int(rng.integers(len(SHAPES)))], COLORS[int(rng.integers(len(COLORS)))], float(cx), float(cy), size
-        )
-        if _fits(obj, objects, gap=3.0):
-            objects.append(obj)
-    return objects
-
-
-def training_sample(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Crops ``[n, CROP, CROP]`` and labels ``[n]`` (indices into :data:`CLASSES`) of every component
-    of one generated scene: ``seed_for(seed, "recognizer", index)`` draws it all."""
-    from rtdmd.seeding import seed_for
-    from rtdmd.toyworld import degrade
-    from rtdmd.toyworld.detector import candidates
-    from rtdmd.toyworld.world import silhouette
-
-    rng = np.random.default_rng(seed_for(seed, "recognizer", index))
-    objects = _place(rng, int(rng.integers(1, 4)))
-    covers = [silhouette(o) if rng.uniform() < 0.5 else degrade.varied(o, rng) for o in objects]
-    bad = int(rng.integers(len(objects))) if rng.uniform() < 0.4 else -1
-    if bad >= 0:
-        kinds = list(degrade.MALFORMATIONS)
-        covers[bad] = degrade.malformed(objects[bad], kinds[int(rng.integers(len(kinds)))], rng)
-    image = degrade.degrade(degrade.paint(covers, [o.color for o in objects]), rng)
-    crops, labels = [], []
-    for found in candidates(image):
-        label = REJECT
-        for i, (obj, cover) in enumerate(zip(objects, covers, strict=True)):
-            truth = cover >= 0.5
-            iou = (found.mask & truth).sum() / max((found.mask | truth).sum(), 1)
-            if i != bad and iou >= MATCH_IOU:
-                label = SHAPES.index(obj.shape)
-        crops.append(crop(found.alpha, found.box))
-        labels.append(label)
-    return np.asarray(crops, dtype=np.float32).reshape(-1, CROP, CROP), np.asarray(labels, dtype=np.int64)
-
-
-def _samples(seed: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    parts = [training_sample(seed, i) for i in range(start, stop)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def training_set(seed: int, start: int, count: int, workers: int = 1) -> tuple[Tensor, Tensor]:
-    """Crops ``[N, 1, CROP, CROP]`` and labels of scenes ``start .. start+count-1`` (any worker count
-    gives the same tensors)."""
-    if workers <= 1:
-        crops, labels = _samples(seed, start, start + count)
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-
-        bounds = np.linspace(start, start + count, 8 * workers + 1).astype(int)
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_samples, [seed] * (len(bounds) - 1), bounds[:-1], bounds[1:]))
-        crops, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    return torch.from_numpy(crops).unsqueeze(1), torch.from_numpy(labels)
-
-
-def fit_temperature(logits: Tensor, labels: Tensor) -> float:
-    """``argmin_T NLL(softmax(logits / T), labels)`` over ``log T`` in [-3, 3] (golden-section search)."""
-    logits, labels = logits.double(), labels.long()
-
-    def nll(log_t: float) -> float:
-        return float(F.cross_entropy(logits / math.exp(log_t), labels))
-
-    lo, hi = -3.0, 3.0
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        lo, hi = (lo, b) if nll(a) < nll(b) else (a, hi)
-    return math.exp((lo + hi) / 2)

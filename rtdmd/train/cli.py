@@ -185,7 +185,8 @@ def rl(
 
     Rerunning the same command resumes from the last checkpoint; raising epochs= extends a finished run. Multi-GPU: torchrun --nproc_per_node N -m rtdmd.train.cli rl ...
     """
-    from rtdmd.train.rl import RLConfig, train
+    from rtdmd.train.rl import train
+    from rtdmd.train.rl_config import RLConfig
 
     cfg = _load(RLConfig, "rl", config, overrides, dry_run)
     with _config_errors():

@@ -119,8 +119,8 @@ def headline_logs(task: EvalTask, metric: str, values: np.ndarray) -> dict[str, 
 
 def evaluate(sess, step: int) -> dict[str, float]:
     """The EMA generator on every eval suite (see the module docstring); a grid per suite under ``eval/``."""
+    from rtdmd.images import grid, to_uint8
     from rtdmd.sampling import generate
-    from rtdmd.train.sample import grid, to_uint8
 
     spec, cfg = sess.cfg.eval, sess.cfg
     logs: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
 Objective (rectified flow): for an image latent ``x0``, noise ``eps`` and ``sigma``,
 ``x_sigma = (1 - sigma) x0 + sigma eps``; the toy network predicts ``x0`` (see
-:mod:`rtdmd.backbones.toy`) and the loss is the velocity error with the denominator clipped, as in
+:mod:`rtdmd.toyworld.backbone`) and the loss is the velocity error with the denominator clipped, as in
 JiT: ``v_hat = (x_sigma - x0_hat) / sigma``, so
 ``L = E || x0_hat - x0 ||^2 / max(sigma, sigma_floor)^2``  (``= E || v_hat - (eps - x0) ||^2`` above
 the floor; the floor keeps the weight of nearly clean inputs finite).
@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rtdmd.backbones.sd3 import sd3_forward
-from rtdmd.backbones.toy import ToyBackbone, ToySpec, build_toy, save_toy
 from rtdmd.data import batch_indices
 from rtdmd.files import save_image_atomic, write_text_atomic
 from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
 from rtdmd.sampling import SamplerSpec
 from rtdmd.seeding import seed_for
+from rtdmd.toyworld.backbone import ToyBackbone, ToySpec, build_toy, save_toy
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Sample the toy-geneval prompts (``images_per_prompt`` each, sample indices 0, 1, ...) and
     score them with ``cfg.eval.rewards``; toy-geneval also per task."""
+    from rtdmd.images import grid, to_uint8
     from rtdmd.rewards import REWARDS
     from rtdmd.rewards.base import score
     from rtdmd.sampling import generate
     from rtdmd.toyworld.data import eval_metadata
-    from rtdmd.train.sample import grid, to_uint8
 
     metadata = [m for m in list(eval_metadata())[: cfg.eval.num_prompts or None] for _ in range(images_per_prompt)]
     prompts = [m["prompt"] for m in metadata]

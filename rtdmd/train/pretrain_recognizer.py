@@ -25,7 +25,8 @@ from torch import Tensor
 
 from rtdmd.files import write_text_atomic
 from rtdmd.seeding import seed_for
-from rtdmd.toyworld.recognizer import CLASSES, Recognizer, RecognizerArch, fit_temperature, training_set
+from rtdmd.toyworld.recognizer import CLASSES, Recognizer, RecognizerArch
+from rtdmd.toyworld.recognizer_data import fit_temperature, training_set
 
 
 @dataclass(frozen=True)

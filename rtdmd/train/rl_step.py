@@ -27,7 +27,7 @@ from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.losses.grpo import group_advantages, ppo_clipped_loss, reward_hinge
 from rtdmd.seeding import randn_rows, seed_for, uniform
 from rtdmd.train.distill import Models, consistency_term, renoise_levels
-from rtdmd.train.rl import RLConfig, trained_steps
+from rtdmd.train.rl_config import RLConfig, trained_steps
 from rtdmd.train.roles import warmup_decay
 
 
@@ -69,15 +69,15 @@ def stage1_origin(cfg: RLConfig) -> dict[str, str]:
     """What stage 2 starts from, precisely: the stage-1 checkpoint file, or each LoRA file with its
     sha256 (a resumed run must start from the same weights: stage 1 may have gone on meanwhile)."""
     from rtdmd.lora import resolve_lora_file
-    from rtdmd.toyworld.weights import sha256_file
     from rtdmd.train import state
+    from rtdmd.weights import sha256_of
 
     spec = cfg.stage1
     if spec.run:
         latest = state.latest_checkpoint(Path(spec.run))
         return {"run_checkpoint": str(latest[1].resolve()) if latest else ""}
     return {
-        role: f"{source} sha256 {sha256_file(resolve_lora_file(source))}"
+        role: f"{source} sha256 {sha256_of(resolve_lora_file(source))}"
         for role, source in (("generator", spec.generator_lora), ("fake", spec.fake_lora))
         if source
     }

@@ -23,7 +23,8 @@ from PIL import Image
 from rtdmd import distributed, run_dir
 from rtdmd.backbones import BACKBONES
 from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
-from rtdmd.files import JsonLinesAppender, atomic_path, save_image_atomic, write_text_atomic
+from rtdmd.files import JsonLinesAppender, save_image_atomic, write_text_atomic
+from rtdmd.images import grid, save_png, to_uint8
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 
@@ -71,28 +72,6 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     unique = list(dict.fromkeys(prompts))  # a repeated prompt would address the same images
     return unique
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> [B, H, W, 3] uint8 (round half to even, as torchvision does)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def save_png(pixels: torch.Tensor, path: Path) -> str:
-    """Write one [H, W, 3] uint8 image atomically; return the file's sha256."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def grid(pixels: list[torch.Tensor], columns: int) -> Image.Image:
-    h, w, _ = pixels[0].shape
-    rows = (len(pixels) + columns - 1) // columns
-    canvas = torch.full((rows * h, columns * w, 3), 255, dtype=torch.uint8)
-    for i, img in enumerate(pixels):
-        r, c = divmod(i, columns)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    return Image.fromarray(canvas.numpy())
 
 
 def done_rows(root: Path) -> dict[str, dict]:

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from rtdmd.rewards import clip as clip_rewards
-from rtdmd.rewards.weights import WeightFiles
 from rtdmd.testing import save_tiny_clip
+from rtdmd.weights import WeightFiles
 
 pytestmark = pytest.mark.parity
 

@@ -183,7 +183,7 @@ class ToyBackbone(TinyBackbone):
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig, device: torch.device) -> ToyBackbone:
-        from rtdmd.toyworld.weights import packaged
+        from rtdmd.weights import packaged
 
         path = Path(cfg.source) if cfg.source else packaged(SHIPPED)
         if not path.is_file():

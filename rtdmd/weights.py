@@ -1,4 +1,4 @@
-"""Where reward weights come from: one root for all metrics, the hub cache, or a download.
+"""Where metric weights (rewards, the GenEval detector) come from: one root for all metrics, the hub cache, or a download.
 
 Every metric declares the exact files it needs as :class:`WeightFiles` (a hub repository and file
 names, or one URL with its sha256). :func:`resolve` finds them, in this order:
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtdmd.errors import RtdmdError
-from rtdmd.files import atomic_path
+from rtdmd.files import atomic_path, write_bytes_atomic, write_text_atomic
 
 ENV = "RTDMD_WEIGHTS"
 URL_CACHE = Path.home() / ".cache" / "rtdmd"  # URL files without a root (the hub has its own cache)
@@ -151,3 +151,49 @@ def resolve(metric: str, spec: WeightFiles, weights_dir: str | Path | None = Non
     """:func:`resolve_all` of one spec."""
     (folder,) = resolve_all(metric, (spec,), weights_dir)
     return folder
+
+
+# ---------------------------------------------------------------- shipped checkpoints
+# The toy world's checkpoints ship as package data: ``<name>.safetensors``, a model card ``<name>.md``
+# (command, seed, hardware, wall time, final metrics) and a line in ``SHA256SUMS``; :func:`packaged`
+# verifies the hash before anything reads the file, so a truncated or edited checkpoint fails loudly.
+
+# package data beside the toy world that trained them; a path, so this module imports nothing above it
+SHIPPED_ROOT = Path(__file__).resolve().parent / "toyworld" / "weights"
+SUMS = SHIPPED_ROOT / "SHA256SUMS"
+
+
+class WeightsError(RtdmdError, FileNotFoundError):
+    """A shipped checkpoint that is unknown, missing or modified."""
+
+
+def expected_sha256() -> dict[str, str]:
+    """``{file name: sha256}`` from ``SHA256SUMS`` (``sha256sum`` format)."""
+    if not SUMS.is_file():
+        return {}
+    pairs = (line.split() for line in SUMS.read_text().splitlines() if line.strip())
+    return {name.lstrip("*"): digest for digest, name in pairs}
+
+
+def packaged(name: str) -> Path:
+    """The verified path of shipped checkpoint ``name`` (without ``.safetensors``)."""
+    file = f"{name}.safetensors"
+    path, sums = SHIPPED_ROOT / file, expected_sha256()
+    if file not in sums:
+        known = ", ".join(sorted(n.removesuffix(".safetensors") for n in sums)) or "none"
+        raise WeightsError(f"no shipped toy checkpoint {name!r} (shipped: {known})")
+    if not path.is_file():
+        raise WeightsError(f"shipped toy checkpoint {path} is missing: reinstall rtdmd or restore it from git")
+    if (actual := sha256_of(path)) != sums[file]:
+        raise WeightsError(f"{path} has sha256 {actual}, SHA256SUMS expects {sums[file]} (a modified checkpoint)")
+    return path
+
+
+def register(path: Path) -> str:
+    """Copy a trained checkpoint into the package and record its sha256 (used when shipping)."""
+    target = SHIPPED_ROOT / path.name
+    if path.resolve() != target.resolve():
+        write_bytes_atomic(target, path.read_bytes())
+    sums = expected_sha256() | {target.name: sha256_of(target)}
+    write_text_atomic(SUMS, "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+    return sums[target.name]

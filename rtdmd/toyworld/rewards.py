@@ -109,8 +109,8 @@ def detect_many(images, scorer: str = "learned") -> list[tuple]:
 
 
 def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]], scorer: str = "learned") -> list:
-    from rtdmd.rewards.geneval import judge
-    from rtdmd.train.sample import to_uint8
+    from rtdmd.geneval.judge import judge
+    from rtdmd.images import to_uint8
 
     if len(meta) != len(images):
         raise ValueError(f"{len(images)} images but {len(meta)} metadata rows")
@@ -184,7 +184,7 @@ TOY_CLIP_SHA256 = {
 def load_toy_clip(path: str | Path | None = None):
     """ToyClip from ``path``, else from ``$RTDMD_TOY_CLIP``, else the shipped ``toy_clip`` checkpoint."""
     from rtdmd.toyworld.clip import ToyClip
-    from rtdmd.toyworld.weights import WeightsError, packaged
+    from rtdmd.weights import WeightsError, packaged
 
     source = path or os.environ.get(CLIP_ENV)
     if source:
@@ -194,7 +194,7 @@ def load_toy_clip(path: str | Path | None = None):
     except WeightsError as error:
         raise WeightsError(
             f"{error}. Train it with `rtdmd-train pretrain-clip --config toy` and ship it with "
-            f"rtdmd.toyworld.weights.register, or pass a checkpoint path (or set {CLIP_ENV})"
+            f"rtdmd.weights.register, or pass a checkpoint path (or set {CLIP_ENV})"
         ) from None
 
 
