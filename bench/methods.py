@@ -32,6 +32,7 @@ from rtdmd.lora import (
 )
 from rtdmd.registry import did_you_mean
 from rtdmd.sampling import SamplerSpec
+from rtdmd.train import run_lora
 
 
 class MethodError(RtdmdError, ValueError):
@@ -221,21 +222,13 @@ def lora_alpha_over_rank(path: Path, entry: LoraEntry) -> float:
 
 
 def merge_rtdmd_run(net: nn.Module, run: Path, scale: float) -> None:
-    """Merge the EMA generator LoRA of an ``rtdmd-train`` run (its latest checkpoint)."""
-    import yaml
-
-    from rtdmd.config import from_dict as config_from_dict
-    from rtdmd.train import state
-    from rtdmd.train.distill import DistillConfig
-
-    latest = state.latest_checkpoint(run)
-    if latest is None or not (run / "config.yaml").is_file():
-        raise MethodError(f"{run} is not an rtdmd-train run directory with a checkpoint")
-    lora = config_from_dict(DistillConfig, yaml.safe_load((run / "config.yaml").read_text())).generator.lora
-    if lora is None:
-        raise MethodError(f"{run} trained every weight; point the card's `transformer` at an export instead")
-    ema = {k[len("ema/") :]: v for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
-    merge_lora_state_dict(net, ema, scale * lora.alpha / lora.rank)
+    """Merge the generator of an ``rtdmd-train`` run (its latest checkpoint): a distill run's EMA
+    LoRA, or a stage-2 run's stage 1 and then its own EMA LoRA (:mod:`rtdmd.train.run_lora`);
+    ``scale`` applies to the run's own LoRA."""
+    try:
+        run_lora.merge_all(net, run_lora.role_merges(run, "generator", scale))
+    except run_lora.RunError as error:
+        raise MethodError(f"{error}; for full weights point the card's `transformer` at an export") from None
 
 
 def merge_shipped(net: nn.Module, name: str, scale: float) -> None:

@@ -185,3 +185,31 @@ def test_a_resumed_run_refuses_other_stage_one_weights(tmp_path):
     assert more.exit_code == 0, more.output
     again = rl(tmp_path, "rl", f"stage1.run={tmp_path / 's1'}", "eval.every=0", "epochs=2")
     assert again.exit_code == 2 and "started from stage-1 weights" in " ".join(again.output.split())
+
+
+def test_a_method_card_loads_a_stage_two_run_over_its_stage_one(tmp_path):
+    """`kind: rtdmd` on an rl run: base, then the stage-1 run's EMA LoRA, then the rl run's EMA LoRA
+    (both rank 4, alpha 8), as merged by hand from the checkpoint files."""
+    import dataclasses
+
+    from bench.methods import LoraEntry, build_method, load_method
+    from rtdmd.lora import merge_lora_state_dict
+
+    stage1 = runner.invoke(
+        app, ["distill", "--config", "tiny", f"run_dir={tmp_path / 's1'}", "device=cpu", "steps=2", "eval.every=0"]
+    )
+    assert stage1.exit_code == 0, stage1.output
+    stage2 = rl(tmp_path, "s2", "eval.every=0", "epochs=1", f"stage1.run={tmp_path / 's1'}")
+    assert stage2.exit_code == 0, stage2.output
+    base = load_method("tiny-cps4")
+    card = dataclasses.replace(base, loras=(LoraEntry(source=str(tmp_path / "s2"), kind="rtdmd"),))
+    _, loaded = build_method(card, torch.device("cpu"))
+    _, by_hand = build_method(base, torch.device("cpu"))
+    for run, step in (("s1", 2), ("s2", 1)):
+        ema = {k[len("ema/") :]: v for k, v in checkpoint(tmp_path / run, step).items() if k.startswith("ema/")}
+        merge_lora_state_dict(by_hand, ema, 8.0 / 4)
+        if run == "s1":
+            after_stage1 = {k: v.clone() for k, v in by_hand.state_dict().items()}
+    got, want = loaded.state_dict(), by_hand.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(want[k], after_stage1[k]) for k in want)  # stage 2 moved the weights

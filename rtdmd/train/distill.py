@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from rtdmd.backbones.base import BackboneConfig, Cond
+from rtdmd.checkpoint import save_tensors
 from rtdmd.distributed import Strategy
 from rtdmd.flow.cps import cps_step
 from rtdmd.flow.path import renoise, x0_from_velocity
@@ -36,6 +37,7 @@ from rtdmd.losses.ac_dmd import ambient_loss, ambient_target, consistency_loss
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.sampling import SamplerSpec, rollout, seed_table
 from rtdmd.seeding import randint, randn, randn_rows, seed_for, uniform
+from rtdmd.train import run_lora
 from rtdmd.train.evaluation import EvalSpec, evaluate, load_tasks
 from rtdmd.train.roles import RoleSpec
 
@@ -354,9 +356,11 @@ class BuiltRoles:
         }
 
 
-def build_roles(cfg, world, backbone, merges: dict[str, Callable] | None = None, seed_scope: str = "") -> BuiltRoles:
+def build_roles(
+    cfg, world, backbone, merges: dict[str, list[Callable]] | None = None, seed_scope: str = ""
+) -> BuiltRoles:
     """The frozen teacher (the backbone's transformer), and the generator and fake score: each a copy
-    of the teacher (or of its role's ``source``), ``merges[role](net)`` applied (stage 2 folds stage 1's
+    of the teacher (or of its role's ``source``), each of ``merges[role]`` applied (stage 2 folds stage 1's
     LoRAs in), made trainable (LoRA seeded by ``seed_scope + role``), wrapped for DDP/FSDP, with AdamW.
     ``cfg`` carries ``generator``, ``fake``, ``seed``, ``gradient_checkpointing``, ``distributed``,
     ``sampler``, ``height`` and ``width``."""
@@ -370,8 +374,8 @@ def build_roles(cfg, world, backbone, merges: dict[str, Callable] | None = None,
     def role(name: str) -> torch.nn.Module:
         spec: RoleSpec = getattr(cfg, name)
         base = load_transformer_like(teacher, spec.source) if spec.source else copy.deepcopy(teacher)
-        if merges and name in merges:
-            merges[name](base)
+        for merge in (merges or {}).get(name, []):
+            merge(base)
         net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, seed_scope + name).train()
         if cfg.gradient_checkpointing:
             net.enable_gradient_checkpointing()
@@ -499,24 +503,14 @@ def export_generator_lora(
 ) -> Path:
     """The EMA generator LoRA of a finished ``distill`` or ``rl`` run (its last checkpoint; an
     unfinished run only with ``allow_partial``) as a peft-named safetensors file in ``dtype``; the
-    metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method (or RL arm)."""
-    import yaml
-
-    from rtdmd.checkpoint import save_tensors
-    from rtdmd.train import state
-
-    run = Path(run)
-    latest = state.latest_checkpoint(run)
-    if latest is None or not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not an rtdmd-train run directory with a checkpoint")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
-    lora = (raw.get("generator") or {}).get("lora")
-    if not lora:
-        raise ValueError(f"{run} trained every weight: there is no LoRA to export")
-    total = raw.get("steps", raw.get("epochs"))
-    if latest[0] != total and not allow_partial:
-        raise ValueError(f"{run} stopped at step {latest[0]} of {total}: finish it, or pass --allow-partial")
-    ema = {k[len("ema/") :]: v.to(dtype) for k, v in state.load_tensors(latest[1]).items() if k.startswith("ema/")}
+    metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method (or RL arm). A
+    stage-2 run's file is its own LoRA: it applies on top of its stage 1."""
+    found = run_lora.read_run(run)
+    if not found.finished and not allow_partial:
+        raise run_lora.RunError(
+            f"{found.run} stopped at step {found.step} of {found.total}: finish it, or pass --allow-partial"
+        )
+    tensors = found.tensors("generator", dtype)  # refuses a run whose generator trained every weight
+    lora = found.config["generator"]["lora"]
     info = {"lora_rank": str(lora["rank"]), "lora_alpha": str(float(lora["alpha"]))}
-    method = str(raw.get("method") or f"rtdmd-{raw.get('arm')}")
-    return save_tensors(ema, path, metadata={**meta, "step": str(latest[0]), "method": method, **info})
+    return save_tensors(tensors, path, metadata={**meta, "step": str(found.step), "method": found.method, **info})

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from rtdmd.losses.ac_dmd import ambient_loss, ambient_target
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.losses.grpo import group_advantages, ppo_clipped_loss, reward_hinge
 from rtdmd.seeding import randn_rows, seed_for, uniform
+from rtdmd.train import run_lora
 from rtdmd.train.distill import Models, consistency_term, renoise_levels
 from rtdmd.train.rl_config import RLConfig, trained_steps
 from rtdmd.train.roles import warmup_decay
@@ -83,34 +83,12 @@ def stage1_origin(cfg: RLConfig) -> dict[str, str]:
     }
 
 
-def stage1_merges(cfg: RLConfig) -> dict[str, Callable[[nn.Module], int]]:
-    """``{role: merge}``: what folds stage 1's LoRA of ``role`` into a copy of the base weights,
-    from a stage-1 run directory (its EMA generator and fake LoRAs, ``alpha / rank`` from its
-    config) or from LoRA files (:func:`rtdmd.lora.merge_lora_file`); a role without one is absent."""
-    import yaml
-
-    from rtdmd.lora import merge_lora_file, merge_lora_state_dict
-    from rtdmd.train import state
-
-    spec = cfg.stage1
-    if not spec.run:
-        files = {"generator": spec.generator_lora, "fake": spec.fake_lora}
-        return {role: partial(merge_lora_file, source=source) for role, source in files.items() if source}
-    run = Path(spec.run)
-    latest = state.latest_checkpoint(run)
-    if latest is None or not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"stage1.run {run} is not an rtdmd-train distill run directory with a checkpoint")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
-    tensors = state.load_tensors(latest[1])
-    out = {}
-    for role, prefix in (("generator", "ema/"), ("fake", "fake/")):
-        lora = (raw.get(role) or {}).get("lora")
-        if not lora:
-            raise ValueError(f"stage1.run {run}: its {role} trained every weight; stage 2 merges LoRAs")
-        part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        factor = float(lora.get("alpha", 64.0)) / float(lora.get("rank", 32))
-        out[role] = partial(merge_lora_state_dict, tensors=part, factor=factor)
-    return out
+def stage1_merges(cfg: RLConfig) -> dict[str, list[Callable[[nn.Module], int]]]:
+    """``{role: merges}``: what folds stage 1 into a copy of the base weights for ``role``: a stage-1
+    run directory's EMA generator and fake LoRAs, or LoRA files (:mod:`rtdmd.train.run_lora`); a
+    role without any is absent."""
+    spec = asdict(cfg.stage1)
+    return {role: merges for role in ("generator", "fake") if (merges := run_lora.stage1_merges(spec, role))}
 
 
 def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict | None = None) -> Session:
