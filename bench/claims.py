@@ -17,9 +17,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from bench.methods import card_names as method_names
 from rtdmd.config import ConfigError, from_dict, yaml_mapping
 from rtdmd.errors import RtdmdError
 from rtdmd.registry import did_you_mean
+from rtdmd.rewards import REWARDS
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -92,8 +94,6 @@ def load_claims(name_or_path: str) -> ClaimCard:
 def check_names(card: ClaimCard) -> None:
     """Every metric must be registered and every method a known card: a typo would otherwise read
     as "not checkable" forever."""
-    from bench.methods import card_names as method_names
-    from rtdmd.rewards import REWARDS
 
     methods = method_names()
     for claim in card.claims:

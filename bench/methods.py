@@ -33,6 +33,7 @@ from rtdmd.lora import (
 from rtdmd.registry import did_you_mean
 from rtdmd.sampling import SamplerSpec
 from rtdmd.train import run_lora
+from rtdmd.train.roles import load_transformer_like
 
 
 class MethodError(RtdmdError, ValueError):
@@ -136,8 +137,6 @@ def build_method(card: MethodCard, device: torch.device):
         raise MethodError(missing_weights_message(card.backbone.source, error)) from None
     net = backbone.transformer
     if card.transformer:
-        from rtdmd.train.roles import load_transformer_like
-
         try:
             net = load_transformer_like(net, card.transformer)
         except (OSError, ValueError) as error:

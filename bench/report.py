@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from bench.claim_stats import significance
+from bench.claims import check, claims_section
 from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
 from rtdmd.config import to_dict
@@ -431,9 +433,6 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
         tables.append(table)
     checked = []
     if claims is not None:
-        from bench.claim_stats import significance
-        from bench.claims import check, claims_section
-
         checked = significance(claims, check(claims, summaries), summaries)
         lines += [*claims_section(claims, checked), ""]
     lines = lines[:-1] if lines[-1] == "" else lines

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from rtdmd.errors import RtdmdError
+from rtdmd.weights import WeightsError, packaged
 
 LORA_KEY = re.compile(r"^(?P<module>.*)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 SHIPPED_PREFIX = "shipped:"
@@ -72,8 +73,6 @@ def merge_lora_state_dict(net: nn.Module, tensors: dict[str, torch.Tensor], fact
 def resolve_lora_file(source: str) -> Path:
     """A LoRA file path, or ``shipped:<name>``: a LoRA shipped in rtdmd's package data (sha256-verified)."""
     if source.startswith(SHIPPED_PREFIX):
-        from rtdmd.weights import WeightsError, packaged
-
         try:
             return packaged(source[len(SHIPPED_PREFIX) :])
         except WeightsError as error:

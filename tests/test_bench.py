@@ -379,7 +379,8 @@ def test_state_dict_and_run_dir_loras_merge_into_the_weights(tmp_path):
     """A peft-named state dict (RTDMD / Flow-GRPO release format) and an rtdmd-train run directory."""
     from rtdmd.checkpoint import load_tensors
     from rtdmd.config import load
-    from rtdmd.train.distill import DistillConfig, train
+    from rtdmd.train.distill import train
+    from rtdmd.train.distill_config import DistillConfig
 
     cfg = load(
         DistillConfig, "tiny", [f"run_dir={tmp_path / 'run'}", "device=cpu", "eval.every=0", "steps=2"], group="distill"

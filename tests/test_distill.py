@@ -15,7 +15,8 @@ from rtdmd import distributed
 from rtdmd.config import ConfigError, load, packaged_names
 from rtdmd.data import batch_indices, read_prompt_file
 from rtdmd.train.cli import app
-from rtdmd.train.distill import DistillConfig, build_session, train_step
+from rtdmd.train.distill import build_session, train_step
+from rtdmd.train.distill_config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_PROMPTS = ROOT.parent / "shared" / "prompts"
@@ -215,7 +216,7 @@ def test_full_fine_tuning_and_bf16_autocast_paths(tmp_path):
 
 def test_export_lora_writes_rank_and_alpha_and_refuses_unfinished_runs(tmp_path):
     from bench.methods import LoraEntry, lora_alpha_over_rank
-    from rtdmd.train.distill import export_generator_lora
+    from rtdmd.train.run_lora import export_generator_lora
 
     run = tmp_path / "run"
     ok = runner.invoke(

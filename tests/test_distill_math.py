@@ -16,8 +16,10 @@ from rtdmd.flow.path import noisy, renoise, renoise_coefficients, x0_from_veloci
 from rtdmd.losses.ac_dmd import ambient_loss, ambient_target, consistency_loss
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.sampling import rollout, seed_table
-from rtdmd.train.distill import DistillConfig, Models, consistency_term, sample_subinterval
-from rtdmd.train.roles import EMA, LoraSpec, attach_lora, ema_update_, merge_lora, warmup_decay
+from rtdmd.train.distill_config import DistillConfig
+from rtdmd.train.fake_score import consistency_term
+from rtdmd.train.roles import EMA, LoraSpec, Models, attach_lora, ema_update_, merge_lora, warmup_decay
+from rtdmd.train.subinterval import sample_subinterval
 
 SIGMAS = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
 

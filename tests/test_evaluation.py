@@ -12,7 +12,8 @@ import torch
 
 from rtdmd import distributed
 from rtdmd.config import ConfigError, load
-from rtdmd.train.distill import DistillConfig, build_session, train
+from rtdmd.train.distill import build_session, train
+from rtdmd.train.distill_config import DistillConfig
 from rtdmd.train.evaluation import EvalTask, headline_logs
 
 

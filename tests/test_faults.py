@@ -166,7 +166,8 @@ def final_state(run: Path, steps: int) -> tuple[dict, list[dict]]:
 def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("plain") / "run"
     from rtdmd.config import load
-    from rtdmd.train.distill import DistillConfig, train
+    from rtdmd.train.distill import train
+    from rtdmd.train.distill_config import DistillConfig
 
     train(
         load(DistillConfig, "tiny", [f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"], group="distill"), False

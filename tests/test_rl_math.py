@@ -94,7 +94,6 @@ def step_session(cfg: RLConfig) -> rl_step.Session:
 
 def captured_gradients(monkeypatch, sess, epoch: int = 0) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Run one generator update; return its accumulated gradients (before the step) and the count of steps."""
-    import rtdmd.train.distill as distill
 
     grads, calls = {}, []
 
@@ -104,7 +103,7 @@ def captured_gradients(monkeypatch, sess, epoch: int = 0) -> tuple[dict[str, tor
         optimizer.zero_grad(set_to_none=True)
         return 0.0
 
-    monkeypatch.setattr(distill, "clip_and_step", capture)
+    monkeypatch.setattr(rl_step, "clip_and_step", capture)
     trained = trained_steps(sess.cfg, epoch)
     batches = [rl_step.rollout_batch(sess, epoch, i, trained) for i in range(sess.cfg.iterations_per_epoch)]
     advantages, _ = rl_step.epoch_advantages(sess, batches)
@@ -330,7 +329,6 @@ def test_per_element_scaled_exact_ppo_has_the_official_gradient(monkeypatch):
 def test_zero_advantages_leave_every_loss_but_keep_every_call_and_log(monkeypatch):
     """A sub-batch whose advantages are all exactly 0 contributes nothing, yet runs the same forwards
     and logs the same keys (every rank must take part in the same collectives)."""
-    import rtdmd.train.distill as distill
 
     sess = step_session(step_config())
     with torch.no_grad():
@@ -338,7 +336,7 @@ def test_zero_advantages_leave_every_loss_but_keep_every_call_and_log(monkeypatc
     trained = trained_steps(sess.cfg, 0)
     batches = [rl_step.rollout_batch(sess, 0, i, trained) for i in range(2)]
     calls = []
-    monkeypatch.setattr(distill, "clip_and_step", lambda params, optimizer, clip: calls.append(1) or 0.0)
+    monkeypatch.setattr(rl_step, "clip_and_step", lambda params, optimizer, clip: calls.append(1) or 0.0)
     zero = [torch.zeros(len(b.samples), dtype=torch.float64) for b in batches]
     logs = rl_step.generator_update(sess, 0, batches, zero, trained)
     assert calls == [1] and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in sess.gen_params.values())
@@ -352,7 +350,6 @@ def test_rows_with_zero_advantage_leave_every_term_and_its_mean(monkeypatch):
     """Each term of a sub-batch is a mean over its rows with a non-zero advantage. With each sub-batch's
     rows split into halves A and B: G(advantages on A only) + G(on B only) = 2 G(on both), for PPO, the
     DM term and reward BP together. A term that keeps the zeroed rows, or divides by every row, breaks it."""
-    import rtdmd.train.distill as distill
 
     sess = step_session(step_config())
     with torch.no_grad():
@@ -363,7 +360,7 @@ def test_rows_with_zero_advantage_leave_every_term_and_its_mean(monkeypatch):
     assert all(bool((a != 0).all()) for a in advantages)
     grads = []
     monkeypatch.setattr(
-        distill,
+        rl_step,
         "clip_and_step",
         lambda params, optimizer, clip: grads.append({k: p.grad.clone() for k, p in params.items()}) or 0.0,
     )

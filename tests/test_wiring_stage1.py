@@ -14,15 +14,10 @@ from rtdmd import distributed
 from rtdmd.config import load
 from rtdmd.seeding import randint, randn_rows, seed_for
 from rtdmd.testing import assert_same_gradients, param_grads
-from rtdmd.train.distill import (
-    DistillConfig,
-    batch_prompts,
-    build_session,
-    fake_loss,
-    generator_loss,
-    sample_subinterval,
-    train_step,
-)
+from rtdmd.train.distill import batch_prompts, build_session, generator_loss, train_step
+from rtdmd.train.distill_config import DistillConfig
+from rtdmd.train.fake_score import fake_loss
+from rtdmd.train.subinterval import sample_subinterval
 
 GUIDANCE = 3.0  # the teacher's CFG scale here: anything but 1 tells "with CFG" from "without"
 
@@ -202,7 +197,8 @@ def test_plain_dmd_draws_its_levels_as_the_official_trainer(tmp_path):
                 expected.append(shifted((randint(seed, 20, 980) + 1) / 1000))
         torch.testing.assert_close(sub.t.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
         assert sub.s == 0.0
-    from rtdmd.train.distill import DMDLevelsSpec, fake_table_level, generator_table_level
+    from rtdmd.train.distill_config import DMDLevelsSpec
+    from rtdmd.train.subinterval import fake_table_level, generator_table_level
 
     spec = DMDLevelsSpec(table_shift=3.0)
     assert fake_table_level(0.0, spec) == pytest.approx(0.75)  # the median: sigmoid(0) = 1/2

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import rtdmd.train.distill as distill
 from rtdmd import distributed
 from rtdmd.config import load
 from rtdmd.seeding import randint, randn_rows, seed_for, uniform
@@ -151,7 +150,7 @@ def test_fake_update_trains_on_the_final_samples_with_consistency(session, rollo
         optimizer.zero_grad(set_to_none=True)
         return 0.0
 
-    monkeypatch.setattr(distill, "clip_and_step", capture)
+    monkeypatch.setattr(rl_step, "clip_and_step", capture)
     logs = rl_step.fake_update(session, EPOCH, batches)
 
     total_rows = sum(len(b.samples) for b in batches)

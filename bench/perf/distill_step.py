@@ -36,7 +36,8 @@ from bench.perf.real_sizes import FAMILIES  # noqa: E402
 from rtdmd import distributed, testing  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.flops import peak_flops  # noqa: E402
-from rtdmd.train.distill import DistillConfig, build_session, train_step  # noqa: E402
+from rtdmd.train.distill import build_session, train_step  # noqa: E402
+from rtdmd.train.distill_config import DistillConfig
 
 PROMPTS = tuple(f"a photo of object number {i}, highly detailed, studio lighting" for i in range(64))
 TINY = {

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from rtdmd.geneval.client import DetectorClient, ImageDetections, default_python, worker_command
-from rtdmd.geneval.colour import CLIP_L14_OPENAI
+from rtdmd.geneval.colour import CLIP_L14_OPENAI, ClipColorClassifier
 from rtdmd.geneval.judge import CLASSNAMES, ColorClassifier, Detection, Verdict, filter_detections, judge
 from rtdmd.geneval.worker import CHECKPOINT_URL
 from rtdmd.rewards.base import REWARDS, RewardInfo
@@ -130,7 +130,6 @@ def open_scorer(
     detector environment's interpreter (:func:`default_python`). Checks, in order: both weight files
     (one message naming each missing file and its source), the detector environment, the
     checkpoint's sha256 prefix."""
-    from rtdmd.geneval.colour import ClipColorClassifier
 
     if device == "auto" and torch.cuda.is_available():  # each rank's worker on that rank's GPU
         device = f"auto:{torch.cuda.current_device()}"

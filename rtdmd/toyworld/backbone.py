@@ -41,10 +41,12 @@ from rtdmd.backbones.base import (
 )
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.backbones.tiny import PIXELS_PER_CELL, TinyBackbone
+from rtdmd.checkpoint import load_tensors, save_tensors
 from rtdmd.config import from_dict
 from rtdmd.flow.path import expand_sigma
 from rtdmd.flow.schedules import TimeShift
 from rtdmd.toyworld.text import MAX_WORDS, PAD, VOCAB_SIZE, token_ids, unknown_words, words
+from rtdmd.weights import packaged
 
 SHIPPED = "toy_teacher"
 
@@ -126,7 +128,6 @@ def save_toy(
     path: str | Path, transformer: nn.Module, text_encoder: nn.Module, spec: ToySpec, dtype=torch.float16, **meta: str
 ) -> Path:
     """One safetensors file: ``transformer.*`` and ``text_encoder.*`` in ``dtype``, the spec in metadata."""
-    from rtdmd.checkpoint import save_tensors
 
     tensors = {f"transformer.{k}": v.to(dtype) for k, v in transformer.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.to(dtype) for k, v in text_encoder.state_dict().items()}
@@ -136,8 +137,6 @@ def save_toy(
 def load_toy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """``(transformer, text_encoder, spec)`` from a :func:`save_toy` file, in eval mode."""
     from safetensors import safe_open
-
-    from rtdmd.checkpoint import load_tensors
 
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
@@ -183,7 +182,6 @@ class ToyBackbone(TinyBackbone):
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig, device: torch.device) -> ToyBackbone:
-        from rtdmd.weights import packaged
 
         path = Path(cfg.source) if cfg.source else packaged(SHIPPED)
         if not path.is_file():

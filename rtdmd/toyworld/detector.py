@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtdmd.geneval.judge import Detection
+from rtdmd.toyworld.recognizer import REJECT, Recognizer, crop
 from rtdmd.toyworld.world import BACKGROUND, PALETTE, SHAPES, SIZE, Obj, silhouette
+from rtdmd.weights import packaged
 
 FOREGROUND = 40.0
 MIN_AREA = 8
@@ -186,8 +188,6 @@ def fitted(found: Candidate) -> Detection:
 @functools.cache
 def shipped_recognizer():
     """The shipped recogniser (sha256-verified), loaded once per process."""
-    from rtdmd.toyworld.recognizer import Recognizer
-    from rtdmd.weights import packaged
 
     return Recognizer.load(packaged("toy_recognizer"))
 
@@ -196,8 +196,6 @@ def recognised(found: list[Candidate], recognizer=None) -> list[Detection]:
     """Detections labelled by the recogniser: the most probable of the eight classes, scored by its
     calibrated probability (``reject`` takes probability from every class)."""
     import torch
-
-    from rtdmd.toyworld.recognizer import REJECT, crop
 
     if not found:
         return []

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rtdmd.checkpoint import load_tensors, save_tensors
 from rtdmd.toyworld.world import SHAPES
 
 CLASSES = (*SHAPES, "reject")
@@ -73,7 +74,6 @@ class Recognizer(nn.Module):
         return torch.softmax(self(crops) / self.temperature, dim=-1)
 
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
-        from rtdmd.checkpoint import save_tensors
 
         metadata = {"format": FORMAT, "arch": json.dumps(asdict(self.arch)), "classes": json.dumps(CLASSES)}
         return save_tensors(self.state_dict(), path, metadata={**metadata, **(extra or {})})
@@ -82,8 +82,6 @@ class Recognizer(nn.Module):
     def load(cls, path: str | Path) -> Recognizer:
         """A recogniser from :meth:`save`'s file, in float64 and eval mode."""
         from safetensors import safe_open
-
-        from rtdmd.checkpoint import load_tensors
 
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -19,8 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rtdmd.geneval.judge import judge
+from rtdmd.images import to_uint8
 from rtdmd.rewards.base import REWARDS, RewardInfo
 from rtdmd.rewards.geneval import geneval_info
+from rtdmd.seeding import seed_for
+from rtdmd.toyworld import detector
+from rtdmd.toyworld.clip import ToyClip
+from rtdmd.toyworld.prompts import scene_for
+from rtdmd.toyworld.world import BACKGROUND, PALETTE, render
+from rtdmd.weights import WeightsError, packaged
 
 # ---------------------------------------------------------------- toy GenEval
 
@@ -44,8 +52,6 @@ def _remember(key: str, found: tuple) -> tuple:
 def detections(pixels, scorer: str = "learned") -> tuple:
     """Toy detections of one ``[H, W, 3]`` uint8 image, cached by scorer and the sha256 of its bytes."""
     import numpy as np
-
-    from rtdmd.toyworld import detector
 
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     key = _key(pixels, scorer)
@@ -86,8 +92,6 @@ def detect_many(images, scorer: str = "learned") -> list[tuple]:
     todo = {k: p for k, p in zip(keys, images, strict=True) if k not in _DETECTIONS}
     workers = int(os.environ.get(WORKERS_ENV, "0")) or min(os.cpu_count() or 1, 8)
     if len(todo) >= 8 and workers > 1:
-        from rtdmd.toyworld import detector
-
         if not _POOL or _POOL[0][0] != workers:
             import atexit
             import concurrent.futures
@@ -109,8 +113,6 @@ def detect_many(images, scorer: str = "learned") -> list[tuple]:
 
 
 def _verdicts(images: Tensor, meta: Sequence[dict[str, Any]], scorer: str = "learned") -> list:
-    from rtdmd.geneval.judge import judge
-    from rtdmd.images import to_uint8
 
     if len(meta) != len(images):
         raise ValueError(f"{len(images)} images but {len(meta)} metadata rows")
@@ -183,8 +185,6 @@ TOY_CLIP_SHA256 = {
 
 def load_toy_clip(path: str | Path | None = None):
     """ToyClip from ``path``, else from ``$RTDMD_TOY_CLIP``, else the shipped ``toy_clip`` checkpoint."""
-    from rtdmd.toyworld.clip import ToyClip
-    from rtdmd.weights import WeightsError, packaged
 
     source = path or os.environ.get(CLIP_ENV)
     if source:
@@ -237,7 +237,6 @@ def flat_colour_score(images: Tensor, tau_rgb: float = AESTHETIC_TAU_RGB) -> Ten
     the other colours add at most 3e-3 and ``min(1, .)`` holds it at exactly 1 (zero gradient: there
     is nothing to improve); the clamp keeps the scale at 0-10.
     """
-    from rtdmd.toyworld.world import BACKGROUND, PALETTE
 
     # float64: the same score on every machine's kernels (see _UsesToyClip)
     colours = torch.tensor([*PALETTE.values(), BACKGROUND], dtype=torch.float64, device=images.device) / 255
@@ -299,10 +298,6 @@ def reference_renders(prompts: Sequence[str], meta: Sequence[dict[str, Any]]) ->
     """Ground truth ``[N, 3, 64, 64]`` in [0, 1]: the ``k``-th occurrence of a prompt in ``prompts`` is
     ``render(scene_for(metadata, seed_for("toy-fd", prompt, k)))``."""
     import numpy as np
-
-    from rtdmd.seeding import seed_for
-    from rtdmd.toyworld.prompts import scene_for
-    from rtdmd.toyworld.world import render
 
     seen: dict[str, int] = {}
     pixels = []

@@ -151,7 +151,8 @@ def distill(
     Rerunning the same command resumes from the last checkpoint in run_dir; raising `steps=`
     extends a finished run. Multi-GPU: `torchrun --nproc_per_node N -m rtdmd.train.cli distill ...`.
     """
-    from rtdmd.train.distill import DistillConfig, train
+    from rtdmd.train.distill import train
+    from rtdmd.train.distill_config import DistillConfig
 
     cfg = _load(DistillConfig, "distill", config, overrides, dry_run)
     with _config_errors():
@@ -275,7 +276,7 @@ def export_lora(
     in the file's metadata), or, once shipped in the package, with `kind: shipped`.
     """
     from rtdmd.backbones.base import TORCH_DTYPES
-    from rtdmd.train.distill import export_generator_lora
+    from rtdmd.train.run_lora import export_generator_lora
 
     if dtype not in TORCH_DTYPES:
         err.print(f"[bold red]error:[/] --dtype {dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")

@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 from rtdmd.files import save_image_atomic
+from rtdmd.images import grid, to_uint8
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import require_metadata, require_per_image, score
+from rtdmd.sampling import generate
 from rtdmd.stats import headline, strata_of
 from rtdmd.suites import load_suite
 
@@ -119,8 +121,6 @@ def headline_logs(task: EvalTask, metric: str, values: np.ndarray) -> dict[str, 
 
 def evaluate(sess, step: int) -> dict[str, float]:
     """The EMA generator on every eval suite (see the module docstring); a grid per suite under ``eval/``."""
-    from rtdmd.images import grid, to_uint8
-    from rtdmd.sampling import generate
 
     spec, cfg = sess.cfg.eval, sess.cfg
     logs: dict[str, float] = {}

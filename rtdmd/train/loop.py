@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from rtdmd import distributed, run_dir
+from rtdmd.errors import kill_point
+from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
+from rtdmd.train import state
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -36,10 +41,6 @@ def run_loop(
     show_progress: bool = True,
 ) -> tuple[int, float]:
     """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``."""
-    from rtdmd import distributed, run_dir
-    from rtdmd.errors import kill_point
-    from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
-    from rtdmd.train import state
 
     world, root = sess.world, sess.root
     with run_dir.exclusive(root, world.is_main):  # a second trainer on this run_dir stops here

@@ -33,14 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rtdmd import distributed, run_dir
 from rtdmd.backbones.sd3 import sd3_forward
 from rtdmd.data import batch_indices
 from rtdmd.files import save_image_atomic, write_text_atomic
+from rtdmd.flops import count_flops, peak_flops
 from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
-from rtdmd.sampling import SamplerSpec
+from rtdmd.images import grid, to_uint8
+from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
+from rtdmd.rewards import REWARDS
+from rtdmd.rewards.base import require_per_image, score
+from rtdmd.sampling import SamplerSpec, generate
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.backbone import ToyBackbone, ToySpec, build_toy, save_toy
+from rtdmd.toyworld.data import eval_metadata, render_examples
+from rtdmd.toyworld.text import token_ids
+from rtdmd.train import state
+from rtdmd.train.roles import EMA, trainable
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,6 @@ class PretrainConfig:
             raise ValueError("caption_dropout must lie in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
-        from rtdmd.rewards.base import require_per_image
 
         require_per_image(self.eval.rewards, "eval.rewards")
 
@@ -149,9 +158,6 @@ def render_pool(cfg: PretrainConfig, device: torch.device) -> tuple[Tensor, Tens
 
     import numpy as np
 
-    from rtdmd.toyworld.data import render_examples
-    from rtdmd.toyworld.text import token_ids
-
     images, prompts = render_examples(cfg.seed, 0, cfg.num_examples, cfg.render_workers or os.cpu_count() or 1)
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
     return pixels.to(device), token_ids(prompts).to(device)
@@ -162,11 +168,6 @@ def evaluate(
 ) -> dict[str, float]:
     """Sample the toy-geneval prompts (``images_per_prompt`` each, sample indices 0, 1, ...) and
     score them with ``cfg.eval.rewards``; toy-geneval also per task."""
-    from rtdmd.images import grid, to_uint8
-    from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import score
-    from rtdmd.sampling import generate
-    from rtdmd.toyworld.data import eval_metadata
 
     metadata = [m for m in list(eval_metadata())[: cfg.eval.num_prompts or None] for _ in range(images_per_prompt)]
     prompts = [m["prompt"] for m in metadata]
@@ -208,7 +209,6 @@ def batch_latents(pixels: Tensor, index: Tensor) -> Tensor:
 def step_flops(model: ToyModel, cfg: PretrainConfig, pixels: Tensor, ids: Tensor, device: torch.device) -> int:
     """Model FLOPs of one training step (forward and backward of one batch), counted on a copy-free
     pass whose gradients are discarded."""
-    from rtdmd.flops import count_flops
 
     index = torch.arange(cfg.batch_size, device=device) % len(pixels)
     latents = batch_latents(pixels, index)
@@ -227,10 +227,6 @@ def step_flops(model: ToyModel, cfg: PretrainConfig, pixels: Tensor, ids: Tensor
 def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | None = None) -> dict:
     """Run (or resume) a pretraining in ``cfg.run_dir``; write the EMA weights (float16) to
     ``<run_dir>/toy_teacher.safetensors`` (or ``export``) at the end; return a summary."""
-    from rtdmd import distributed, run_dir
-    from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
-    from rtdmd.train import state
-    from rtdmd.train.roles import EMA, trainable
 
     world = distributed.init(cfg.device)
     if world.size != 1:
@@ -249,7 +245,6 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
     stats = root / "stats.jsonl"
     pixels, ids = render_pool(cfg, device)
     t_data = time.perf_counter() - t_start
-    from rtdmd.flops import peak_flops
 
     flops, peak = step_flops(model, cfg, pixels, ids, device), peak_flops(device)
     forward = torch.compile(model) if cfg.compile else model  # the same parameters: EMA and checkpoints unchanged

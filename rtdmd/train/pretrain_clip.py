@@ -31,10 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtdmd import distributed
+from rtdmd import distributed, run_dir
+from rtdmd.config import to_dict
+from rtdmd.files import write_text_atomic
+from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.clip import KINDS, ToyClip, ToyClipArch, canonical, caption_negatives
+from rtdmd.toyworld.data import eval_metadata, render_examples
+from rtdmd.toyworld.prompts import scene_for
 from rtdmd.toyworld.text import token_ids
+from rtdmd.toyworld.world import render
 
 
 @dataclass(frozen=True)
@@ -168,9 +174,6 @@ class EvalSet:
 
 
 def eval_set(seed: int, device: torch.device) -> EvalSet:
-    from rtdmd.toyworld.data import eval_metadata
-    from rtdmd.toyworld.prompts import scene_for
-    from rtdmd.toyworld.world import render
 
     metadata = eval_metadata()
     pixels = np.stack([render(scene_for(m, seed_for(seed, "clip-eval", i))) for i, m in enumerate(metadata)])
@@ -229,7 +232,6 @@ class Pool:
 
 
 def build_pool(cfg: ToyClipConfig, device: torch.device) -> Pool:
-    from rtdmd.toyworld.data import render_examples
 
     pixels, prompts = render_examples(cfg.seed, 0, cfg.num_examples, cfg.render_workers)
     index: dict[str, int] = {}
@@ -307,10 +309,6 @@ def _optimizer(cfg: ToyClipConfig, model: ToyClip) -> torch.optim.AdamW:
 
 def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     """Train ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall times, paths)."""
-    from rtdmd import run_dir
-    from rtdmd.config import to_dict
-    from rtdmd.files import write_text_atomic
-    from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
 
     device = distributed.resolve_device(cfg.device)  # a bad device must not leave a run directory behind
     root = run_dir.prepare(cfg.run_dir, cfg)

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rtdmd import run_dir
 from rtdmd.files import write_text_atomic
+from rtdmd.loggers import JsonlLogger
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.recognizer import CLASSES, Recognizer, RecognizerArch
 from rtdmd.toyworld.recognizer_data import fit_temperature, training_set
@@ -81,9 +83,6 @@ def _logits(model: Recognizer, crops: Tensor) -> Tensor:
 def train(cfg: RecognizerConfig) -> dict:
     """Train, calibrate and save the recogniser; returns (and writes) the summary."""
     import os
-
-    from rtdmd import run_dir
-    from rtdmd.loggers import JsonlLogger
 
     root = Path(cfg.run_dir)
     run_dir.prepare(root, cfg)

@@ -10,8 +10,10 @@ from typing import Any, Literal
 from rtdmd.backbones.base import BackboneConfig
 from rtdmd.distributed import Strategy
 from rtdmd.flow.schedules import RTDMD_TIMESTEPS
+from rtdmd.rewards import REWARDS
+from rtdmd.rewards.base import require_per_image
 from rtdmd.sampling import SamplerSpec
-from rtdmd.train.distill import ACDMDSpec, RenoiseSpec
+from rtdmd.train.distill_config import ACDMDSpec, RenoiseSpec
 from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.rl_plan import select_steps
 from rtdmd.train.roles import LoraSpec, OptimSpec, RoleSpec
@@ -162,8 +164,6 @@ class RLConfig:
         return ARMS[self.arm]
 
     def validate(self) -> None:
-        from rtdmd.rewards import REWARDS
-        from rtdmd.rewards.base import require_per_image
 
         if not self.rewards:
             raise ValueError("give at least one reward in `rewards`")

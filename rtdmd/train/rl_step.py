@@ -18,17 +18,26 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rtdmd.backbones.base import Cond
+from rtdmd.backbones.base import Cond, build_backbone
+from rtdmd.data import read_prompt_records
 from rtdmd.flow.cps import cps_mean_std, gaussian_log_prob, simplified_log_prob
 from rtdmd.flow.path import renoise, x0_from_velocity
+from rtdmd.lora import resolve_lora_file
 from rtdmd.losses.ac_dmd import ambient_loss, ambient_target
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.losses.grpo import group_advantages, ppo_clipped_loss, reward_hinge
+from rtdmd.rewards import REWARDS
+from rtdmd.rewards.base import require_metadata
+from rtdmd.sampling import rollout
 from rtdmd.seeding import randn_rows, seed_for, uniform
-from rtdmd.train import run_lora
-from rtdmd.train.distill import Models, consistency_term, renoise_levels
+from rtdmd.train import run_lora, state
+from rtdmd.train.evaluation import load_tasks
+from rtdmd.train.fake_score import consistency_term
 from rtdmd.train.rl_config import RLConfig, trained_steps
-from rtdmd.train.roles import warmup_decay
+from rtdmd.train.rl_plan import k_repeat_batch, noise_seeds
+from rtdmd.train.roles import EMA, Models, build_roles, clip_and_step, ema_dtype, warmup_decay
+from rtdmd.train.subinterval import renoise_levels
+from rtdmd.weights import sha256_of
 
 
 @dataclass
@@ -68,9 +77,6 @@ class Batch:
 def stage1_origin(cfg: RLConfig) -> dict[str, str]:
     """What stage 2 starts from, precisely: the stage-1 checkpoint file, or each LoRA file with its
     sha256 (a resumed run must start from the same weights: stage 1 may have gone on meanwhile)."""
-    from rtdmd.lora import resolve_lora_file
-    from rtdmd.train import state
-    from rtdmd.weights import sha256_of
 
     spec = cfg.stage1
     if spec.run:
@@ -94,18 +100,10 @@ def stage1_merges(cfg: RLConfig) -> dict[str, list[Callable[[nn.Module], int]]]:
 def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict | None = None) -> Session:
     """Roles from stage 1 (merged LoRA + fresh LoRA), optimisers, the stage-2 EMA, prompts, rewards.
     ``backbone`` / ``rewards`` may be given already built (e.g. random weights for a benchmark)."""
-    from rtdmd.backbones.base import build_backbone
-    from rtdmd.rewards import REWARDS
-    from rtdmd.rewards.base import require_metadata
-    from rtdmd.train.distill import build_roles
-    from rtdmd.train.evaluation import load_tasks
-    from rtdmd.train.roles import EMA, ema_dtype
 
     backbone = backbone or build_backbone(cfg.backbone, world.device)
     built = build_roles(cfg, world, backbone, stage1_merges(cfg), seed_scope="rl-")
     if cfg.prompt_file:
-        from rtdmd.data import read_prompt_records
-
         records = read_prompt_records(cfg.prompt_file, cfg.prompt_file_sha256)
     else:
         records = [{"prompt": p} for p in cfg.prompts]
@@ -155,8 +153,6 @@ def grad_sync(net: nn.Module, enabled: bool) -> Iterator[None]:
 @torch.no_grad()
 def rollout_batch(sess: Session, epoch: int, iteration: int, trained: tuple[int, ...]) -> Batch:
     """Sampler iteration ``iteration``: this rank's rows, rolled out, decoded and scored."""
-    from rtdmd.sampling import rollout
-    from rtdmd.train.rl_plan import k_repeat_batch, noise_seeds
 
     cfg, models = sess.cfg, sess.models
     prompt_ids = k_repeat_batch(cfg.seed, epoch, iteration, len(sess.records), cfg.batch_size, cfg.grpo.group_size)
@@ -225,7 +221,6 @@ def epoch_advantages(sess: Session, batches: list[Batch]) -> tuple[list[Tensor],
 def fake_update(sess: Session, epoch: int, batches: list[Batch]) -> dict[str, float]:
     """ONE AdamW step of the fake score on the epoch's final samples (``s = 0``): ambient DSM
     (flow matching weighted by ``min(1, c t^2)``) plus the consistency term (§5.6)."""
-    from rtdmd.train.distill import clip_and_step
 
     cfg, models = sess.cfg, sess.models
     obj = cfg.fake_objective
@@ -336,7 +331,6 @@ def generator_update(
     With a policy gradient, samples whose advantage is exactly 0 leave the sub-batch's losses (as
     the official filter drops them): every row is still computed and the losses are means over the
     kept rows, so each rank keeps the rollout's batch shape and runs the same collectives."""
-    from rtdmd.train.distill import clip_and_step
 
     cfg, models = sess.cfg, sess.models
     terms, last = cfg.terms, cfg.sampler.num_steps - 1

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from rtdmd.distributed import wrap
 from rtdmd.seeding import seed_for
 
 
@@ -191,3 +192,85 @@ class EMA:
         for name in self.shadow:
             self.shadow[name] = tensors[name].to(dtype=self.shadow[name].dtype).clone()
         self.num_updates = num_updates
+
+
+# ---------------------------------------------------------------- the roles of a stage, built
+
+
+@dataclass
+class Models:
+    """What the update functions need; ``generator_run`` / ``fake_run`` are the (DDP-)wrapped
+    modules used for training forwards."""
+
+    backbone: object
+    teacher: torch.nn.Module
+    generator_run: torch.nn.Module
+    fake_run: torch.nn.Module
+    sigmas: torch.Tensor
+    latent_shape: tuple[int, int, int]
+
+
+@dataclass
+class BuiltRoles:
+    """The trainable roles of a stage (generator and fake score), their optimisers and the models
+    the losses call; stage 1 and stage 2 build them with :func:`build_roles`."""
+
+    models: Models
+    generator: torch.nn.Module  # unwrapped
+    gen_params: dict
+    fake_params: dict
+    optimizers: dict
+
+    @property
+    def roles(self) -> dict:
+        return {
+            "generator": (self.models.generator_run, self.optimizers["generator"]),
+            "fake": (self.models.fake_run, self.optimizers["fake"]),
+        }
+
+
+def build_roles(
+    cfg, world, backbone, merges: dict[str, list[Callable]] | None = None, seed_scope: str = ""
+) -> BuiltRoles:
+    """The frozen teacher (the backbone's transformer), and the generator and fake score: each a copy
+    of the teacher (or of its role's ``source``), each of ``merges[role]`` applied (stage 2 folds stage 1's
+    LoRAs in), made trainable (LoRA seeded by ``seed_scope + role``), wrapped for DDP/FSDP, with AdamW.
+    ``cfg`` carries ``generator``, ``fake``, ``seed``, ``gradient_checkpointing``, ``distributed``,
+    ``sampler``, ``height`` and ``width``."""
+    teacher = backbone.transformer.eval().requires_grad_(False)
+
+    def role(name: str) -> torch.nn.Module:
+        spec: RoleSpec = getattr(cfg, name)
+        base = load_transformer_like(teacher, spec.source) if spec.source else copy.deepcopy(teacher)
+        for merge in (merges or {}).get(name, []):
+            merge(base)
+        net = make_trainable(base, spec, backbone.lora_targets, cfg.seed, seed_scope + name).train()
+        if cfg.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+        return net
+
+    generator, fake = role("generator"), role("fake")
+    generator_run, fake_run = wrap(generator, cfg.distributed, world), wrap(fake, cfg.distributed, world)
+    gen_params, fake_params = trainable(generator), trainable(fake)  # after wrapping: FSDP2 shards in place
+    optimizers = {"generator": adamw(gen_params, cfg.generator.optim), "fake": adamw(fake_params, cfg.fake.optim)}
+    sigmas = backbone.schedule(cfg.sampler.num_steps, cfg.height, cfg.width, cfg.sampler.timesteps)
+    models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
+    return BuiltRoles(models, generator, gen_params, fake_params, optimizers)
+
+
+def optimizer_step(loss: torch.Tensor, params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
+    """Backward, then :func:`clip_and_step`; returns the pre-clip gradient norm."""
+    loss.backward()
+    return clip_and_step(params, optimizer, clip)
+
+
+def clip_and_step(params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
+    """Global-norm clipping of the accumulated gradients (0 = off), AdamW step, zeroed gradients;
+    returns the pre-clip gradient norm."""
+    grads = [p for p in params.values() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

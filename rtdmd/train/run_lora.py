@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+from rtdmd.checkpoint import save_tensors
 from rtdmd.errors import RtdmdError
 from rtdmd.lora import merge_lora_file, merge_lora_state_dict
 from rtdmd.train.state import latest_checkpoint, load_tensors
@@ -92,3 +93,19 @@ def role_merges(run: str | Path, role: str, scale: float = 1.0) -> list[Callable
 def merge_all(net: nn.Module, merges: list[Callable[[nn.Module], int]]) -> int:
     """Apply ``merges`` to ``net`` in order; the number of LoRA pairs merged."""
     return sum(merge(net) for merge in merges)
+
+
+def export_generator_lora(
+    run: str | Path, path: str | Path, dtype: torch.dtype = torch.float16, allow_partial: bool = False, **meta: str
+) -> Path:
+    """The EMA generator LoRA of a finished ``distill`` or ``rl`` run (its last checkpoint; an
+    unfinished run only with ``allow_partial``) as a peft-named safetensors file in ``dtype``; the
+    metadata holds ``lora_rank``, ``lora_alpha``, the step and the run's method (or RL arm). A
+    stage-2 run's file is its own LoRA: it applies on top of its stage 1."""
+    found = read_run(run)
+    if not found.finished and not allow_partial:
+        raise RunError(f"{found.run} stopped at step {found.step} of {found.total}: finish it, or pass --allow-partial")
+    tensors = found.tensors("generator", dtype)  # refuses a run whose generator trained every weight
+    lora = found.config["generator"]["lora"]
+    info = {"lora_rank": str(lora["rank"]), "lora_alpha": str(float(lora["alpha"]))}
+    return save_tensors(tensors, path, metadata={**meta, "step": str(found.step), "method": found.method, **info})
