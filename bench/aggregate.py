@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
-from bench.score import SCORES, read_set_scores, seed_sets, set_key
+from bench.runfiles import MANIFEST, REPAIR_MANIFEST, SCORES, SUMMARY, read_manifest, read_scores, read_set_scores
+from bench.score import seed_sets, set_key
 from rtdmd import run_dir
 from rtdmd.config import from_dict, to_dict
 from rtdmd.errors import RtdmdError, kill_point
@@ -37,9 +37,7 @@ from rtdmd.rewards import REWARDS
 from rtdmd.seeding import seed_for
 from rtdmd.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
 
-SUMMARY = "summary.json"
 SET_NOTE = "set metric: no per-prompt bootstrap"
-REPAIR_SCORES = "run `rtdmd-bench score` on this run again: it rewrites scores.jsonl from its cache"
 
 
 class AggregateError(RtdmdError, ValueError):
@@ -239,8 +237,8 @@ def check_complete(root: Path, spec: dict, manifest: list[dict]) -> None:
 
 def read_run(root: Path) -> tuple[dict, list[dict], list[dict]]:
     """A run's ``config.yaml``, manifest and scores; a torn or incomplete file stops with the fix."""
-    manifest = read_jsonl(root / MANIFEST, repair=REPAIR_MANIFEST)
-    scores = read_jsonl(root / SCORES, repair=REPAIR_SCORES)
+    manifest = read_manifest(root)
+    scores = read_scores(root)
     config = yaml.safe_load((root / "config.yaml").read_text()) if manifest else {}
     if manifest:
         check_complete(root, config, manifest)

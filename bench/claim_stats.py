@@ -15,7 +15,6 @@ eigendecompositions. The p-values of a card's claims are adjusted together by Ho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 
 from bench.aggregate import metric_strata, prompt_values, read_run
 from bench.claims import Claim, ClaimCard, ClaimError, Operand
+from bench.runfiles import metadata_of
 from bench.score import load_images, seed_sets
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import ResamplableSetMetric
@@ -101,7 +101,7 @@ def _set_rows(method: str, runs: Runs, reward) -> list[tuple[list[str], tuple[to
     for _, members in sorted(seed_sets(manifest).items()):
         members = sorted(members, key=lambda r: (r["prompt_id"], r["sample_index"]))
         images = torch.cat([load_images(root, members[i : i + 256]) for i in range(0, len(members), 256)])
-        prompts, meta = [r["prompt"] for r in members], [json.loads(r["metadata"]) for r in members]
+        prompts, meta = [r["prompt"] for r in members], [metadata_of(r) for r in members]
         with torch.no_grad():
             rows = tuple(t.double().cpu() for t in reward.set_features(images, prompts, meta))
         out.append(([r["prompt_id"] for r in members], rows))

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.methods import MethodCard, build_method
+from bench.runfiles import MANIFEST, MANIFEST_PARTS, read_cache, row_key
 from rtdmd import distributed, run_dir
-from rtdmd.errors import RtdmdError, kill_point
+from rtdmd.errors import kill_point
 from rtdmd.files import JsonLinesAppender, write_text_atomic
 from rtdmd.images import save_png, to_uint8
 from rtdmd.sampling import ForwardCounter, generate
 from rtdmd.seeding import INIT_STEP, seed_for
 from rtdmd.suites import Suite
-
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass(frozen=True)
@@ -54,21 +53,6 @@ class Item:
     @property
     def key(self) -> tuple[str, int, int]:
         return self.row["prompt_id"], self.seed, self.sample_index
-
-
-class RunFileError(RtdmdError, ValueError):
-    """A run directory's file is torn or inconsistent: the message names it and says what to do."""
-
-
-REPAIR_MANIFEST = (
-    "run `rtdmd-bench generate` (or `run`) again with the same arguments: it regenerates the images "
-    "whose rows were lost and rewrites the manifest"
-)
-
-
-def row_key(row: dict) -> tuple[str, int, int]:
-    """A manifest or score row's image: (prompt id, run seed, sample index)."""
-    return row["prompt_id"], row["seed"], row["sample_index"]
 
 
 def run_path(out: Path, method: str, suite: str) -> Path:
@@ -99,24 +83,8 @@ def content_key(spec: GenerateSpec, item: Item) -> str:
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 
-def read_jsonl(path: Path, repair: str = "") -> list[dict]:
-    """Rows of a JSON-lines file ([] if it does not exist). A line that is not JSON (what a kill
-    mid-write leaves) is skipped where the caller recomputes what it held (``repair=""``: rank parts,
-    caches); otherwise it stops with the file, the line and ``repair``, what to do."""
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if repair:
-                raise RunFileError(f"{path} line {number} is torn (not JSON; a kill mid-write?): {repair}") from None
-    return rows
-
-
 def manifest_parts(root: Path) -> list[Path]:
-    return sorted(root.glob("manifest.part*.jsonl"))
+    return sorted(root.glob(MANIFEST_PARTS))
 
 
 def valid_rows(
@@ -127,7 +95,7 @@ def valid_rows(
     wanted = {item.key: content_key(spec, item) for item in items}
     found: dict[tuple[str, int, int], dict] = {}
     for path in paths if paths is not None else [root / MANIFEST, *manifest_parts(root)]:
-        for row in read_jsonl(path):
+        for row in read_cache(path):
             key = row_key(row)
             image = root / row["file"]
             if (

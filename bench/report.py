@@ -24,8 +24,8 @@ from PIL import Image, ImageDraw
 
 from bench.claim_stats import significance
 from bench.claims import check, claims_section
-from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
 from bench.methods import MethodCard
+from bench.runfiles import read_manifest, read_summary
 from rtdmd.config import to_dict
 from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.files import save_image_atomic, write_text_atomic
@@ -361,11 +361,7 @@ def image_grid(summaries: list[dict], path: Path) -> None:
     import textwrap
 
     manifests = [
-        [
-            r
-            for r in read_jsonl(Path(s["run_dir"]) / MANIFEST, repair=REPAIR_MANIFEST)
-            if r["sample_index"] == 0 and r["seed"] == s["seeds"][0]
-        ]
+        [r for r in read_manifest(Path(s["run_dir"])) if r["sample_index"] == 0 and r["seed"] == s["seeds"][0]]
         for s in summaries
     ]
     chosen = grid_prompts(manifests[0], GRID_PROMPTS)
@@ -398,17 +394,6 @@ def holm_family(summaries: list[dict]) -> dict[tuple[int, str], float]:
     ]
     adjusted = holm([p for _, _, p in family])
     return {(key, m): a for (key, m, _), a in zip(family, adjusted, strict=True)}
-
-
-def read_summary(path: Path) -> dict:
-    """A ``summary.json``; one that is not JSON (copied half, edited) is a :class:`ReportError`."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ReportError(
-            f"{path} is not valid JSON (line {error.lineno}, column {error.colno}): "
-            "run `rtdmd-bench aggregate` on its run again, which rewrites it"
-        ) from None
 
 
 def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCard] = (), claims=None) -> dict:

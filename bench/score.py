@@ -25,28 +25,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.generate import MANIFEST, REPAIR_MANIFEST, read_jsonl
+from bench.runfiles import (
+    MANIFEST,
+    SCORE_PARTS,
+    SCORES,
+    SET_SCORES,
+    cache_key,
+    metadata_of,
+    read_cache,
+    read_manifest,
+    read_set_scores,
+)
 from rtdmd import distributed, run_dir
 from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.files import JsonLinesAppender, write_text_atomic
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo, require_metadata, score
 
-SCORES = "scores.jsonl"
-SET_SCORES = "set_scores.json"
-
 
 class ScoreError(RtdmdError, ValueError):
     """Scoring cannot start: no manifest, an unknown metric, missing metadata."""
 
 
-def cache_key(row: dict, metric: str, info: RewardInfo) -> tuple[str, str, str, str]:
-    return row["sha256"], row["prompt"], metric, info.version
-
-
 def check_metrics(metrics: list[str], manifest: list[dict], suite: str) -> dict[str, object]:
     """Instantiate the rewards; refuse a suite that lacks the metadata a metric needs."""
-    require_metadata(metrics, [json.loads(row["metadata"]) for row in manifest], f"suite {suite}", "images")
+    require_metadata(metrics, [metadata_of(row) for row in manifest], f"suite {suite}", "images")
     return {name: REWARDS.get(name)() for name in metrics}
 
 
@@ -54,15 +57,15 @@ def cached_scores(root: Path) -> dict[tuple[str, str, str, str], dict]:
     """Every finite score row of ``scores.jsonl`` and the rank parts, by :func:`cache_key`'s tuple
     (a torn line or a non-finite score is not a cache entry: it is computed again)."""
     rows = {}
-    for path in [root / SCORES, *sorted(root.glob("scores.part*.jsonl"))]:
-        for r in read_jsonl(path):
+    for path in [root / SCORES, *sorted(root.glob(SCORE_PARTS))]:
+        for r in read_cache(path):
             if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]):
-                rows[(r["sha256"], r["prompt"], r["metric"], r["version"])] = r
+                rows[cache_key(r, r["metric"], r["version"])] = r
     return rows
 
 
-def read_manifest(root: Path) -> list[dict]:
-    manifest = read_jsonl(root / MANIFEST, repair=REPAIR_MANIFEST)
+def require_manifest(root: Path) -> list[dict]:
+    manifest = read_manifest(root)
     if not manifest:
         raise ScoreError(f"{root / MANIFEST} is missing or empty: run `rtdmd-bench generate` first")
     return manifest
@@ -84,11 +87,6 @@ def is_set_metric(info: RewardInfo) -> bool:
 def set_key(manifest: list[dict]) -> str:
     """The identity of a run's image set: sha256 over its (image sha256, prompt) pairs in manifest order."""
     return hashlib.sha256(json.dumps([[r["sha256"], r["prompt"]] for r in manifest]).encode()).hexdigest()
-
-
-def read_set_scores(root: Path) -> list[dict]:
-    path = Path(root) / SET_SCORES
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 def load_images(root: Path, rows: list[dict]) -> torch.Tensor:
@@ -118,7 +116,7 @@ def score_stage(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest = require_manifest(root)
     rewards = check_metrics(metrics, manifest, manifest[0]["suite"])
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
     rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
@@ -129,7 +127,7 @@ def score_stage(
             (name, row)
             for name, reward in rewards.items()
             for row in manifest
-            if cache_key(row, name, reward.info) not in cached
+            if cache_key(row, name, reward.info.version) not in cached
         ]
         # every rank must read the cache before any rank appends to it: a rank that read a part file
         # another had started writing would deal itself a different share (a race seen under load)
@@ -147,7 +145,7 @@ def score_stage(
                         rewards[name],
                         load_images(root, rows).to(world.device),
                         [r["prompt"] for r in rows],
-                        [json.loads(r["metadata"]) for r in rows],
+                        [metadata_of(r) for r in rows],
                         batch_size=batch_size,
                     )
                     values = values.tolist()
@@ -164,7 +162,7 @@ def score_stage(
         if world.is_main:
             merged = cached_scores(root)
             keep = [
-                score_row(row, name, reward.info, merged[cache_key(row, name, reward.info)]["score"])
+                score_row(row, name, reward.info, merged[cache_key(row, name, reward.info.version)]["score"])
                 for row in manifest
                 for name, reward in rewards.items()
             ]
@@ -175,7 +173,7 @@ def score_stage(
                 key=lambda r: (order[(r["sha256"], r["prompt"])], r["metric"]),
             )
             write_text_atomic(root / SCORES, "".join(json.dumps(r) + "\n" for r in keep + others))
-            for part_file in root.glob("scores.part*.jsonl"):
+            for part_file in root.glob(SCORE_PARTS):
                 part_file.unlink()
             set_scored = score_sets(root, manifest, set_rewards, world.device, batch_size)
         distributed.barrier()
@@ -212,7 +210,7 @@ def score_sets(root: Path, manifest: list[dict], set_rewards: dict[str, object],
             continue
         # the protocol takes the whole set in one call: the images are loaded once for all set metrics
         images = torch.cat([load_images(root, members[i : i + batch_size]) for i in range(0, len(members), batch_size)])
-        prompts, meta = [r["prompt"] for r in members], [json.loads(r["metadata"]) for r in members]
+        prompts, meta = [r["prompt"] for r in members], [metadata_of(r) for r in members]
         for name in todo:
             with torch.no_grad():
                 value = set_rewards[name](images.to(device), prompts, meta)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rtdmd.errors import RtdmdError
+from rtdmd.files import parse_jsonl
 from rtdmd.registry import Registry
 from rtdmd.seeding import seed_for
 
@@ -76,20 +76,9 @@ def decode_text(data: bytes, name: str) -> str:
 
 
 def jsonl_values(text: str, name: str) -> list[tuple[int, object]]:
-    """``(line number, value)`` of each non-empty line of a JSON-lines text; a line that is not JSON
-    (a torn write, a hand edit) is a :class:`PromptFileError` naming the file and the line."""
-    values = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            values.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise PromptFileError(
-                f"{name} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
-                "a torn or edited line; repair or delete it"
-            ) from None
-    return values
+    """``(line number, value)`` of each non-empty line of a prompt file's JSON lines; a line that is not
+    JSON (a torn write, a hand edit) is a :class:`PromptFileError` naming the file and the line."""
+    return parse_jsonl(text, name, repair="a torn or edited line; repair or delete it", error=PromptFileError)
 
 
 def parse_records(data: bytes, name: str) -> list[dict]:

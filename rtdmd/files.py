@@ -6,6 +6,9 @@ or a full disk leaves the old file or the new one, never a torn file. An appende
 (rank parts, training stats, sample indexes) is flushed and synced after each batch of rows, and a
 torn last line (what a kill or a full disk mid-append leaves) is cut before the next append.
 
+:func:`parse_jsonl` / :func:`read_jsonl` are the one reader of JSON-lines files (prompt files, run
+files, stats), with the caller's policy for a line that is not JSON.
+
 Each write passes :func:`rtdmd.errors.write_fault` just before it commits, so a test can make any one
 of them fail as a full disk would (``RTDMD_FULL_AT``).
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rtdmd import errors
+from rtdmd.errors import RtdmdError
 
 
 def current_umask() -> int:
@@ -107,7 +111,8 @@ class JsonLinesAppender:
     def append(self, rows: Iterable[dict]) -> None:
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if fault := errors.write_fault(self.path):
-            self._fh.write(text[: len(text) // 2])  # what a disk that fills mid-write leaves: a torn line
+            last = len(text.rstrip("\n").rsplit("\n", 1)[-1])
+            self._fh.write(text[: len(text) - 1 - last // 2])  # a disk full mid-write: the last line torn
             self._fh.flush()
             raise fault
         self._fh.write(text)
@@ -122,3 +127,46 @@ class JsonLinesAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- reading JSON lines
+
+
+class JsonLinesError(RtdmdError, ValueError):
+    """A line of a JSON-lines file that is not JSON where the reader cannot recompute what it held."""
+
+
+def parse_jsonl(
+    text: str,
+    name: str,
+    *,
+    bad: str = "stop",
+    repair: str = "repair or delete that line",
+    error: type[Exception] = JsonLinesError,
+) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of each non-empty line of a JSON-lines text. A line that is not JSON
+    (a torn write, a hand edit) is, by ``bad``: ``"skip"``ped (the caller recomputes what it held:
+    rank parts, caches, sample indexes), dropped only when it is the ``"last"`` line (a kill mid-append
+    leaves just that; an earlier one stops), or a ``"stop"``: an ``error`` naming ``name``, the line
+    and ``repair``."""
+    lines = text.splitlines()
+    values = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as decode:
+            if bad == "skip" or (bad == "last" and number == len(lines)):
+                continue
+            raise error(
+                f"{name} line {number} is not valid JSON ({decode.msg} at column {decode.colno}): {repair}"
+            ) from None
+    return values
+
+
+def read_jsonl(path: Path, **policy: Any) -> list[Any]:
+    """The values of a JSON-lines file (``[]`` if it does not exist), read by :func:`parse_jsonl`."""
+    if not path.exists():
+        return []
+    return [value for _, value in parse_jsonl(path.read_text(encoding="utf-8", errors="replace"), str(path), **policy)]

@@ -95,9 +95,9 @@ def test_a_torn_manifest_line_is_refused_then_repaired_by_generate(tmp_path, sui
     ok(["score", str(root), "--metrics", "brightness", "--device", "cpu"])
     manifest, scores = (root / "manifest.jsonl").read_bytes(), (root / "scores.jsonl").read_bytes()
     (root / "manifest.jsonl").write_bytes(manifest[: len(manifest) - 40])  # what a kill mid-write leaves
-    message = "manifest.jsonl line 4 is torn (not JSON; a kill mid-write?): run `rtdmd-bench generate` (or `run`) again"
-    refused(["score", str(root), "--metrics", "brightness", "--device", "cpu"], message)
-    refused(["aggregate", str(root)], message)
+    where, repair = "manifest.jsonl line 4 is not valid JSON", "): run `rtdmd-bench generate` (or `run`) again"
+    for args in (["score", str(root), "--metrics", "brightness", "--device", "cpu"], ["aggregate", str(root)]):
+        assert repair in refused(args, where)
     assert (root / "scores.jsonl").read_bytes() == scores  # the torn row's cached score was not deleted
     repaired = generate(suite, tmp_path / "out")
     assert (repaired / "manifest.jsonl").read_bytes() == manifest

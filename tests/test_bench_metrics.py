@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import bench.cli
 from bench.aggregate import AggregateError, aggregate_stage
 from bench.cli import DefaultRun, app, resolve_run
-from bench.score import SET_SCORES, score_stage, set_key
+from bench.runfiles import SET_SCORES
+from bench.score import score_stage, set_key
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import RewardInfo
 

@@ -23,7 +23,7 @@ from PIL import Image
 from rtdmd import distributed, run_dir
 from rtdmd.backbones import BACKBONES
 from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
-from rtdmd.files import JsonLinesAppender, save_image_atomic, write_text_atomic
+from rtdmd.files import JsonLinesAppender, read_jsonl, save_image_atomic, write_text_atomic
 from rtdmd.images import grid, save_png, to_uint8
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
 from rtdmd.seeding import INIT_STEP, seed_for
@@ -76,12 +76,8 @@ def read_prompts(cfg: SampleConfig) -> list[str]:
 
 def done_rows(root: Path) -> dict[str, dict]:
     """Rows of ``samples.jsonl`` whose image file exists with the recorded sha256."""
-    index = root / "samples.jsonl"
-    if not index.exists():
-        return {}
     rows = {}
-    for line in index.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(root / "samples.jsonl", bad="skip"):  # a torn row's image is made again
         path = root / row["file"]
         if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == row["sha256"]:
             rows[row["file"]] = row

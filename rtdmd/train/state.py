@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from rtdmd.checkpoint import load_tensors, save_tensors
 from rtdmd.errors import RtdmdError
-from rtdmd.files import write_text_atomic
+from rtdmd.files import parse_jsonl, write_text_atomic
 from rtdmd.train.roles import EMA
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -126,18 +126,10 @@ def resume(
 def logged_until(stats: Path, step: int) -> list[str]:
     """The lines of ``stats`` whose ``step`` is at most ``step``. A last line that is not JSON is what
     a kill mid-write leaves: it is dropped; a bad line before it is a :class:`RunStateError`."""
-    lines = stats.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise RunStateError(f"{stats} line {number} is not JSON: repair or delete that line, then rerun") from None
-        if row["step"] <= step:
-            kept.append(line)
-    return kept
+    rows = parse_jsonl(
+        stats.read_text(), str(stats), bad="last", repair="repair or delete that line, then rerun", error=RunStateError
+    )
+    return [json.dumps(row) for _, row in rows if row["step"] <= step]
 
 
 def load(path: Path, roles: dict[str, tuple[nn.Module, torch.optim.Optimizer]], ema: EMA) -> int:
