@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -27,6 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench import plan as run_plan
 from bench.weights_cli import weights_app
 from rtdmd.errors import one_line_errors
 
@@ -54,37 +52,6 @@ def _options(
     if weights_dir is not None:
         os.environ["RTDMD_WEIGHTS"] = str(weights_dir)
 
-
-@dataclass(frozen=True)
-class DefaultRun:
-    """What ``rtdmd-bench run`` does without arguments: the toy-world leaderboard on the quick profile
-    (``toy-geneval-quick``, minutes on a CPU); tools/toy_leaderboard.sh runs the full protocol."""
-
-    methods: tuple[str, ...] = (
-        "toy-teacher",
-        "toy-euler4",
-        "toy-dmd",
-        "toy-acdmd",
-        "toy-rtdmd",
-        "toy-rtdmd-grpo-all-steps",
-        "toy-rtdmd-no-bp",
-        "toy-rtdmd-no-dm",
-        "toy-rtdmd-bp-only",
-        "toy-rtdmd-dmd-only",
-    )
-    suite: str = "toy-geneval-quick"
-    metrics: tuple[str, ...] = ()  # () = the suite card's default metrics
-    reference: str = "toy-teacher"
-    out: Path = Path("bench_runs")
-    report: Path | None = None  # <out>/<suite>_leaderboard.md; tools/toy_leaderboard.sh writes reports/toy/
-    claims: str = "toy"  # bench/cards/claims/toy.yaml: the aims, stated as held or not in the report
-
-    def __post_init__(self) -> None:
-        if self.reference and self.reference not in self.methods:
-            raise ValueError(f"default reference {self.reference} is not one of the default methods")
-
-
-DEFAULT_RUN = DefaultRun()
 
 OUT = typer.Option(Path("bench_runs"), "--out", "-o", help="Root of the run directories (<out>/<method>/<suite>/).")
 PROMPTS_DIR = typer.Option(
@@ -169,95 +136,15 @@ class Bar:
             self.progress.stop()
 
 
-def writable(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as error:
-        raise PermissionError(f"output directory {out} is not writable ({error.strerror or error})") from None
-    return out
+def say(line: str) -> None:
+    """A pipeline's line: notes to stderr (yellow), the rest to stdout."""
+    if line.startswith("note: "):
+        err.print(f"[yellow]note:[/] {escape(line[len('note: ') :])}", soft_wrap=True)
+    else:
+        console.print(line, markup=False, highlight=False)
 
 
-def metric_list(text: str, suite) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()] or list(suite.card.default_metrics)
-    if not names:
-        raise typer.BadParameter("no metrics: pass --metrics")
-    from rtdmd.rewards.base import require_metadata
-
-    # unknown names (with a did-you-mean) and a suite without what a metric needs fail here, before generating
-    require_metadata(names, [json.loads(row["metadata"]) for row in suite.rows], f"suite {suite.card.name}")
-    return names
-
-
-def _generate(method_name: str, suite, out: Path, seeds: tuple[int, ...], limit: int, ipp: int, device: str) -> Path:
-    from bench.generate import generate_stage
-    from bench.methods import load_method
-
-    method = load_method(method_name)
-    bar = Bar(f"generate {method.name}/{suite.card.name}")
-    try:
-        result = generate_stage(
-            method, suite, out, seeds=seeds, limit=limit, images_per_prompt=ipp, device=device, progress=bar
-        )
-    finally:
-        bar.close()
-    console.print(
-        f"{method.name}/{suite.card.name}: {result['generated']} generated, {result['skipped']} reused ({result['images']} images)"
-    )
-    for note in result["notes"]:
-        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    return Path(result["run_dir"])
-
-
-def _score(root: Path, metrics: list[str], device: str) -> None:
-    from bench.score import score_stage
-
-    bar = Bar(f"score {root.parent.name}/{root.name}")
-    try:
-        result = score_stage(root, metrics, device=device, progress=bar)
-    finally:
-        bar.close()
-    sets = result["set_scored"] + result["set_cached"]
-    set_note = f"; set metrics: {result['set_scored']} computed, {result['set_cached']} reused" if sets else ""
-    console.print(
-        f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused{set_note}"
-    )
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """The resolved arguments of ``run``: each option not given falls back to :data:`DEFAULT_RUN`."""
-
-    methods: tuple[str, ...]
-    suite: str
-    metrics: str
-    reference: str
-    out: Path
-    report: Path | None  # None: <out>/<suite>_leaderboard.md
-    default: bool  # neither --method nor --suite was given
-    claims: str = ""  # a claim card checked in the report ("" = none)
-
-
-def resolve_run(
-    method: list[str] | None, suite: str, metrics: str, reference: str, out: Path | None, report, claims: str = ""
-) -> RunPlan:
-    """Fill what the user left out from :data:`DEFAULT_RUN` (read at call time, so tests can swap it)."""
-    default = DEFAULT_RUN
-    return RunPlan(
-        methods=tuple(method) if method else default.methods,
-        suite=suite or default.suite,
-        metrics=metrics or ("" if suite else ",".join(default.metrics)),
-        # the default reference is one of the default methods; with your own methods pass --reference
-        reference=reference or ("" if method else default.reference),
-        out=out or default.out,
-        report=report or (default.report if not method and not suite else None),
-        default=not method and not suite,
-        claims=claims or (default.claims if not method and not suite else ""),
-    )
-
-
-def run_help(default: DefaultRun) -> str:
+def run_help(default: run_plan.DefaultRun) -> str:
     metrics = ", ".join(default.metrics) or "its default metrics"
     return (
         "Generate, score, aggregate and report, for each method on one suite. Reruns reuse every finished image and score.\n\n"
@@ -272,7 +159,7 @@ def run_help(default: DefaultRun) -> str:
     )
 
 
-@app.command(help=run_help(DEFAULT_RUN))
+@app.command(help=run_help(run_plan.DEFAULT_RUN))
 def run(
     method: list[str] = typer.Option(
         None, "--method", help="Method card name or YAML path (repeatable; default: the toy methods, see above)."
@@ -305,43 +192,21 @@ def run(
     images_per_prompt: int = IPP,
     device: str = DEVICE,
 ) -> None:
-    """Generate, score, aggregate and report (help text: :func:`run_help`)."""
-    from bench.aggregate import aggregate_stage
-    from bench.methods import load_method
-    from bench.report import report_stage
-    from rtdmd.suites import load_suite
+    """Generate, score, aggregate and report (help text: :func:`run_help`): :func:`bench.pipeline.run_pipeline`."""
+    from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
 
     with clean_errors():
-        plan = resolve_run(method, suite, metrics, reference, out, report, claims)
-        claim_card = None
-        if plan.claims:
-            from bench.claims import load_claims
-
-            claim_card = load_claims(plan.claims)
-        loaded = load_suite(plan.suite, prompts_dir, images_per_prompt=images_per_prompt)
-        names = metric_list(plan.metrics, loaded)
-        cards = [(arg, load_method(arg)) for arg in plan.methods]
-        if plan.reference and plan.reference not in [c.name for _, c in cards]:
-            raise typer.BadParameter(f"--reference {plan.reference} must be one of the --method cards")
-        target = plan.report or plan.out / f"{loaded.card.name}_leaderboard.md"
-        console.print(
-            f"{'default toy run' if plan.default else 'run'}: {', '.join(c.name for _, c in cards)} "
-            f"on {loaded.card.name}, metrics {', '.join(names)}, reference {plan.reference or 'none'} "
-            f"-> {plan.out}/, {target}",
-            markup=False,
-            highlight=False,
+        plan = run_plan.resolve_run(method, suite, metrics, reference, out, report, claims)
+        pipeline.run_pipeline(
+            plan,
+            prompts_dir=prompts_dir,
+            seeds=seeds,
+            limit=limit,
+            images_per_prompt=images_per_prompt,
+            device=device,
+            progress=Bar,
+            log=say,
         )
-        writable(plan.out)
-        writable(target.parent)
-        roots = []
-        for arg, _ in sorted(cards, key=lambda pair: pair[1].name != plan.reference):  # the reference first
-            roots.append(_generate(arg, loaded, plan.out, seeds, limit, images_per_prompt, device))
-            _score(roots[-1], names, device)
-        summaries = [
-            aggregate_stage(root, plan.reference if root.parent.name != plan.reference else "") for root in roots
-        ]
-        report_stage([Path(s["run_dir"]) / "summary.json" for s in summaries], target, claims=claim_card)
-        console.print(f"leaderboard: {target} (+ .json, .png)")
 
 
 @app.command()
@@ -359,12 +224,13 @@ def generate(
 
     Example: torchrun --nproc_per_node 8 -m bench.cli generate --method rtdmd-sd35m --suite drawbench
     """
-    from rtdmd.suites import load_suite
+    from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
 
     with clean_errors():
-        loaded = load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
-        writable(out)
-        _generate(method, loaded, out, seeds, limit, images_per_prompt, device)
+        loaded = pipeline.load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
+        pipeline.writable(out)
+        card = pipeline.load_method(method)
+        pipeline.generate_run(card, loaded, out, seeds, limit, images_per_prompt, device, progress=Bar, log=say)
 
 
 @app.command()
@@ -377,12 +243,10 @@ def score(
 
     Example: rtdmd-bench score bench_runs/tiny-cps4/drawbench --metrics brightness
     """
-    with clean_errors():
-        from rtdmd.rewards import REWARDS
+    from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
 
-        for name in metrics.split(","):
-            REWARDS.get(name.strip())
-        _score(run_dir, [m.strip() for m in metrics.split(",") if m.strip()], device)
+    with clean_errors():
+        say(pipeline.score_run(run_dir, [m.strip() for m in metrics.split(",") if m.strip()], device, progress=Bar))
 
 
 @app.command()
@@ -396,10 +260,10 @@ def aggregate(
 
     Example: rtdmd-bench aggregate bench_runs/tiny-cps4/drawbench --reference tiny-teacher
     """
-    from bench.aggregate import aggregate_stage
+    from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
 
     with clean_errors():
-        summary = aggregate_stage(run_dir, reference)
+        summary = pipeline.aggregate_stage(run_dir, reference)
         for name, m in summary["metrics"].items():
             spread = f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]" if m["ci95"] else f"({m['note']})"
             console.print(f"{name}: {m['value']:.4f} {spread} over {m['n_prompts']} prompts")
@@ -420,15 +284,12 @@ def report(
 
     Example: rtdmd-bench report bench_runs/*/drawbench/summary.json --out reports/drawbench.md --published gdmd-sd3m
     """
-    from bench.methods import load_method
-    from bench.report import report_stage
+    from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
 
     with clean_errors():
-        from bench.claims import load_claims
-
-        cards = [load_method(m.strip()) for m in published.split(",") if m.strip()]
-        writable(out.parent)
-        report_stage(summaries, out, cards, claims=load_claims(claims) if claims else None)
+        cards = [pipeline.load_method(m.strip()) for m in published.split(",") if m.strip()]
+        pipeline.writable(out.parent)
+        pipeline.report_stage(summaries, out, cards, claims=pipeline.load_claims(claims) if claims else None)
         console.print(f"leaderboard: {out}")
 
 

@@ -116,6 +116,8 @@ def score_stage(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     root = Path(root)
+    for name in metrics:  # a misspelt metric is named (with a did-you-mean) before anything is read
+        REWARDS.get(name)
     manifest = require_manifest(root)
     rewards = check_metrics(metrics, manifest, manifest[0]["suite"])
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}

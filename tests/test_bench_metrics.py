@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import bench.cli
+import bench.plan
 from bench.aggregate import AggregateError, aggregate_stage
-from bench.cli import DefaultRun, app, resolve_run
+from bench.cli import app
+from bench.plan import DefaultRun, resolve_run
 from bench.runfiles import SET_SCORES
 from bench.score import score_stage, set_key
 from rtdmd.rewards import REWARDS
@@ -159,7 +160,7 @@ def test_run_without_arguments_runs_the_default(tmp_path, monkeypatch):
     prompts = tmp_path / "tiny_prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\na green triangle\n")
     monkeypatch.setattr(
-        bench.cli,
+        bench.plan,
         "DEFAULT_RUN",
         DefaultRun(
             methods=("tiny-teacher", "tiny-cps4"), suite=str(prompts), metrics=("brightness",), reference="tiny-teacher"
@@ -182,7 +183,7 @@ def test_run_without_arguments_runs_the_default(tmp_path, monkeypatch):
 
 def test_given_options_override_the_default_run():
     default = DefaultRun()
-    assert resolve_run(None, "", "", "", None, None) == bench.cli.RunPlan(
+    assert resolve_run(None, "", "", "", None, None) == bench.plan.RunPlan(
         default.methods, default.suite, "", default.reference, default.out, default.report, True, default.claims
     )
     own_methods = resolve_run(["tiny-cps4"], "", "", "", None, None)
@@ -195,7 +196,7 @@ def test_given_options_override_the_default_run():
 
 
 def test_the_default_run_is_the_toy_leaderboard():
-    default = bench.cli.DEFAULT_RUN
+    default = bench.plan.DEFAULT_RUN
     assert default.suite == "toy-geneval-quick" and default.reference == "toy-teacher"
     with pytest.raises(ValueError, match="default reference toy-teacher is not one of the default methods"):
         DefaultRun(methods=("tiny-cps4",))

@@ -123,7 +123,7 @@ def test_a_nan_value_is_not_checkable():
 
 
 def test_the_toy_claims_name_the_toy_methods_and_metrics():
-    from bench.cli import DEFAULT_RUN
+    from bench.plan import DEFAULT_RUN
 
     card = load_claims(DEFAULT_RUN.claims)
     methods = {c.left.method for c in card.claims} | {c.right.method for c in card.claims} - {""}

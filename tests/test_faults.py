@@ -222,7 +222,7 @@ def test_a_corrupt_stats_line_before_the_last_is_one_line(tmp_path, capsys):
     (run / "stats.jsonl").write_text("garbage\n" + "\n".join(lines) + "\n")
     argv = ["distill", "--config", "tiny", f"run_dir={run}", "device=cpu", "steps=4", "eval.every=0"]
     code, err = run_main(train_cli.main, argv, capsys)
-    assert code == 2 and "stats.jsonl line 1 is not JSON" in one_error_line(err)
+    assert code == 2 and "stats.jsonl line 1 is not valid JSON" in one_error_line(err)
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
