@@ -16,11 +16,15 @@ and the same global batch comes out on any number of processes).
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
+import io
+import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -31,6 +35,8 @@ from rtdmd.seeding import seed_for
 
 PACKAGE_PREFIX = "package:"
 GENERATED_PREFIX = "generated:"
+Format = Literal["jsonl", "txt", "tsv", "csv", "json"]
+FORMATS: tuple[str, ...] = ("jsonl", "txt", "tsv", "csv", "json")
 # generators live where their vocabulary does (a higher layer), registered on first use
 GENERATED_PROMPTS: Registry[Callable[[], bytes]] = Registry(
     "prompt generator", lazy={"geneval-train.jsonl": "rtdmd.geneval.prompts"}
@@ -81,16 +87,43 @@ def jsonl_values(text: str, name: str) -> list[tuple[int, object]]:
     return parse_jsonl(text, name, repair="a torn or edited line; repair or delete it", error=PromptFileError)
 
 
-def parse_records(data: bytes, name: str) -> list[dict]:
-    """Records of a file's bytes: ``.jsonl`` = each object (it must have a "prompt"), otherwise
-    ``{"prompt": line}`` for each non-empty stripped line."""
+def raw_records(data: bytes, fmt: Format, name: str) -> list[dict[str, Any] | str]:
+    """The records of a prompt file's bytes, as its format holds them: dicts (jsonl, tsv, csv, json
+    objects) or strings (txt lines, json strings). The one reader of prompt files: training prompts
+    (:func:`parse_records`) and benchmark suites (:mod:`rtdmd.suites`) both go through it."""
     text = decode_text(data, name)
-    if not name.endswith(".jsonl"):
-        return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    if fmt == "txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if fmt == "jsonl":
+        return [value for _, value in jsonl_values(text, name)]
+    if fmt in ("tsv", "csv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PromptFileError(
+            f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+        ) from None
+    if not isinstance(records, list):
+        raise PromptFileError("a .json suite file must hold a list of prompts or of objects")
+    return records
+
+
+def format_of(name: str) -> Format:
+    """A prompt file's format from its name's suffix (``.txt`` for anything unknown)."""
+    suffix = Path(name).suffix[1:]
+    return suffix if suffix in FORMATS else "txt"  # type: ignore[return-value]
+
+
+def parse_records(data: bytes, name: str) -> list[dict]:
+    """Training records of a prompt file's bytes: ``{"prompt": ...}`` with the rest of each record
+    (a ``.jsonl`` record keeps GenEval's metadata); every record needs a "prompt"."""
     records = []
-    for number, record in jsonl_values(text, name):
+    for number, record in enumerate(raw_records(data, format_of(name), name), start=1):
+        if isinstance(record, str):
+            record = {"prompt": record}
         if not isinstance(record, dict) or not str(record.get("prompt", "")).strip():
-            raise PromptFileError(f'prompt file {name}: line {number} has no "prompt"')
+            raise PromptFileError(f'prompt file {name}: record {number} has no "prompt"')
         records.append(record | {"prompt": str(record["prompt"]).strip()})
     return records
 

@@ -14,24 +14,21 @@ Dataset columns: ``suite, prompt_id, prompt, category, metadata`` (a JSON string
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import urllib.request
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rtdmd.config import ConfigError, from_dict, yaml_mapping
-from rtdmd.data import decode_text, jsonl_values
+from rtdmd.data import Format, raw_records
 from rtdmd.errors import RtdmdError
 from rtdmd.files import write_bytes_atomic, write_text_atomic
 from rtdmd.registry import did_you_mean
 
 CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
-Format = Literal["jsonl", "txt", "tsv", "csv", "json"]
 
 
 class SuiteError(RtdmdError, ValueError):
@@ -196,24 +193,6 @@ def _pin(lock: dict[str, str], path: str, digest: str) -> None:
     write_text_atomic(_lock_path(), json.dumps(lock, indent=2, sort_keys=True))
 
 
-def parse_records(data: bytes, fmt: Format, name: str = "the suite file") -> list[dict[str, Any] | str]:
-    """Raw records of one file: dicts (jsonl, tsv, csv, json objects) or strings (txt, json strings)."""
-    text = decode_text(data, name)
-    if fmt == "txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    if fmt == "jsonl":
-        return [value for _, value in jsonl_values(text, name)]
-    if fmt in ("tsv", "csv"):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SuiteError(f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    if not isinstance(records, list):
-        raise SuiteError("a .json suite file must hold a list of prompts or of objects")
-    return records
-
-
 def rows_from_records(card: SuiteCard, records_per_file: list[tuple[SuiteFile, list]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -266,7 +245,7 @@ def load_suite(
     fetched = [(entry, *_fetch(entry, card, local, download)) for entry in card.files]
     rows = rows_from_records(
         card,
-        [(entry, parse_records(data, card.format, f"suite {card.name}: {entry.path}")) for entry, data, _ in fetched],
+        [(entry, raw_records(data, card.format, f"suite {card.name}: {entry.path}")) for entry, data, _ in fetched],
     )
     if len(rows) != card.rows:
         raise SuiteError(f"suite {card.name}: {len(rows)} prompts, the card expects {card.rows}")
@@ -291,7 +270,7 @@ def _file_suite(path: Path, images_per_prompt: int) -> Suite:
         raise SuiteError(f"suite file {path} does not exist")
     data = path.read_bytes()
     fmt: Format = path.suffix[1:]  # type: ignore[assignment]
-    records = parse_records(data, fmt, f"suite file {path}")
+    records = raw_records(data, fmt, f"suite file {path}")
     if not records:
         raise SuiteError(f"suite file {path} holds no prompts")
     has = lambda key: any(isinstance(r, dict) and key in r for r in records)  # noqa: E731

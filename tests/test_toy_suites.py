@@ -134,5 +134,5 @@ def test_bad_packaged_prompt_files_fail_clearly(source, error, message):
 def test_a_jsonl_prompt_file_needs_a_prompt_on_every_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"caption": "no prompt"}\n')
-    with pytest.raises(ValueError, match='bad.jsonl: line 2 has no "prompt"'):
+    with pytest.raises(ValueError, match='bad.jsonl: record 2 has no "prompt"'):
         read_prompt_file(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rtdmd.distributed import resolve_device
 from rtdmd.geneval.judge import COLORS
 from rtdmd.weights import WeightFiles, resolve
 
@@ -104,7 +105,7 @@ class ClipColorClassifier:
         model, _, preprocess = open_clip.create_model_and_transforms(
             ARCH, pretrained=str(folder / CLIP_L14_OPENAI.files[0])
         )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or resolve_device("auto")
         return cls(model, open_clip.get_tokenizer(ARCH), preprocess, device=device, amp=amp)
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from PIL import Image
 from rtdmd import distributed, run_dir
 from rtdmd.backbones import BACKBONES
 from rtdmd.backbones.base import BackboneConfig, build_backbone, check_resolution
+from rtdmd.data import read_prompt_file
 from rtdmd.files import JsonLinesAppender, read_jsonl, save_image_atomic, write_text_atomic
 from rtdmd.images import grid, save_png, to_uint8
 from rtdmd.sampling import ForwardCounter, SamplerSpec, generate
@@ -64,14 +65,9 @@ def prompt_id(prompt: str) -> str:
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
-    prompts = list(cfg.prompts)
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt_file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    unique = list(dict.fromkeys(prompts))  # a repeated prompt would address the same images
-    return unique
+    """The config's prompts, then its prompt file's (:func:`rtdmd.data.read_prompt_file`), each once."""
+    prompts = list(cfg.prompts) + (read_prompt_file(cfg.prompt_file) if cfg.prompt_file else [])
+    return list(dict.fromkeys(prompts))  # a repeated prompt would address the same images
 
 
 def done_rows(root: Path) -> dict[str, dict]:
