@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -346,6 +347,62 @@ def test_packaged_recipe_loads_and_unknown_keys_fail():
     assert cfg.batch_size == 512 and cfg.arch == ToyClipArch() and cfg.precision == "bfloat16"
     with pytest.raises(ConfigError, match="unknown key"):
         load(trainer.ToyClipConfig, "toy", ["batchsize=4"], group="pretrain_clip")
+
+
+def smoke_overrides(run: Path, *extra: str) -> list[str]:
+    return [
+        "num_examples=64",
+        "render_workers=1",
+        "batch_size=16",
+        "steps=4",
+        "warmup=1",
+        "precision=float32",
+        "log_every=2",
+        "negatives_per_caption=2",
+        "device=cpu",
+        f"run_dir={run}",
+        *(f"arch.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in vars(SMALL).items()),
+        *extra,
+    ]
+
+
+def test_an_interrupted_toy_clip_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Checkpoint every 2 steps; interrupted in step 3, then rerun: the same ToyClip weights, held-out
+    metrics and stats rows as a run that never stopped."""
+    straight = trainer.train(
+        load(
+            trainer.ToyClipConfig, "toy", smoke_overrides(tmp_path / "a", "checkpoint_every=2"), group="pretrain_clip"
+        ),
+        False,
+    )
+    step = trainer.train_step
+
+    def interrupted(cfg, model, pool, negatives, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return step(cfg, model, pool, negatives, index)
+
+    cfg = load(
+        trainer.ToyClipConfig, "toy", smoke_overrides(tmp_path / "b", "checkpoint_every=2"), group="pretrain_clip"
+    )
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, False)
+    monkeypatch.setattr(trainer, "train_step", step)
+    resumed = trainer.train(cfg, False)
+    from safetensors.torch import load_file
+
+    got, want = load_file(resumed["checkpoint"]), load_file(straight["checkpoint"])  # their configs name other run_dirs
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed["final"] == straight["final"]
+
+    def rows(run):
+        return [
+            {k: v for k, v in r.items() if not k.startswith("time")}
+            for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines())
+        ]
+
+    assert rows(tmp_path / "b") == rows(tmp_path / "a") and len(rows(tmp_path / "a")) == 2
 
 
 def test_trainer_smoke_run(tmp_path):

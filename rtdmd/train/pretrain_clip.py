@@ -34,13 +34,14 @@ from torch import Tensor
 from rtdmd import distributed, run_dir
 from rtdmd.config import to_dict
 from rtdmd.files import write_text_atomic
-from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.clip import KINDS, ToyClip, ToyClipArch, canonical, caption_negatives
 from rtdmd.toyworld.data import eval_metadata, render_examples
 from rtdmd.toyworld.prompts import scene_for
 from rtdmd.toyworld.text import token_ids
 from rtdmd.toyworld.world import render
+from rtdmd.train.loop import Schedule, run_loop
+from rtdmd.train.roles import EMA
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,24 @@ class ToyClipConfig:
     run_dir: str = "runs/pretrain-clip-toy"
     log_every: int = 50
     eval_every: int = 0  # held-out evaluation every N steps (0 = only at the end)
+    checkpoint_every: int = 500  # a killed run resumes from the last one
     output: str = "toy_clip.safetensors"
 
     def validate(self) -> None:
-        if min(self.num_examples, self.batch_size, self.steps, self.log_every, self.negatives_per_caption) < 1:
-            raise ValueError("num_examples, batch_size, steps, log_every and negatives_per_caption must be >= 1")
+        if (
+            min(
+                self.num_examples,
+                self.batch_size,
+                self.steps,
+                self.log_every,
+                self.negatives_per_caption,
+                self.checkpoint_every,
+            )
+            < 1
+        ):
+            raise ValueError(
+                "num_examples, batch_size, steps, log_every, negatives_per_caption and checkpoint_every must be >= 1"
+            )
         if self.batch_size > self.num_examples:
             raise ValueError(f"batch_size {self.batch_size} exceeds the pool of {self.num_examples} examples")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or self.hard_negatives < 0 or self.noise_std < 0:
@@ -307,10 +321,21 @@ def _optimizer(cfg: ToyClipConfig, model: ToyClip) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
-    """Train ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall times, paths)."""
+@dataclass
+class ClipSession:
+    """What the shared loop (:func:`rtdmd.train.loop.run_loop`) needs: one role and no EMA."""
 
-    device = distributed.resolve_device(cfg.device)  # a bad device must not leave a run directory behind
+    world: distributed.World
+    root: Path
+    roles: dict
+    ema: EMA
+
+
+def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
+    """Train (or resume) ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall
+    times, paths). Batches are drawn by step number, so a resumed run equals one that never stopped."""
+    world = distributed.init(cfg.device)  # a bad device must not leave a run directory behind
+    device = world.device
     root = run_dir.prepare(cfg.run_dir, cfg)
     output = Path(cfg.output) if Path(cfg.output).is_absolute() else root / cfg.output
     summary_file = root / "summary.json"
@@ -325,37 +350,41 @@ def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     model = ToyClip(cfg.arch, seed=cfg.seed).to(device).train()
     optimizer = _optimizer(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = root / "stats.jsonl"
-    stats.unlink(missing_ok=True)  # a run that did not finish starts over (it takes minutes)
-    status = (
-        [StatusLine(cfg.steps, "pretrain toy-clip", ("loss/contrastive", "loss/hard_negative"))]
-        if show_progress
-        else []
-    )
-    loggers = Loggers(JsonlLogger(stats), *status)
-    t_train = time.perf_counter()
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
+    sess = ClipSession(world, root, {"model": (model, optimizer)}, EMA({}, 0.0))
+    evaluations: list[dict] = []
+
+    def step(index: int) -> dict[str, float]:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        loss, logs = train_step(cfg, model, pool, negatives, step)
+            group["lr"] = learning_rate(cfg, index)
+        loss, logs = train_step(cfg, model, pool, negatives, index)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            row = {k: float(v) for k, v in logs.items()}
-            row |= {"train/lr": learning_rate(cfg, step), "train/grad_norm": float(grad_norm)}
-            row["time/step_s"] = time.perf_counter() - t0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                final = evaluate(model, held_out)
-                row |= final
-            if device.type == "cuda":
-                row["mem/peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            loggers.log(done, row)
+        return {k: float(v) for k, v in logs.items()} | {
+            "train/lr": learning_rate(cfg, index),
+            "train/grad_norm": float(grad_norm),
+        }
+
+    def held_out_metrics(done: int) -> dict[str, float]:
+        evaluations.append(evaluate(model, held_out))
+        return evaluations[-1]
+
+    t_train = time.perf_counter()
+    run_loop(
+        sess,
+        Schedule(cfg.steps, cfg.eval_every or cfg.steps, cfg.log_every, cfg.checkpoint_every),
+        step,
+        held_out_metrics,
+        status="pretrain toy-clip",
+        status_keys=("loss/contrastive", "loss/hard_negative"),
+        time_key="time/step_s",
+        show_progress=show_progress,
+    )
     train_seconds = time.perf_counter() - t_train
-    loggers.close()
+    final = (
+        evaluations[-1] if evaluations and cfg.steps % (cfg.eval_every or cfg.steps) == 0 else evaluate(model, held_out)
+    )
     summary = {
         "run_dir": str(root),
         "checkpoint": str(output),
