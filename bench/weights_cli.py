@@ -29,7 +29,7 @@ WEIGHTS_DIR = typer.Option(
 
 def metrics_with_weights() -> dict[str, tuple]:
     """``{metric: its WeightFiles}`` for every registered metric that needs downloaded weights."""
-    from rtdmd.rewards import REWARDS
+    from rtdmd.rewards import REWARDS  # every metric's module (open_clip, ...): only when listing
 
     return {name: REWARDS.get(name).weights for name in REWARDS.names() if hasattr(REWARDS.get(name), "weights")}
 

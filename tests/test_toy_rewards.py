@@ -272,7 +272,7 @@ def test_toy_clip_reads_the_env_path_and_explains_a_missing_checkpoint(clip_path
     def missing(name):
         raise weights.WeightsError(f"no shipped toy checkpoint {name!r}")
 
-    monkeypatch.setattr(weights, "packaged", missing)
+    monkeypatch.setattr(toy_rewards, "packaged", missing)  # where the toy metric looks it up
     with pytest.raises(weights.WeightsError, match="rtdmd-train pretrain-clip --config toy"):
         REWARDS.get("toy-clip")()
 
@@ -406,19 +406,7 @@ def test_an_interrupted_toy_clip_run_resumes_to_the_same_weights(tmp_path, monke
 
 
 def test_trainer_smoke_run(tmp_path):
-    overrides = [
-        "num_examples=64",
-        "render_workers=1",
-        "batch_size=16",
-        "steps=4",
-        "warmup=1",
-        "precision=float32",
-        "log_every=2",
-        "negatives_per_caption=2",
-        "device=cpu",
-        f"run_dir={tmp_path / 'run'}",
-        *(f"arch.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in vars(SMALL).items()),
-    ]
+    overrides = smoke_overrides(tmp_path / "run")
     cfg = load(trainer.ToyClipConfig, "toy", overrides, group="pretrain_clip")
     summary = trainer.train(cfg, show_progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]

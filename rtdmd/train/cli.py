@@ -3,6 +3,10 @@
 rtdmd-train sample --config tiny                      # rtdmd/configs/sample/tiny.yaml
 rtdmd-train sample --config my.yaml sampler.eta=0.0   # any YAML path, typed key=value overrides
 rtdmd-train sample --config tiny --dry-run            # print the resolved config and exit
+
+Each command imports its trainer when it runs (the only function-local imports of the package, with
+``bench/cli.py``'s): the trainers load torch, diffusers and peft, and ``--help``, ``configs`` and a
+bad argument should answer at once.
 """
 
 from __future__ import annotations
