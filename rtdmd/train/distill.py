@@ -19,7 +19,6 @@ rollback per-sample ones (the same on any world size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from rtdmd.train.distill_config import DistillConfig
 from rtdmd.train.evaluation import evaluate, load_tasks
 from rtdmd.train.fake_score import fake_loss
 from rtdmd.train.loop import Schedule, run_loop
-from rtdmd.train.roles import EMA, Models, build_roles, ema_dtype, optimizer_step
+from rtdmd.train.roles import EMA, Models, Session, build_roles, ema_dtype, optimizer_step
 from rtdmd.train.subinterval import sample_subinterval
 
 
@@ -59,28 +58,9 @@ def generator_loss(
     return loss, {"loss/generator": float(loss.detach()), "train/gen_stop": sub.stop, "train/teacher_guidance": w}
 
 
-@dataclass
-class Session:
-    """Built once per process: models, optimisers, EMA, prompts, logging."""
-
-    cfg: DistillConfig
-    world: object
-    root: object
-    models: Models
-    generator: torch.nn.Module  # unwrapped, for evaluation and parameter names
-    gen_params: dict
-    fake_params: dict
-    optimizers: dict
-    roles: dict
-    ema: object
-    prompts: list[str]
-    eval_tasks: list  # the evaluation suites, loaded once (rtdmd.train.evaluation.EvalTask)
-
-
 def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
     """Build the roles on ``cfg.backbone`` (or on an already built ``backbone``, e.g. random weights
     at real size for a benchmark)."""
-
     backbone = backbone or build_backbone(cfg.backbone, world.device)
     built = build_roles(cfg, world, backbone)
     sigmas = built.models.sigmas
@@ -89,23 +69,10 @@ def build_session(cfg: DistillConfig, world, root, backbone=None) -> Session:
             f"sigma_1 = {float(sigmas[1]):.4f}: renoising above it would be clamped below it; raise renoise.clamp"
         )
     tasks = load_tasks(cfg.eval) if cfg.eval.every else []
-    prompts = list(cfg.prompts)
-    if cfg.prompt_file:
-        prompts = read_prompt_file(cfg.prompt_file, cfg.prompt_file_sha256)
-    return Session(
-        cfg=cfg,
-        world=world,
-        root=root,
-        models=built.models,
-        generator=built.generator,
-        gen_params=built.gen_params,
-        fake_params=built.fake_params,
-        optimizers=built.optimizers,
-        roles=built.roles,
-        ema=EMA(built.gen_params, cfg.ema_decay, dtype=ema_dtype(cfg.generator)),
-        prompts=prompts,
-        eval_tasks=tasks,
-    )
+    prompts = read_prompt_file(cfg.prompt_file, cfg.prompt_file_sha256) if cfg.prompt_file else list(cfg.prompts)
+    records = [{"prompt": prompt} for prompt in prompts]
+    ema = EMA(built.gen_params, cfg.ema_decay, dtype=ema_dtype(cfg.generator))
+    return Session(cfg, world, root, built, ema, records, tasks)
 
 
 def train_step(sess: Session, step: int) -> dict[str, float]:
@@ -133,7 +100,8 @@ def train_step(sess: Session, step: int) -> dict[str, float]:
 
 def batch_prompts(sess: Session, step: int) -> list[str]:
 
-    return [sess.prompts[i] for i in batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.prompts))]
+    indices = batch_indices(sess.cfg.seed, step, sess.cfg.batch_size, len(sess.records))
+    return [sess.records[i]["prompt"] for i in indices]
 
 
 def train(cfg: DistillConfig, show_progress: bool = True) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,28 +35,9 @@ from rtdmd.train.evaluation import load_tasks
 from rtdmd.train.fake_score import consistency_term
 from rtdmd.train.rl_config import RLConfig, trained_steps
 from rtdmd.train.rl_plan import k_repeat_batch, noise_seeds
-from rtdmd.train.roles import EMA, Models, build_roles, clip_and_step, ema_dtype, warmup_decay
+from rtdmd.train.roles import EMA, Session, build_roles, clip_and_step, ema_dtype, warmup_decay
 from rtdmd.train.subinterval import renoise_levels
 from rtdmd.weights import sha256_of
-
-
-@dataclass
-class Session:
-    """Built once per process (attribute names shared with stage 1's, so its ``evaluate`` serves)."""
-
-    cfg: RLConfig
-    world: object
-    root: Path
-    models: Models
-    generator: nn.Module
-    gen_params: dict
-    fake_params: dict
-    optimizers: dict
-    roles: dict
-    ema: object
-    records: list[dict]  # training prompts and their metadata
-    rewards: dict  # name -> reward object
-    eval_tasks: list = field(default_factory=list)  # rtdmd.train.evaluation.EvalTask
 
 
 @dataclass
@@ -113,21 +94,8 @@ def build_session(cfg: RLConfig, world, root: Path, backbone=None, rewards: dict
         if term.name not in scorers:
             scorers[term.name] = REWARDS.get(term.name)(**term.options)
     tasks = load_tasks(cfg.eval) if cfg.eval.every else []
-    return Session(
-        cfg=cfg,
-        world=world,
-        root=root,
-        models=built.models,
-        generator=built.generator,
-        gen_params=built.gen_params,
-        fake_params=built.fake_params,
-        optimizers=built.optimizers,
-        roles=built.roles,
-        ema=EMA(built.gen_params, cfg.ema.decay, dtype=ema_dtype(cfg.generator)),
-        records=records,
-        rewards=scorers,
-        eval_tasks=tasks,
-    )
+    ema = EMA(built.gen_params, cfg.ema.decay, dtype=ema_dtype(cfg.generator))
+    return Session(cfg, world, root, built, ema, records, tasks, scorers)
 
 
 # ---------------------------------------------------------------- the epoch

@@ -11,12 +11,13 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from rtdmd.distributed import wrap
+from rtdmd.distributed import World, wrap
 from rtdmd.seeding import seed_for
 
 
@@ -227,6 +228,47 @@ class BuiltRoles:
             "generator": (self.models.generator_run, self.optimizers["generator"]),
             "fake": (self.models.fake_run, self.optimizers["fake"]),
         }
+
+
+@dataclass
+class Session:
+    """What a training stage builds once per process, stage 1 and stage 2 alike: its roles, the
+    generator's EMA, where it runs (``world``) and writes (``root``), the evaluation suites, the
+    training prompts (``records``: ``{"prompt": ..., **metadata}``) and, for stage 2, the reward
+    scorers by name. The shared loop, the evaluation and both stages' steps read it."""
+
+    cfg: Any
+    world: World
+    root: Path
+    built: BuiltRoles
+    ema: EMA
+    records: list[dict]
+    eval_tasks: list  # rtdmd.train.evaluation.EvalTask, loaded once
+    rewards: dict = field(default_factory=dict)
+
+    @property
+    def models(self) -> Models:
+        return self.built.models
+
+    @property
+    def generator(self) -> nn.Module:  # unwrapped, for evaluation and parameter names
+        return self.built.generator
+
+    @property
+    def gen_params(self) -> dict:
+        return self.built.gen_params
+
+    @property
+    def fake_params(self) -> dict:
+        return self.built.fake_params
+
+    @property
+    def optimizers(self) -> dict:
+        return self.built.optimizers
+
+    @property
+    def roles(self) -> dict:
+        return self.built.roles
 
 
 def build_roles(
