@@ -186,3 +186,45 @@ def test_pretrain_recognizer_trains_calibrates_saves_and_skips_a_finished_run(tm
     assert summary["train_crops"] > 60 and 0 <= summary["val_accuracy"] <= 1
     again = CliRunner().invoke(app, [*args, "workers=1", "warmup_steps=2"])
     assert again.exit_code == 0 and json.loads((tmp_path / "r" / "summary.json").read_text()) == summary
+
+
+def test_an_interrupted_recognizer_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Two epochs, a checkpoint after each; interrupted in the second, then rerun: the same weights
+    and temperature as a run that never stopped."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rtdmd.config import load
+    from rtdmd.train import pretrain_recognizer as trainer
+
+    def config(name):
+        overrides = [
+            f"run_dir={tmp_path / name}",
+            "num_scenes=60",
+            "epochs=2",
+            "batch_size=16",
+            "workers=1",
+            "warmup_steps=2",
+        ]
+        return load(trainer.RecognizerConfig, "toy", overrides, group="pretrain_recognizer")
+
+    straight = trainer.train(config("a"))
+    rate = trainer._learning_rate
+
+    def interrupted(step, total, cfg):
+        if step >= total // 2:  # the second epoch
+            raise KeyboardInterrupt
+        return rate(step, total, cfg)
+
+    monkeypatch.setattr(trainer, "_learning_rate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config("b"))
+    steps_taken = []
+    monkeypatch.setattr(
+        trainer, "_learning_rate", lambda step, total, cfg: steps_taken.append(step) or rate(step, total, cfg)
+    )
+    resumed = trainer.train(config("b"))
+    assert steps_taken and min(steps_taken) > 0  # it went on from the first epoch's checkpoint
+    got, want = load_file(resumed["output"]), load_file(straight["output"])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed["temperature"] == straight["temperature"]

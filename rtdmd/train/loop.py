@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,17 @@ from rtdmd import distributed, run_dir
 from rtdmd.errors import kill_point
 from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
 from rtdmd.train import state
+
+
+@dataclass
+class LoopSession:
+    """The four things :func:`run_loop` reads from a session; trainers with one role and no EMA
+    (ToyClip, the recogniser) build just this (``EMA({}, 0.0)``: nothing to average)."""
+
+    world: object
+    root: Path
+    roles: dict
+    ema: object
 
 
 @dataclass(frozen=True)

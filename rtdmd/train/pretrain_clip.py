@@ -40,7 +40,7 @@ from rtdmd.toyworld.data import eval_metadata, render_examples
 from rtdmd.toyworld.prompts import scene_for
 from rtdmd.toyworld.text import token_ids
 from rtdmd.toyworld.world import render
-from rtdmd.train.loop import Schedule, run_loop
+from rtdmd.train.loop import LoopSession, Schedule, run_loop
 from rtdmd.train.roles import EMA
 
 
@@ -321,16 +321,6 @@ def _optimizer(cfg: ToyClipConfig, model: ToyClip) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-@dataclass
-class ClipSession:
-    """What the shared loop (:func:`rtdmd.train.loop.run_loop`) needs: one role and no EMA."""
-
-    world: distributed.World
-    root: Path
-    roles: dict
-    ema: EMA
-
-
 def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     """Train (or resume) ToyClip in ``cfg.run_dir``; returns a summary (final held-out metrics, wall
     times, paths). Batches are drawn by step number, so a resumed run equals one that never stopped."""
@@ -350,7 +340,7 @@ def train(cfg: ToyClipConfig, show_progress: bool = True) -> dict:
     model = ToyClip(cfg.arch, seed=cfg.seed).to(device).train()
     optimizer = _optimizer(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    sess = ClipSession(world, root, {"model": (model, optimizer)}, EMA({}, 0.0))
+    sess = LoopSession(world, root, {"model": (model, optimizer)}, EMA({}, 0.0))
     evaluations: list[dict] = []
 
     def step(index: int) -> dict[str, float]:

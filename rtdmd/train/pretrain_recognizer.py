@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtdmd import run_dir
+from rtdmd import distributed, run_dir
 from rtdmd.files import write_text_atomic
-from rtdmd.loggers import JsonlLogger
 from rtdmd.seeding import seed_for
 from rtdmd.toyworld.recognizer import CLASSES, Recognizer, RecognizerArch
 from rtdmd.toyworld.recognizer_data import fit_temperature, training_set
+from rtdmd.train.loop import LoopSession, Schedule, run_loop
+from rtdmd.train.roles import EMA
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,8 @@ def _logits(model: Recognizer, crops: Tensor) -> Tensor:
 
 
 def train(cfg: RecognizerConfig) -> dict:
-    """Train, calibrate and save the recogniser; returns (and writes) the summary."""
-    import os
-
+    """Train (or resume, epoch by epoch), calibrate and save the recogniser; returns (and writes) the
+    summary. Each epoch's batch order is seeded by its number, so a resumed run equals a straight one."""
     root = Path(cfg.run_dir)
     run_dir.prepare(root, cfg)
     if (root / "summary.json").is_file():  # a finished run is kept, not retrained
@@ -101,9 +102,8 @@ def train(cfg: RecognizerConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(crops) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
-    logger = JsonlLogger(root / "stats.jsonl")
-    step = 0
-    for epoch in range(cfg.epochs):
+
+    def epoch_step(epoch: int) -> dict[str, float]:
         order = torch.randperm(
             len(crops), generator=torch.Generator().manual_seed(seed_for(cfg.seed, "recognizer-batch", epoch))
         )
@@ -111,17 +111,34 @@ def train(cfg: RecognizerConfig) -> dict:
         for k in range(steps_per_epoch):
             index = order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(step, total, cfg)
+                group["lr"] = _learning_rate(epoch * steps_per_epoch + k, total, cfg)
             loss = F.cross_entropy(model(crops[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += loss.item()
-            step += 1
         model.eval()
         accuracy = float((_logits(model, val_crops).argmax(-1) == val_labels).double().mean())
         model.train()
-        logger.log(step, {"epoch": epoch + 1, "loss": running / steps_per_epoch, "val/accuracy": accuracy})
+        return {
+            "train/steps": (epoch + 1) * steps_per_epoch,
+            "loss": running / steps_per_epoch,
+            "val/accuracy": accuracy,
+        }
+
+    world = distributed.init("cpu")  # a small CNN on CPU crops: one process
+    sess = LoopSession(world, root, {"model": (model, optimizer)}, EMA({}, 0.0))
+    schedule = Schedule(cfg.epochs, eval_every=0, log_every=1, checkpoint_every=1)
+    run_loop(
+        sess,
+        schedule,
+        epoch_step,
+        lambda done: {},
+        status="pretrain recognizer",
+        status_keys=("loss",),
+        time_key="time/epoch_s",
+        show_progress=False,
+    )
     model.eval()
     logits = _logits(model, val_crops)
     temperature = fit_temperature(logits, val_labels)
@@ -143,6 +160,5 @@ def train(cfg: RecognizerConfig) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "arch": asdict(cfg.arch),
     }
-    logger.close()
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
