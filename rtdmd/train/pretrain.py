@@ -22,6 +22,7 @@ CUDA generators differ). One process (the toy teacher trains in minutes on one G
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -41,7 +42,7 @@ from rtdmd.flops import count_flops, peak_flops
 from rtdmd.flow.path import noisy
 from rtdmd.flow.schedules import shift_static
 from rtdmd.images import grid, to_uint8
-from rtdmd.loggers import JsonlLogger, Loggers, StatusLine
+from rtdmd.loggers import JsonlLogger
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import require_per_image, score
 from rtdmd.sampling import SamplerSpec, generate
@@ -49,7 +50,7 @@ from rtdmd.seeding import seed_for
 from rtdmd.toyworld.backbone import ToyBackbone, ToySpec, build_toy, save_toy
 from rtdmd.toyworld.data import eval_metadata, render_examples
 from rtdmd.toyworld.text import token_ids
-from rtdmd.train import state
+from rtdmd.train.loop import LoopSession, Schedule, run_loop
 from rtdmd.train.roles import EMA, trainable
 
 
@@ -240,56 +241,65 @@ def train(cfg: PretrainConfig, show_progress: bool = True, export: str | Path | 
         params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
     ema = EMA(params, cfg.ema_decay, warmup=True)
-    roles = {"model": (model, optimizer)}
-    start = state.resume(root, roles, ema)
+    sess = LoopSession(world, root, {"model": (model, optimizer)}, ema)
     stats = root / "stats.jsonl"
     pixels, ids = render_pool(cfg, device)
     t_data = time.perf_counter() - t_start
 
     flops, peak = step_flops(model, cfg, pixels, ids, device), peak_flops(device)
     forward = torch.compile(model) if cfg.compile else model  # the same parameters: EMA and checkpoints unchanged
-    status = [StatusLine(cfg.steps, "pretrain toy", ("loss",))] if show_progress else []
-    loggers = Loggers(JsonlLogger(stats), *status)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
-    t0, last_logged = time.perf_counter(), start
-    step_times: list[float] = []  # per logged interval, for the run's throughput
-    for step in range(start, cfg.steps):
-        index = torch.tensor(batch_indices(cfg.seed, step, cfg.batch_size, cfg.num_examples), device=device)
-        latents = batch_latents(pixels, index)
+    step_times: list[float] = []  # of the logged steps, for the run's throughput
+
+    def step(index: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch = torch.tensor(batch_indices(cfg.seed, index, cfg.batch_size, cfg.num_examples), device=device)
+        latents = batch_latents(pixels, batch)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
+            group["lr"] = learning_rate(index, cfg)
         with autocast:
-            loss = flow_matching_loss(forward, latents, ids[index], cfg, step)
+            loss = flow_matching_loss(forward, latents, ids[batch], cfg, index)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(params)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            logs = {"loss": loss.item(), "grad_norm": norm.item(), "lr": learning_rate(step, cfg)}
-            logs["time/step_s"] = (time.perf_counter() - t0) / (done - last_logged)
-            logs["perf/tflops"] = flops / logs["time/step_s"] / 1e12
-            if peak:
-                logs["perf/mfu"] = flops / logs["time/step_s"] / peak
-            step_times.append(logs["time/step_s"])
-            loggers.log(done, logs)
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != cfg.steps:
-            with ema.swapped_in(params):
-                loggers.log(done, evaluate(model, cfg, device, root, done))
-        if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval.every and done % cfg.eval.every == 0):
-            t0, last_logged = time.perf_counter(), done  # step times leave the evaluation out
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            state.save(state.checkpoint_path(root, done), done, roles, ema, True)
+        done = index + 1
+        if done % cfg.log_every and done != cfg.steps:
+            return {}
+        logs = {"loss": loss.item(), "grad_norm": norm.item(), "lr": learning_rate(index, cfg)}
+        step_s = time.perf_counter() - t0  # .item() above waited for the step's kernels
+        step_times.append(step_s)
+        logs["perf/tflops"] = flops / step_s / 1e12
+        if peak:
+            logs["perf/mfu"] = flops / step_s / peak
+        return logs
+
+    def evaluate_ema(done: int) -> dict[str, float]:
+        if done == cfg.steps:  # the final evaluation follows the export, below
+            return {}
+        with ema.swapped_in(params):
+            return evaluate(model, cfg, device, root, done)
+
+    start, _ = run_loop(
+        sess,
+        Schedule(cfg.steps, cfg.eval.every, cfg.log_every, cfg.checkpoint_every),
+        step,
+        evaluate_ema,
+        status="pretrain toy",
+        status_keys=("loss",),
+        time_key="time/step_s",
+        show_progress=show_progress,
+    )
     t_train = time.perf_counter() - t_start - t_data
-    # the median logged interval: the first ones hold compilation and warm-up
+    # the median logged step: the first ones hold compilation and warm-up
     step_s = sorted(step_times)[len(step_times) // 2] if step_times else None
     target = Path(export) if export else root / "toy_teacher.safetensors"
     with ema.swapped_in(params):  # export first: a failing evaluation must not lose the weights
         save_toy(target, model.transformer, model.text_encoder, cfg.model, steps=str(cfg.steps), seed=str(cfg.seed))
         final = evaluate(model, cfg, device, root, cfg.steps, cfg.eval.images_per_prompt)
-    loggers.log(cfg.steps, final)
-    loggers.close()
+    with contextlib.closing(JsonlLogger(stats)) as logger:
+        logger.log(cfg.steps, final)
     summary = {
         "run_dir": str(root),
         "weights": str(target),
