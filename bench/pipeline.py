@@ -7,8 +7,9 @@ the same arguments does only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.aggregate import aggregate_stage
@@ -100,7 +101,7 @@ def generate_run(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Generate what is missing of one method on one suite; returns its run folder."""
-    with _stage(progress, f"generate {card.name}/{suite.card.name}") as bar:
+    with stage_progress(progress, f"generate {card.name}/{suite.card.name}") as bar:
         result = generate_stage(
             card, suite, out, seeds=seeds, limit=limit, images_per_prompt=images_per_prompt, device=device, progress=bar
         )
@@ -114,22 +115,19 @@ def generate_run(
 
 def score_run(root: Path, metrics: list[str], device: str, progress: Callable[[str], Progress] | None = None) -> str:
     """Score one run folder; the line that says what was computed and what reused."""
-    with _stage(progress, f"score {root.parent.name}/{root.name}") as bar:
+    with stage_progress(progress, f"score {root.parent.name}/{root.name}") as bar:
         result = score_stage(root, metrics, device=device, progress=bar)
     sets = result["set_scored"] + result["set_cached"]
     set_note = f"; set metrics: {result['set_scored']} computed, {result['set_cached']} reused" if sets else ""
     return f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused{set_note}"
 
 
-class _stage:
-    """A progress callback for one stage, closed however the stage ends."""
-
-    def __init__(self, progress: Callable[[str], Progress] | None, label: str) -> None:
-        self.bar = progress(label) if progress else None
-
-    def __enter__(self) -> Progress | None:
-        return self.bar
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None and hasattr(self.bar, "close"):
-            self.bar.close()
+@contextlib.contextmanager
+def stage_progress(progress: Callable[[str], Progress] | None, label: str) -> Iterator[Progress | None]:
+    """A progress callback for one stage (None without ``progress``), closed however the stage ends."""
+    bar = progress(label) if progress else None
+    try:
+        yield bar
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
