@@ -317,7 +317,12 @@ def test_dpg_file_is_rebuilt_from_the_upstream_layout(tmp_path):
         row = json.loads(line)
         (tmp_path / f"{row['id']}.txt").write_text(row["prompt"] + "\n")
     assert sha256_bytes(build_dpg(tmp_path)) == load_card("dpg_bench").files[0].sha256
-    result = runner.invoke(app, ["build-dpg", str(tmp_path), "--prompts-dir", str(tmp_path / "built")])
+    # the command exactly as the card tells a user to run it
+    command = (
+        load_card("dpg_bench").download_note.split("`")[1].replace("<ELLA checkout>/dpg_bench/prompts", str(tmp_path))
+    )
+    assert command.startswith("rtdmd-bench ")
+    result = runner.invoke(app, [*command.split()[1:], "--prompts-dir", str(tmp_path / "built")])
     assert result.exit_code == 0, result.output
     assert len(load_suite("dpg_bench", tmp_path / "built", download=False).rows) == 1065
 
