@@ -134,3 +134,12 @@ def test_eval_images_do_not_depend_on_the_compute_batch(tmp_path):
         logs.append(evaluate(sess, 0))
     assert logs[0] == logs[1]
     assert torch.isfinite(torch.tensor(logs[0]["eval/toy-geneval-quick/brightness"]))
+
+
+def test_an_evaluation_between_log_steps_is_logged(tmp_path):
+    """eval.every=2 with log_every=4: the step-2 evaluation gets its own stats row, not dropped."""
+    overrides = [f"run_dir={tmp_path / 'run'}", "device=cpu", "steps=4", "log_every=4", "eval.every=2"]
+    train(load(DistillConfig, "tiny", overrides, group="distill"), show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all("eval/toy-geneval-quick/brightness" in r for r in rows)

@@ -67,9 +67,10 @@ def run_loop(
             t0 = time.perf_counter()
             logs = step(index)
             done = index + 1
-            if schedule.eval_every and done % schedule.eval_every == 0:
+            evaluated = bool(schedule.eval_every) and done % schedule.eval_every == 0
+            if evaluated:
                 logs |= evaluate(done)
-            if done % schedule.log_every == 0 or done == schedule.total:
+            if evaluated or done % schedule.log_every == 0 or done == schedule.total:  # an evaluation is never dropped
                 logs = distributed.reduce_logs(logs)
                 logs[time_key] = time.perf_counter() - t0
                 if torch.cuda.is_available():
