@@ -27,7 +27,16 @@ import numpy as np
 import yaml
 
 from bench.methods import MethodCard
-from bench.runfiles import MANIFEST, REPAIR_MANIFEST, SCORES, SUMMARY, read_manifest, read_scores, read_set_scores
+from bench.runfiles import (
+    MANIFEST,
+    REPAIR_MANIFEST,
+    SCORES,
+    SUMMARY,
+    read_manifest,
+    read_scores,
+    read_set_scores,
+    same_noise,
+)
 from bench.score import seed_sets, set_key
 from rtdmd import run_dir
 from rtdmd.config import from_dict, to_dict
@@ -36,6 +45,7 @@ from rtdmd.files import write_text_atomic
 from rtdmd.rewards import REWARDS
 from rtdmd.seeding import seed_for
 from rtdmd.stats import N_BOOT, bootstrap_ci, headline, paired_difference, strata_of
+from rtdmd.suites import card_names, load_card
 
 SET_NOTE = "set metric: no per-prompt bootstrap"
 
@@ -245,6 +255,12 @@ def read_run(root: Path) -> tuple[dict, list[dict], list[dict]]:
     return config, manifest, scores
 
 
+def metric_note(suite: str) -> dict:
+    """``{"metric_note": ...}`` where the suite's card says its default metrics stand in for the benchmark's own."""
+    note = load_card(suite).metric_note if suite in card_names() else ""
+    return {"metric_note": note} if note else {}
+
+
 def aggregate_stage(root: Path, reference: str = "") -> dict:
     root = Path(root)
     config, manifest, scores = read_run(root)
@@ -259,10 +275,11 @@ def aggregate_stage(root: Path, reference: str = "") -> dict:
         _, ref_manifest, ref_scores = read_run(ref_root)
         if not ref_manifest:
             raise AggregateError(f"reference {reference}: no run for suite {suite} under {ref_root.parent.parent}")
-        ours = {(r["prompt_id"], r["seed"], r["sample_index"]): r["init_seed"] for r in manifest}
-        theirs = {(r["prompt_id"], r["seed"], r["sample_index"]): r["init_seed"] for r in ref_manifest}
-        if ours != theirs:
-            raise AggregateError(f"reference {reference} was not run on the same prompts and seeds")
+        if not same_noise(manifest, ref_manifest):
+            raise AggregateError(
+                f"reference {reference} was not run on the same prompts and seeds ({len(ref_manifest)} images, this run "
+                f"{len(manifest)}): run both with the same --limit, --seeds and --images-per-prompt (a run folder grows)"
+            )
         ref_set_rows = current_set_scores(ref_root, ref_manifest)
     summary_metrics = {}
     for metric in metrics:
@@ -297,6 +314,7 @@ def aggregate_stage(root: Path, reference: str = "") -> dict:
             "sha256": manifest[0]["suite_sha256"],
             "prompts": n_prompts,
             "images_per_prompt": max(r["sample_index"] for r in manifest) + 1,
+            **metric_note(suite),
         },
         "seeds": sorted({r["seed"] for r in manifest}),
         "images": len(manifest),

@@ -101,6 +101,13 @@ DEVICE = typer.Option(
     callback=check_device,
     help="auto | cpu | cuda | cuda:N (auto: a GPU where there is one; under torchrun: one device per process).",
 )
+HTML = typer.Option(
+    False,
+    "--html",
+    help="Also write <report>.html: one self-contained page with sortable tables and, per category, the images "
+    "of every run side by side with their scores.",
+)
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts).")
 METRICS = typer.Option(
     "", "--metrics", "-m", help="Comma-separated metric names (default: the suite card's default metrics)."
 )
@@ -194,6 +201,7 @@ def run(
     limit: int = LIMIT,
     images_per_prompt: int = IPP,
     device: str = DEVICE,
+    html: bool = HTML,
 ) -> None:
     """Generate, score, aggregate and report (help text: :func:`run_help`): :func:`bench.pipeline.run_pipeline`."""
     from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
@@ -207,6 +215,7 @@ def run(
             limit=limit,
             images_per_prompt=images_per_prompt,
             device=device,
+            html=html,
             progress=Bar,
             log=say,
         )
@@ -282,8 +291,9 @@ def report(
         "", "--published", help="Comma-separated method cards to add as published-numbers rows."
     ),
     claims: str = typer.Option("", "--claims", help="Claim card (name or YAML path) to check against the summaries."),
+    html: bool = HTML,
 ) -> None:
-    """A markdown leaderboard (+ JSON + image grid) from summary files only.
+    """A markdown leaderboard (+ JSON + image grid, and with --html a browsable page) from summary files only.
 
     Example: rtdmd-bench report bench_runs/*/drawbench/summary.json --out reports/drawbench.md --published gdmd-sd3m
     """
@@ -292,42 +302,85 @@ def report(
     with clean_errors():
         cards = [pipeline.load_method(m.strip()) for m in published.split(",") if m.strip()]
         pipeline.writable(out.parent)
-        pipeline.report_stage(summaries, out, cards, claims=pipeline.load_claims(claims) if claims else None)
-        console.print(f"leaderboard: {out}")
+        pipeline.report_stage(summaries, out, cards, claims=pipeline.load_claims(claims) if claims else None, html=html)
+        console.print(f"leaderboard: {out}" + (f" and {out.with_suffix('.html')}" if html else ""))
 
 
-@app.command()
-def suites(name: str = typer.Argument("", help="Show one suite's card."), prompts_dir: Path = PROMPTS_DIR) -> None:
-    """List the packaged prompt suites, or show one (rows, licence, source, sha256, availability)."""
-    from rtdmd.suites import card_names, load_card, load_suite
+suites_app = typer.Typer(
+    help="The packaged prompt suites: list them (no subcommand), show one, export one as a Hugging Face dataset folder.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+@suites_app.callback()
+def suites_list(ctx: typer.Context, as_json: bool = JSON) -> None:
+    """List the packaged prompt suites (rows, images per prompt, licence, default metrics)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rtdmd.config import to_dict
+    from rtdmd.suites import card_names, load_card
 
     with clean_errors():
-        if name:
-            card = load_card(name)
-            from rtdmd.config import dump_yaml
-
-            console.print(dump_yaml(card), markup=False, highlight=False)
-            try:
-                load_suite(name, prompts_dir, download=False)
-                console.print("available locally: yes (sha256 verified)")
-            except Exception as error:  # noqa: BLE001 - shown to the user as is
-                console.print(f"available locally: no ({error})", markup=False)
+        cards = [load_card(n) for n in card_names()]
+        if as_json:
+            console.print_json(data=[to_dict(c) for c in cards])
             return
-        table = Table(title="prompt suites")
+        table = Table(title="prompt suites (`rtdmd-bench suites show NAME` for one)")
         table.add_column("name", no_wrap=True)
         for col in ("prompts", "images/prompt", "licence", "redistribute", "default metrics"):
             table.add_column(col)
-        for n in card_names():
-            c = load_card(n)
+        for c in cards:
+            metrics = ", ".join(c.default_metrics) + (" (stand-in: see its card)" if c.metric_note else "")
             table.add_row(
-                n,
-                str(c.rows),
-                str(c.images_per_prompt),
-                c.licence,
-                "yes" if c.redistribute else "no",
-                ", ".join(c.default_metrics),
+                c.name, str(c.rows), str(c.images_per_prompt), c.licence, "yes" if c.redistribute else "no", metrics
             )
         console.print(table)
+
+
+@suites_app.command("show")
+def suites_show(name: str = typer.Argument(..., help="Suite card name."), prompts_dir: Path = PROMPTS_DIR) -> None:
+    """One suite's card, and whether its prompts are available here (sha256 verified)."""
+    from rtdmd.config import dump_yaml
+    from rtdmd.suites import load_card, load_suite
+
+    with clean_errors():
+        console.print(dump_yaml(load_card(name)), markup=False, highlight=False)
+        try:
+            load_suite(name, prompts_dir, download=False)
+            console.print("available locally: yes (sha256 verified)")
+        except Exception as error:  # noqa: BLE001 - shown to the user as is
+            console.print(f"available locally: no ({error})", markup=False)
+
+
+@suites_app.command("export")
+def suites_export(
+    name: str = typer.Argument(..., help="Suite card name."),
+    out: Path = typer.Argument(..., help="Folder to write (README.md dataset card, data/<split>.jsonl, LICENSE)."),
+    prompts_dir: Path = PROMPTS_DIR,
+    push_to_hub: str = typer.Option(
+        "", "--push-to-hub", help="Also upload the folder as this Hub dataset repo (owner/name; needs a token)."
+    ),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
+) -> None:
+    """Write a suite as a Hugging Face dataset folder that `datasets.load_dataset(OUT)` and the harness read offline.
+
+    A suite whose licence forbids redistribution (DrawBench, HPSv3 subset, HPDv2) gets its card only.
+
+    Example: rtdmd-bench suites export geneval prompts/geneval --prompts-dir ../shared/prompts
+    """
+    from rtdmd.suite_export import check_push, export_suite
+    from rtdmd.suite_export import push_to_hub as push
+    from rtdmd.suites import load_card
+
+    with clean_errors():
+        card = load_card(name)
+        if push_to_hub:
+            check_push(card)  # refuses before anything is written
+        for path in export_suite(card, out, prompts_dir):
+            console.print(f"wrote {path}")
+        if push_to_hub:
+            console.print(f"pushed: {push(card, out, push_to_hub, private)}")
 
 
 @app.command("build-dpg")
@@ -356,14 +409,122 @@ def build_dpg_command(
 
 
 @app.command()
-def methods(name: str = typer.Argument("", help="Show one method card.")) -> None:
-    """List the packaged method cards, or show one."""
-    from bench.methods import card_names, load_method
+def metrics(as_json: bool = JSON) -> None:
+    """Every registered metric: direction, version, units, how it is averaged, what each prompt must carry,
+    whether it is differentiable (a stage-2 reward), and the weights it downloads (`rtdmd-bench weights list`)."""
+    from rtdmd.rewards import metric_listing
 
     with clean_errors():
-        if name:
-            from rtdmd.config import dump_yaml
+        rows = metric_listing()
+        if as_json:
+            console.print_json(data=rows)
+            return
+        table = Table(title="metrics (--json adds units, weight sources and a description)")
+        for col in ("name", "better", "aggregate", "needs", "differentiable", "downloads", "version"):
+            table.add_column(col, overflow="fold", no_wrap=col == "name")
+        for r in rows:
+            table.add_row(
+                r["name"],
+                "higher" if r["higher_is_better"] else "lower",
+                r["aggregate"],
+                ", ".join(r["needs"]) or "–",
+                "yes" if r["differentiable"] else "no",
+                f"{len(r['weights'])} file set(s)" if r["weights"] else "–",
+                r["version"],
+            )
+        console.print(table)
 
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="A run folder <out>/<method>/<suite>."),
+    run_b: Path = typer.Argument(..., help="The run folder to compare against (any --out, any date)."),
+    metrics: str = typer.Option("", "--metrics", "-m", help="Comma-separated metrics (default: all scored in both)."),
+    as_json: bool = JSON,
+) -> None:
+    """Paired differences A - B per metric, matched by prompt, run seed and sample index; runs holding
+    different images are refused. Same interval and p-value as the leaderboard's paired column, Holm-adjusted
+    over the metrics compared.
+
+    Example: rtdmd-bench compare runs_dec/rtdmd-sd35m/drawbench runs_nov/rtdmd-sd35m/drawbench
+    """
+    from bench.compare import compare_runs
+
+    with clean_errors():
+        result = compare_runs(run_a, run_b, [m.strip() for m in metrics.split(",") if m.strip()] or None)
+        if as_json:
+            console.print_json(data=result)
+            return
+        table = Table(
+            title=f"{run_a} - {run_b}: {result['suite']}, {result['prompts']} prompts, {result['images']} images each"
+        )
+        for col in ("metric", "A", "B", "A - B", "95% interval", "p (Holm)"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for name, r in result["metrics"].items():
+            p = f"<{r['p_floor']:.1e}" if r["p_value"] <= r["p_floor"] else f"{r['p_holm']:.3g}"
+            better = (
+                "" if r["diff"] == 0 else " (A better)" if (r["diff"] > 0) == r["higher_is_better"] else " (B better)"
+            )
+            table.add_row(
+                name,
+                f"{r['a']:.4f}",
+                f"{r['b']:.4f}",
+                f"{r['diff']:+.4f}{better}",
+                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+                p,
+            )
+        console.print(table)
+        for note in result["notes"]:
+            say(f"note: {note}")
+
+
+@app.command("import")
+def import_images(
+    folder: Path = typer.Argument(
+        ..., help="Images by prompt: GenEval's <index>/samples/<k>.png, or <prompt_id>_<k>.png."
+    ),
+    suite: str = typer.Option(..., "--suite", help="The suite the images were made from (card name or prompt file)."),
+    method: str = typer.Option(
+        ...,
+        "--method",
+        help="A label for the images (or a method card name, whose display name and sampler are shown).",
+    ),
+    out: Path = OUT,
+    prompts_dir: Path = PROMPTS_DIR,
+    seed: int = typer.Option(0, "--seed", min=0, help="The run seed to file the images under."),
+    limit: int = LIMIT,
+) -> None:
+    """Make a run folder from images made by other code, checked against the suite, so that `score`,
+    `aggregate`, `report` and `compare` work on them as on generated runs (images are hard-linked where possible).
+
+    Example: rtdmd-bench import ~/geneval_outputs --suite geneval --method my-model && \
+    rtdmd-bench score bench_runs/my-model/geneval --metrics geneval
+    """
+    from bench import pipeline
+    from bench.importer import import_stage
+
+    with clean_errors():
+        loaded = pipeline.load_suite(suite, prompts_dir)
+        pipeline.writable(out)
+        result = import_stage(folder, loaded, out, method, seed, limit)
+        console.print(
+            f"{result['run_dir']}: {result['images']} images ({result['prompts']} prompts x {result['images_per_prompt']}, "
+            f"{result['layout']} layout) imported; next: rtdmd-bench score {result['run_dir']} --metrics ..."
+        )
+
+
+@app.command()
+def methods(name: str = typer.Argument("", help="Show one method card."), as_json: bool = JSON) -> None:
+    """List the packaged method cards, or show one."""
+    from bench.methods import card_names, load_method
+    from rtdmd.config import dump_yaml, to_dict
+
+    with clean_errors():
+        if as_json:
+            cards = [load_method(name)] if name else [load_method(n) for n in card_names()]
+            console.print_json(data=[to_dict(c) | {"fingerprint": c.fingerprint()} for c in cards])
+            return
+        if name:
             console.print(dump_yaml(load_method(name)), markup=False, highlight=False)
             return
         table = Table(title="method cards")
@@ -424,6 +585,7 @@ def schedules(
 
 
 app.add_typer(weights_app, name="weights")
+app.add_typer(suites_app, name="suites")
 
 
 def main() -> None:

@@ -12,12 +12,15 @@ own manifest part, and rank 0 merges the parts into the canonical manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from bench.methods import MethodCard, build_method
 from bench.runfiles import MANIFEST, MANIFEST_PARTS, read_cache, row_key
@@ -32,7 +35,8 @@ from rtdmd.suites import Suite
 
 @dataclass(frozen=True)
 class GenerateSpec:
-    """The run directory's ``config.yaml``: a rerun must match it (or use another directory)."""
+    """The run directory's ``config.yaml``. A rerun must match its method and suite (or use another
+    directory); its extent (:data:`EXTENT`) grows to the union of every request (:func:`grown`)."""
 
     method: MethodCard
     suite: str
@@ -42,6 +46,42 @@ class GenerateSpec:
     limit: int = 0  # the first N prompts (0 = all)
     images_per_prompt: int = 1
     prompts: int = 0  # how many prompts that makes: the manifest must hold prompts x seeds x images_per_prompt rows
+
+
+ANOTHER_OUT = (
+    "A run folder holds one method card on one suite version; it grows with more prompts, seeds or images per "
+    "prompt, but anything else needs another --out."
+)
+# what a later request may change: a run folder grows, and an image's content key depends on none of these
+EXTENT = ("seeds", "limit", "images_per_prompt", "prompts")
+
+
+def grown(root: Path, spec: GenerateSpec, suite: Suite) -> tuple[GenerateSpec, list[str]]:
+    """``spec`` widened to hold everything the run folder already holds: the union of the run seeds, the
+    larger prompt limit (0 = all) and the larger number of images per prompt, so a smoke run grows into the
+    full run in place and a smaller request reuses the folder whole. Returns the spec and notes for the user."""
+    config = root / "config.yaml"
+    old = yaml.safe_load(config.read_text()) if config.exists() else None
+    if not isinstance(old, dict) or not all(key in old for key in EXTENT):
+        return spec, []  # a new folder (or one prepare() will refuse as a different config)
+    limit = 0 if 0 in (old["limit"], spec.limit) else max(old["limit"], spec.limit)
+    wider = dataclasses.replace(
+        spec,
+        seeds=tuple(sorted(set(old["seeds"]) | set(spec.seeds))),
+        limit=limit,
+        images_per_prompt=max(old["images_per_prompt"], spec.images_per_prompt),
+        prompts=len(suite.rows[:limit] if limit else suite.rows),
+    )
+    extent = lambda d: f"{d['prompts']} prompts x seeds {','.join(map(str, d['seeds']))} x {d['images_per_prompt']}"  # noqa: E731
+    notes = []
+    if extent(old) != extent(dataclasses.asdict(wider)):
+        notes.append(f"{root} grows from {extent(old)} to {extent(dataclasses.asdict(wider))}: what it held is reused")
+    if wider != spec:
+        notes.append(
+            f"{root} holds {extent(dataclasses.asdict(wider))}, more than asked ({extent(dataclasses.asdict(spec))}): "
+            "its manifest, scores and summary cover all of it (use another --out for a smaller run)"
+        )
+    return wider, notes
 
 
 @dataclass(frozen=True)
@@ -132,21 +172,24 @@ def generate_stage(
     )
     root = run_path(out, method.name, suite.card.name)
     with run_dir.exclusive(root, world.is_main):  # one writer per run folder
+        spec, notes = grown(root, spec, suite)  # every rank reads the config before rank 0 rewrites it
+        notes = notes if world.is_main else []
+        distributed.barrier()
         if world.is_main:
-            run_dir.prepare(root, spec, device=world.device)
+            run_dir.prepare(root, spec, mutable=EXTENT, device=world.device, elsewhere=ANOTHER_OUT)
             for seed in spec.seeds:
                 (root / "images" / f"seed{seed}").mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        items = items_of(suite, limit, spec.images_per_prompt, spec.seeds)
+        items = items_of(suite, spec.limit, spec.images_per_prompt, spec.seeds)
         done = valid_rows(root, spec, items)
         missing = [item for item in items if item.key not in done]
         distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
         mine = missing[world.rank :: world.size]
-        rows_forwarded, notes = 0, []
+        rows_forwarded = 0
         if mine:
             backbone, net = build_method(method, world.device)
             if world.is_main:  # prompts a text encoder cuts, said once for the run (every rank would say the same)
-                notes = backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
+                notes += backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
             counter = ForwardCounter(net)
             part = JsonLinesAppender(root / f"manifest.part{world.rank}.jsonl")
             done_count = 0

@@ -60,11 +60,12 @@ def run_pipeline(
     limit: int = 0,
     images_per_prompt: int = 0,
     device: str = "auto",
+    html: bool = False,
     progress: Callable[[str], Progress] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Generate, score, aggregate and report every method of ``plan`` on its suite; returns the
-    report's path. ``progress(label)`` makes a ``(done, total)`` callback per stage (with ``.close()``
+    """Generate, score, aggregate and report every method of ``plan`` on its suite (``html``: also the
+    browsable page); returns the report's path. ``progress(label)`` makes a ``(done, total)`` callback per stage (with ``.close()``
     if it has one); ``log`` receives one line per stage and the notes (prompts a text encoder cut)."""
     claim_card = load_claims(plan.claims) if plan.claims else None
     suite = load_suite(plan.suite, prompts_dir, images_per_prompt=images_per_prompt)
@@ -84,8 +85,8 @@ def run_pipeline(
         roots.append(generate_run(card, suite, plan.out, seeds, limit, images_per_prompt, device, progress, log))
         log(score_run(roots[-1], names, device, progress))
     summaries = [aggregate_stage(root, plan.reference if root.parent.name != plan.reference else "") for root in roots]
-    report_stage([Path(s["run_dir"]) / SUMMARY for s in summaries], target, claims=claim_card)
-    log(f"leaderboard: {target} (+ .json, .png)")
+    report_stage([Path(s["run_dir"]) / SUMMARY for s in summaries], target, claims=claim_card, html=html)
+    log(f"leaderboard: {target} (+ .json, .png{', .html' if html else ''})")
     return target
 
 

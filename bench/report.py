@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from bench.claim_stats import significance
 from bench.claims import check, claims_section
+from bench.gallery import html_page
 from bench.methods import MethodCard
 from bench.runfiles import read_manifest, read_summary
 from rtdmd.config import to_dict
@@ -31,6 +32,8 @@ from rtdmd.errors import RtdmdError, kill_point
 from rtdmd.files import save_image_atomic, write_text_atomic
 from rtdmd.stats import N_BOOT, holm
 
+# leaderboard.json layout: raise on any change a reader must know about (docs/harness.md lists the keys)
+SCHEMA_VERSION = 1
 GRID_PROMPTS = 6
 GRID_CELL = 128
 
@@ -43,10 +46,10 @@ def fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.3f}"
 
 
-def fmt_nfe(nfe: float | list[float]) -> str:
-    """Measured forward passes per image; several values if the chunks differed."""
+def fmt_nfe(nfe: float | list[float] | None) -> str:
+    """Measured forward passes per image; several values if the chunks differed; "–" for imported images."""
     values = nfe if isinstance(nfe, list) else [nfe]
-    return "/".join(f"{v:g}" for v in values)
+    return "/".join("–" if v is None else f"{v:g}" for v in values)
 
 
 def fmt_p(d: dict, adjusted: float) -> str:
@@ -132,6 +135,7 @@ def suite_table(
         "",
         f"Suite version {suite['version']}, sha256 `{suite['sha256'][:16]}`, {suite['prompts']} prompts × "
         f"{suite['images_per_prompt']} images × {seeds_text(summaries)}.",
+        *(["", f"Metrics: {suite['metric_note']}"] if suite.get("metric_note") else []),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -396,9 +400,12 @@ def holm_family(summaries: list[dict]) -> dict[tuple[int, str], float]:
     return {(key, m): a for (key, m, _), a in zip(family, adjusted, strict=True)}
 
 
-def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCard] = (), claims=None) -> dict:
-    """Write the leaderboard (markdown, JSON, image grid); ``claims``: a :class:`bench.claims.ClaimCard`
-    whose claims are checked against these summaries and stated after the tables."""
+def report_stage(
+    summary_paths: list[Path], out: Path, published: list[MethodCard] = (), claims=None, html: bool = False
+) -> dict:
+    """Write the leaderboard (markdown, JSON, image grid; with ``html`` also the browsable page of
+    :mod:`bench.gallery`); ``claims``: a :class:`bench.claims.ClaimCard` whose claims are checked against
+    these summaries and stated after the tables."""
     summaries = [read_summary(Path(p)) for p in summary_paths]
     if not summaries:
         raise ReportError("no summary.json files given")
@@ -421,11 +428,14 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
         checked = significance(claims, check(claims, summaries), summaries)
         lines += [*claims_section(claims, checked), ""]
     lines = lines[:-1] if lines[-1] == "" else lines
-    lines += footnotes(summaries, len(p_adjusted))
+    notes = footnotes(summaries, len(p_adjusted))
+    lines += notes
     out = Path(out)
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     kill_point("report-file")
     document = {
+        "schema_version": SCHEMA_VERSION,
+        "provenance": summaries[0]["provenance"],
         "tables": tables,
         "published_cards": [to_dict(c) for c in published],
         "claims": checked,
@@ -434,4 +444,7 @@ def report_stage(summary_paths: list[Path], out: Path, published: list[MethodCar
     write_text_atomic(out.with_suffix(".json"), json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n")
     kill_point("report-file")
     image_grid(next(iter(by_suite.values())), out.with_suffix(".png"))
+    if html:
+        groups = [(group, row_labels(group)) for group in by_suite.values()]
+        write_text_atomic(out.with_suffix(".html"), html_page(groups, tables, document, notes))
     return {"report": str(out), "tables": len(tables)}

@@ -52,12 +52,12 @@ class ManifestRow(TypedDict):
     metadata: str  # the prompt's metadata as a JSON text (decode with :func:`metadata_of`)
     sample_index: int
     seed: int  # the run seed
-    init_seed: int
+    init_seed: int | None  # None: imported images, made with noise this harness did not draw
     method: str
     method_fingerprint: str
     height: int
     width: int
-    nfe: float
+    nfe: float | None  # None: imported images (not measured)
     file: str  # relative to the run folder
     sha256: str  # of the PNG's bytes
     content_key: str
@@ -79,6 +79,19 @@ class ScoreRow(TypedDict):
 def row_key(row: ManifestRow | ScoreRow) -> tuple[str, int, int]:
     """A manifest or score row's image: (prompt id, run seed, sample index)."""
     return row["prompt_id"], row["seed"], row["sample_index"]
+
+
+def init_seeds(manifest: list[ManifestRow]) -> dict[tuple[str, int, int], int | None]:
+    """Each image's initial-noise seed by :func:`row_key` (None where the images were imported)."""
+    return {row_key(r): r["init_seed"] for r in manifest}
+
+
+def same_noise(a: list[ManifestRow], b: list[ManifestRow]) -> bool:
+    """The two manifests hold the same images by coordinate, with the same noise wherever both know it."""
+    noise_a, noise_b = init_seeds(a), init_seeds(b)
+    return noise_a.keys() == noise_b.keys() and all(
+        None in (seed, noise_b[key]) or seed == noise_b[key] for key, seed in noise_a.items()
+    )
 
 
 def image_key(row: ManifestRow | ScoreRow) -> tuple[str, str]:

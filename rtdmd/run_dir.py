@@ -91,14 +91,20 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = (), device: torch.device | None = None) -> Path:
+def prepare(
+    path: str | Path,
+    cfg: Any,
+    mutable: tuple[str, ...] = (),
+    device: torch.device | None = None,
+    elsewhere: str = "Use a new run_dir, or rerun with the same config to resume.",
+) -> Path:
     """Create ``path`` for ``cfg`` or reopen it for resume.
 
     A new directory gets ``config.yaml`` and ``env.json``. An existing one must hold the same
     resolved config (otherwise :class:`ConfigError` lists the differing keys), except the keys in
     ``mutable`` (e.g. ``steps``, to extend a training run) and ``run_dir`` (the directory may have been
     moved), which are updated; the environment of
-    the resumed start is appended to ``env.json["resumed"]``.
+    the resumed start is appended to ``env.json["resumed"]``. ``elsewhere`` ends the error: what to do instead.
     """
     root = Path(path)
     config_file = root / "config.yaml"
@@ -110,10 +116,7 @@ def prepare(path: str | Path, cfg: Any, mutable: tuple[str, ...] = (), device: t
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in mutable)
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:8])
-            raise ConfigError(
-                f"run directory {root} holds a different config ({details}). "
-                "Use a new run_dir, or rerun with the same config to resume."
-            )
+            raise ConfigError(f"run directory {root} holds a different config ({details}). {elsewhere}")
         env = json.loads(env_file.read_text()) if env_file.exists() else {}
         env.setdefault("resumed", []).append(environment(device))
         write_text_atomic(env_file, json.dumps(env, indent=2))

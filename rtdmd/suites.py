@@ -1,11 +1,14 @@
 """Prompt suites: YAML cards (``rtdmd/cards/suites/*.yaml``) -> Hugging Face ``datasets.Dataset``.
 
 A card names the canonical upstream file(s), their sha256, licence, field mapping, images per prompt
-and default metrics. Upstream files are never copied into this repository: they are read from a local
-directory (``--prompts-dir``; tests use ``../shared/prompts``), else from the download cache
-(``~/.cache/rtdmd/prompts``), else downloaded from the canonical URL into the cache. A file with a
-``package`` is package data of that Python package instead (the generated toy suites). The sha256 is
-checked every time; a mismatch is an error. A suite may also be any user file (``.jsonl``,
+and default metrics. The rows of a suite come from, in this order: its upstream files in a local
+directory (``--prompts-dir``; tests use ``../shared/prompts``); a Hugging Face dataset folder
+``<prompts-dir>/<name>/`` or the project's ``prompts/<name>/`` (written by
+``rtdmd-bench suites export`` for the suites whose licence allows it, checked against the card's
+``rows_sha256``); the download cache (``~/.cache/rtdmd/prompts``); the canonical URL, downloaded into
+the cache. A file with a ``package`` is package data of that Python package instead (the generated toy
+suites). Every hash is checked every time; a mismatch is an error, and either source gives the same
+rows and the same suite fingerprint. A suite may also be any user file (``.jsonl``,
 ``.txt``, ``.csv``, ``.tsv``, ``.json``) or a Hugging Face hub dataset id (``hub:owner/name``).
 
 Dataset columns: ``suite, prompt_id, prompt, category, metadata`` (a JSON string) and
@@ -29,6 +32,9 @@ from rtdmd.files import write_bytes_atomic, write_text_atomic
 from rtdmd.registry import did_you_mean
 
 CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
+# the project's dataset folders (a checkout or an editable install; absent from a wheel)
+PROJECT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+ROW_KEYS = ("prompt_id", "prompt", "category", "metadata")  # a dataset folder's columns
 
 
 class SuiteError(RtdmdError, ValueError):
@@ -72,12 +78,23 @@ class SuiteCard:
     metadata_fields: tuple[str, ...] = ()
     unique: bool = False  # drop repeated prompts (DrawBench's file repeats each prompt 5 times)
     download_note: str = ""  # how to obtain the files when there is no single-file URL
+    # sha256 of the rows as a dataset folder holds them (:func:`rows_bytes`); required where the suite
+    # may be redistributed, so a dataset folder is checked against the card as the upstream files are
+    rows_sha256: str = ""
+    licence_file: SuiteFile | None = None  # the upstream licence text, copied into an exported folder
+    citation: str = ""
+    split: str = "test"  # the split name of an exported dataset folder
+    # what the default metrics do and do not measure, where they stand in for the benchmark's own scorer;
+    # shown in `suites`, the dataset card and every leaderboard of the suite
+    metric_note: str = ""
 
     def validate(self) -> None:
         if not self.files:
             raise ValueError("a suite needs at least one file")
         if self.images_per_prompt < 1 or self.rows < 1:
             raise ValueError("rows and images_per_prompt must be >= 1")
+        if self.redistribute and not (self.rows_sha256 and all(f.sha256 for f in self.files)):
+            raise ValueError("a redistributable suite pins its files' sha256 and its rows_sha256")
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,40 @@ def load_card(name: str) -> SuiteCard:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def rows_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """A suite's rows as a dataset folder stores them: one JSON object per line with the keys
+    :data:`ROW_KEYS` (sorted, UTF-8); ``rows_sha256`` of a card is the sha256 of these bytes."""
+    return "".join(
+        json.dumps({k: row[k] for k in ROW_KEYS}, sort_keys=True, ensure_ascii=False) + "\n" for row in rows
+    ).encode()
+
+
+def data_file(card: SuiteCard) -> str:
+    """Where a dataset folder keeps the rows, relative to the folder."""
+    return f"data/{card.split}.jsonl"
+
+
+def _folder_rows(card: SuiteCard, folders: list[Path]) -> list[dict[str, Any]] | None:
+    """The rows of the first dataset folder among ``folders`` that holds the suite; None if none does.
+    A folder whose rows differ from the card's ``rows_sha256`` is an error, not a fallback."""
+    for folder in folders:
+        path = folder / data_file(card)
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if sha256_bytes(data) != card.rows_sha256:
+            raise SuiteError(
+                f"suite {card.name}: {path} has sha256 {sha256_bytes(data)[:16]}..., the card expects "
+                f"{card.rows_sha256[:16]}... (a modified folder: `rtdmd-bench suites export {card.name} {folder}` "
+                "writes it again)"
+            )
+        return [
+            {"suite": card.name, **{k: r[k] for k in ROW_KEYS}, "images_per_prompt": card.images_per_prompt}
+            for r in raw_records(data, "jsonl", str(path))
+        ]
+    return None
 
 
 def _lock_path() -> Path:
@@ -242,18 +293,29 @@ def load_suite(
     if images_per_prompt:
         card = _replace(card, images_per_prompt=images_per_prompt)
     local = Path(prompts_dir) if prompts_dir else None
-    fetched = [(entry, *_fetch(entry, card, local, download)) for entry in card.files]
-    rows = rows_from_records(
-        card,
-        [(entry, raw_records(data, card.format, f"suite {card.name}: {entry.path}")) for entry, data, _ in fetched],
-    )
+    upstream_here = all(entry.package or (local and (local / entry.path).is_file()) for entry in card.files)
+    folders = ([local / card.name] if local else []) + [PROJECT_PROMPTS / card.name]
+    rows = None if upstream_here or not card.rows_sha256 else _folder_rows(card, folders)
+    if rows is not None:
+        digests = [entry.sha256 for entry in card.files]  # pinned: the folder's rows are those files' rows
+    else:
+        fetched = [(entry, *_fetch(entry, card, local, download)) for entry in card.files]
+        digests = [digest for _, _, digest in fetched]
+        rows = rows_from_records(
+            card,
+            [(entry, raw_records(data, card.format, f"suite {card.name}: {entry.path}")) for entry, data, _ in fetched],
+        )
+        if card.rows_sha256 and sha256_bytes(rows_bytes(rows)) != card.rows_sha256:
+            raise SuiteError(
+                f"suite {card.name}: its files parse into rows with sha256 {sha256_bytes(rows_bytes(rows))[:16]}..., "
+                f"the card expects {card.rows_sha256[:16]}... (the card's field mapping and rows_sha256 disagree)"
+            )
     if len(rows) != card.rows:
         raise SuiteError(f"suite {card.name}: {len(rows)} prompts, the card expects {card.rows}")
     ids = [r["prompt_id"] for r in rows]
     if len(set(ids)) != len(ids):
         raise SuiteError(f"suite {card.name}: prompt ids are not unique")
-    digest = sha256_bytes("\n".join(sorted(d for _, _, d in fetched)).encode())
-    return Suite(card=card, sha256=digest, rows=rows)
+    return Suite(card=card, sha256=sha256_bytes("\n".join(sorted(digests)).encode()), rows=rows)
 
 
 def _replace(card: SuiteCard, **changes: Any) -> SuiteCard:
@@ -300,25 +362,61 @@ def _file_suite(path: Path, images_per_prompt: int) -> Suite:
     return Suite(card=_replace(card, rows=len(rows)), sha256=sha256_bytes(data), rows=rows)
 
 
-def _hub_suite(dataset_id: str, images_per_prompt: int) -> Suite:
-    """A hub dataset with a "prompt" column (optional "id", "category"); its revision is pinned in the version."""
-    import datasets
-
+def _hub_folder(spec: str) -> tuple[Path, str, str]:
+    """``owner/name[@revision]`` -> (local snapshot folder, dataset id, commit); a local folder stands for itself."""
+    dataset_id, _, revision = spec.partition("@")
+    if Path(dataset_id).is_dir():
+        return Path(dataset_id), dataset_id, ""
     try:
-        ds = datasets.load_dataset(dataset_id, split="train")
-    except Exception as error:  # noqa: BLE001 - offline, unknown id, gated, a broken cache: all surface here
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(dataset_id, repo_type="dataset", revision=revision or None))
+    except Exception as error:  # noqa: BLE001 - offline, unknown id or revision, gated: all surface here
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise SuiteError(
-            f"hub dataset {dataset_id} cannot be loaded ({type(error).__name__}: {reason}); check the id and the "
-            "network (HF_HUB_OFFLINE=1 reads only the local cache), or pass a local prompt file"
+            f"hub dataset {spec} cannot be loaded ({type(error).__name__}: {reason}); check the id, the revision and "
+            "the network (HF_HUB_OFFLINE=1 reads only the local cache), or pass a local prompt file"
         ) from None
+    return folder, dataset_id, folder.name  # the snapshot folder is named by the commit it holds
+
+
+def _one_split(dataset_dict, spec: str):
+    names = list(dataset_dict)
+    if len(names) == 1:
+        return dataset_dict[names[0]]
+    for name in ("test", "validation", "train"):
+        if name in names:
+            return dataset_dict[name]
+    raise SuiteError(f"hub dataset {spec} has splits {names} and none is test, validation or train")
+
+
+def _hub_suite(spec: str, images_per_prompt: int) -> Suite:
+    """A hub dataset (``owner/name[@revision]``, or a local dataset folder) with a "prompt" column and optional
+    "id"/"prompt_id", "category" and "metadata" (a folder written by ``suites export`` has them all). The
+    commit the revision resolved to is the suite's version, so a manifest names exactly the prompts it used."""
+    import datasets
+
+    folder, dataset_id, commit = _hub_folder(spec)
+    try:
+        ds = _one_split(datasets.load_dataset(str(folder)), spec)
+    except SuiteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a folder that is not a dataset, a broken file
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SuiteError(f"hub dataset {spec} cannot be loaded ({type(error).__name__}: {reason})") from None
     if "prompt" not in ds.column_names:
-        raise SuiteError(f"hub dataset {dataset_id} has no 'prompt' column (columns: {ds.column_names})")
-    fingerprint = ds._fingerprint
+        raise SuiteError(f"hub dataset {spec} has no 'prompt' column (columns: {ds.column_names})")
+    if not commit:
+        note = "a local folder, not pinned"
+    elif commit.startswith(spec.partition("@")[2]) and spec.partition("@")[2]:
+        note = f"pinned at {commit}"
+    else:
+        note = f"revision {spec.partition('@')[2] or 'main'} resolved to {commit}; pass @{commit} to pin it"
+    has = set(ds.column_names)
     card = SuiteCard(
-        name=dataset_id.replace("/", "__"),
-        version=f"hub:{fingerprint}",
-        description=f"hub dataset {dataset_id}",
+        name=dataset_id.strip("/").replace("/", "__"),
+        version=f"hub:{dataset_id}@{commit}" if commit else f"hub:{ds._fingerprint}",
+        description=f"hub dataset {dataset_id} ({note})",
         source=f"hf:{dataset_id}",
         licence="see the dataset card",
         redistribute=False,
@@ -326,8 +424,15 @@ def _hub_suite(dataset_id: str, images_per_prompt: int) -> Suite:
         files=(SuiteFile(path=dataset_id),),
         rows=len(ds),
         images_per_prompt=images_per_prompt,
-        category_field="category" if "category" in ds.column_names else "",
-        id_field="id" if "id" in ds.column_names else "",
+        category_field="category" if "category" in has else "",
+        id_field="prompt_id" if "prompt_id" in has else "id" if "id" in has else "",
     )
     rows = rows_from_records(card, [(card.files[0], [dict(r) for r in ds])])
-    return Suite(card=card, sha256=fingerprint, rows=rows)
+    if "metadata" in has:  # kept as the JSON text the exported folder holds
+        for row, record in zip(rows, ds, strict=True):
+            row["metadata"] = (
+                record["metadata"]
+                if isinstance(record["metadata"], str)
+                else json.dumps(record["metadata"], sort_keys=True)
+            )
+    return Suite(card=card, sha256=commit or ds._fingerprint, rows=rows)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -291,6 +292,21 @@ def export_lora(
         err.print(f"[bold red]error:[/] {error}")
         raise typer.Exit(2) from None
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+
+
+@app.command()
+def plot(
+    run: Path = typer.Argument(..., help="A training run directory (its stats.jsonl)."),
+    out: Path = typer.Option(None, "--out", "-o", help="PNG to write (default: <run>/stats.png)."),
+) -> None:
+    """Losses, rewards, gradient norms, evaluation metrics and time per step against step, as one PNG.
+
+    Example: rtdmd-train plot runs/distill && open runs/distill/stats.png
+    """
+    from rtdmd.train.plot import plot_run
+
+    with _config_errors():
+        console.print(f"wrote {plot_run(run, out)}")
 
 
 @app.command()

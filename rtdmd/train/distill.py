@@ -25,10 +25,12 @@ import torch
 
 from rtdmd import distributed, run_dir
 from rtdmd.backbones.base import Cond, build_backbone
+from rtdmd.config import to_dict
 from rtdmd.data import batch_indices, read_prompt_file
 from rtdmd.flow.cps import cps_step
 from rtdmd.losses.dmd import dmd_direction, dmd_loss
 from rtdmd.seeding import randn_rows, seed_for, uniform
+from rtdmd.trackers import TRACKER_KEYS
 from rtdmd.train.distill_config import DistillConfig
 from rtdmd.train.evaluation import evaluate, load_tasks
 from rtdmd.train.fake_score import fake_loss
@@ -110,7 +112,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
     world = distributed.init(cfg.device)
     root = Path(cfg.run_dir)
     if world.is_main:
-        run_dir.prepare(root, cfg, mutable=("steps",))
+        run_dir.prepare(root, cfg, mutable=("steps", *TRACKER_KEYS))
     distributed.barrier()
     sess = build_session(cfg, world, root)
     start, seconds = run_loop(
@@ -122,5 +124,7 @@ def train(cfg: DistillConfig, show_progress: bool = True) -> dict:
         status_keys=("loss/fake", "loss/generator"),
         time_key="time/step_s",
         show_progress=show_progress,
+        track=cfg.log,
+        config=to_dict(cfg),
     )
     return {"run_dir": str(root), "start_step": start, "steps": cfg.steps, "seconds": seconds, "world_size": world.size}

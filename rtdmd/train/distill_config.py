@@ -11,6 +11,7 @@ from rtdmd.backbones.base import BackboneConfig
 from rtdmd.distributed import Strategy
 from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.sampling import SamplerSpec
+from rtdmd.trackers import TrackConfig
 from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.roles import RoleSpec
 
@@ -77,6 +78,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1000
     log_every: int = 10
+    log: TrackConfig = field(default_factory=TrackConfig)  # trackers beside stats.jsonl (rtdmd.trackers)
     eval: EvalSpec = field(default_factory=EvalSpec)
     device: str = "auto"
     run_dir: str = "runs/distill"

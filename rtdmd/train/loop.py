@@ -17,6 +17,7 @@ import torch
 from rtdmd import distributed, run_dir
 from rtdmd.errors import kill_point
 from rtdmd.loggers import JsonlLogger, Loggers, NullLogger, StatusLine
+from rtdmd.trackers import TrackConfig, open_trackers
 from rtdmd.train import state
 
 
@@ -51,16 +52,21 @@ def run_loop(
     status_keys: tuple[str, ...],
     time_key: str,
     show_progress: bool = True,
+    track: TrackConfig | None = None,
+    config: dict | None = None,
 ) -> tuple[int, float]:
-    """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``."""
+    """Run steps ``start..total - 1`` (``start`` from the latest checkpoint); returns ``(start, seconds)``.
+    ``track``: the trackers (:mod:`rtdmd.trackers`) that receive every logged row and the evaluation's
+    sample grids beside ``stats.jsonl``; ``config`` is what they record as the run's config."""
 
     world, root = sess.world, sess.root
     with run_dir.exclusive(root, world.is_main):  # a second trainer on this run_dir stops here
         start = state.resume(root, sess.roles, sess.ema, world.is_main)
-        loggers = NullLogger()
+        loggers, trackers = NullLogger(), []
         if world.is_main:
+            trackers = open_trackers(track, root, config or {}) if track else []
             bars = [StatusLine(schedule.total, status, status_keys)] if show_progress else []
-            loggers = Loggers(JsonlLogger(root / "stats.jsonl"), *bars)
+            loggers = Loggers(JsonlLogger(root / "stats.jsonl"), *trackers, *bars)
             bars and bars[0].log(start, {})
         t_start = time.perf_counter()
         for index in range(start, schedule.total):
@@ -76,6 +82,10 @@ def run_loop(
                 if torch.cuda.is_available():
                     logs["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 loggers.log(done, logs)
+                if evaluated and trackers:
+                    grids = {f"samples/{p.parent.name}": p for p in sorted(root.glob(f"eval/*/step_{done:08d}.png"))}
+                    for tracker in trackers:
+                        tracker.log_images(done, grids)
                 kill_point("train-logged")
             if done % schedule.checkpoint_every == 0 or done == schedule.total:
                 state.save(state.checkpoint_path(root, done), done, sess.roles, sess.ema, world.is_main)

@@ -27,8 +27,9 @@ import json
 from pathlib import Path
 
 from rtdmd import distributed, run_dir
-from rtdmd.config import ConfigError
+from rtdmd.config import ConfigError, to_dict
 from rtdmd.files import write_text_atomic
+from rtdmd.trackers import TRACKER_KEYS
 from rtdmd.train.evaluation import evaluate
 from rtdmd.train.loop import Schedule, run_loop
 from rtdmd.train.rl_config import RLConfig
@@ -51,7 +52,7 @@ def train(cfg: RLConfig, show_progress: bool = True) -> dict:
     world = distributed.init(cfg.device)
     root = Path(cfg.run_dir)
     if world.is_main:
-        run_dir.prepare(root, cfg, mutable=("epochs",))
+        run_dir.prepare(root, cfg, mutable=("epochs", *TRACKER_KEYS))
         check_stage1_origin(cfg, root)
     distributed.barrier()
     sess = build_session(cfg, world, root)
@@ -64,6 +65,8 @@ def train(cfg: RLConfig, show_progress: bool = True) -> dict:
         status_keys=("reward/mixture", "loss/ppo"),
         time_key="time/epoch_s",
         show_progress=show_progress,
+        track=cfg.log,
+        config=to_dict(cfg),
     )
     return {
         "run_dir": str(root),

@@ -13,6 +13,7 @@ from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.rewards import REWARDS
 from rtdmd.rewards.base import require_per_image
 from rtdmd.sampling import SamplerSpec
+from rtdmd.trackers import TrackConfig
 from rtdmd.train.distill_config import ACDMDSpec, RenoiseSpec
 from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.rl_plan import select_steps
@@ -155,6 +156,7 @@ class RLConfig:
     ema: StageTwoEMASpec = field(default_factory=StageTwoEMASpec)
     checkpoint_every: int = 100
     log_every: int = 1
+    log: TrackConfig = field(default_factory=TrackConfig)  # trackers beside stats.jsonl (rtdmd.trackers)
     eval: EvalSpec = field(default_factory=EvalSpec)
     device: str = "auto"
     run_dir: str = "runs/rl"
