@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from bench.methods import MethodCard, build_method
-from bench.runfiles import MANIFEST, MANIFEST_PARTS, read_cache, row_key
+from bench.runfiles import MANIFEST, MANIFEST_PARTS, prompt_columns, read_cache, row_key
 from rtdmd import distributed, run_dir
 from rtdmd.errors import kill_point
 from rtdmd.files import JsonLinesAppender, write_text_atomic
@@ -254,13 +254,7 @@ def manifest_row(spec: GenerateSpec, item: Item, root: Path, pixels, nfe: float)
     file = file_name(row["prompt_id"], item.seed, item.sample_index)
     coord = f"{spec.suite}/{row['prompt_id']}"
     return {
-        "suite": spec.suite,
-        "suite_version": spec.suite_version,
-        "suite_sha256": spec.suite_sha256,
-        "prompt_id": row["prompt_id"],
-        "prompt": row["prompt"],
-        "category": row["category"],
-        "metadata": row["metadata"],
+        **prompt_columns(spec, row),
         "sample_index": item.sample_index,
         "seed": item.seed,
         "init_seed": seed_for(item.seed, coord, item.sample_index, INIT_STEP),

@@ -29,7 +29,7 @@ from PIL import Image
 
 from bench.generate import file_name, run_path
 from bench.methods import MethodCard, load_method
-from bench.runfiles import MANIFEST
+from bench.runfiles import MANIFEST, prompt_columns
 from rtdmd import run_dir
 from rtdmd.errors import RtdmdError
 from rtdmd.files import write_text_atomic
@@ -202,13 +202,7 @@ def manifest_row(spec: ImportSpec, root: Path, row: dict, k: int, source: Path) 
     fingerprint = spec.method.fingerprint()
     key = [f"import:{fingerprint}", spec.suite, row["prompt_id"], row["prompt"], k, seed]
     return {
-        "suite": spec.suite,
-        "suite_version": spec.suite_version,
-        "suite_sha256": spec.suite_sha256,
-        "prompt_id": row["prompt_id"],
-        "prompt": row["prompt"],
-        "category": row["category"],
-        "metadata": row["metadata"],
+        **prompt_columns(spec, row),
         "sample_index": k,
         "seed": seed,
         "init_seed": None,  # made by other code: its noise is unknown

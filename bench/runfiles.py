@@ -76,6 +76,17 @@ class ScoreRow(TypedDict):
     score: float
 
 
+def prompt_columns(spec: Any, row: dict) -> dict:
+    """The manifest columns a suite determines: its name, version and fingerprint (``spec.suite``,
+    ``spec.suite_version``, ``spec.suite_sha256``) and the prompt's row (id, text, category, metadata)."""
+    return {
+        "suite": spec.suite,
+        "suite_version": spec.suite_version,
+        "suite_sha256": spec.suite_sha256,
+        **{key: row[key] for key in ("prompt_id", "prompt", "category", "metadata")},
+    }
+
+
 def row_key(row: ManifestRow | ScoreRow) -> tuple[str, int, int]:
     """A manifest or score row's image: (prompt id, run seed, sample index)."""
     return row["prompt_id"], row["seed"], row["sample_index"]

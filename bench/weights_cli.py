@@ -35,9 +35,25 @@ def metrics_with_weights() -> dict[str, tuple]:
 
 
 @weights_app.command("list")
-def list_weights(weights_dir: Path | None = WEIGHTS_DIR) -> None:
+def list_weights(
+    weights_dir: Path | None = WEIGHTS_DIR,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table (for scripts)."),
+) -> None:
     """Each metric's files and the folder they were found in (or `missing`)."""
     console, root = Console(), weights_root(weights_dir)
+    if as_json:
+        rows = [
+            {
+                "metric": metric,
+                "source": spec.repo or spec.url,
+                "files": list(spec.names),
+                "found_in": str(found) if (found := locate(spec, root)) else None,
+            }
+            for metric, specs in metrics_with_weights().items()
+            for spec in specs
+        ]
+        console.print_json(data=rows)
+        return
     table = Table(title=f"reward weights (root: {root or 'none: the Hugging Face cache'})")
     for column in ("metric", "source", "files", "found in"):
         table.add_column(column, overflow="fold")

@@ -235,5 +235,9 @@ def test_listings_answer_in_json():
     assert [s["name"] for s in suites] == card_names()
     methods = json.loads(runner.invoke(app, ["methods", "tiny-cps4", "--json"]).output)
     assert methods[0]["name"] == "tiny-cps4" and methods[0]["fingerprint"] == load_method("tiny-cps4").fingerprint()
+    weights = json.loads(runner.invoke(app, ["weights", "list", "--json"]).output)
+    assert {"metric": "clipscore", "source": "openai/clip-vit-large-patch14"}.items() <= weights[
+        [w["metric"] for w in weights].index("clipscore")
+    ].items()
     shown = runner.invoke(app, ["suites", "show", "geneval"])
     assert shown.exit_code == 0 and "available locally: yes" in shown.output

@@ -1,5 +1,5 @@
 """Plant each mistake of tools/mutants.yaml in a scratch copy of the working tree and run the fast
-trainer tests against it: a mutant the tests do not kill is a hole in the tests.
+tests against it: a mutant the tests do not kill is a hole in the tests.
 
     python tools/mutants.py                 # every mutant
     python tools/mutants.py s1-swap s2-ppo  # some of them
@@ -7,8 +7,8 @@ trainer tests against it: a mutant the tests do not kill is a hole in the tests.
 
 Each mutant replaces one exact snippet (which must occur exactly once) in one file. The scratch copy
 (tracked and untracked, not ignored files) is made once; every mutant is applied, tested with
-``pytest -x`` on the yaml's ``tests`` and undone. The unmutated copy must pass first. Exit status 1
-when a mutant survives.
+``pytest -x`` on the yaml's ``tests`` (or the mutant's own ``tests``) and undone. The unmutated copy
+must pass every test file named first. Exit status 1 when a mutant survives.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def main() -> None:
     start = time.perf_counter()
     copy = scratch_copy()
     try:
-        passed, seconds, failure = run_tests(copy, spec["tests"], args.timeout)
+        every_file = sorted({*spec["tests"], *(t for m in mutants for t in m.get("tests", ()))})
+        passed, seconds, failure = run_tests(copy, every_file, args.timeout)
         if not passed:
             raise SystemExit(f"the unmutated copy fails its tests ({failure}): fix that first")
         console.print(f"unmutated copy: tests pass in {seconds:.0f} s")
@@ -100,7 +101,7 @@ def main() -> None:
             original = path.read_text()
             path.write_text(original.replace(m["old"], m["new"]))
             try:
-                passed, seconds, failure = run_tests(copy, spec["tests"], args.timeout)
+                passed, seconds, failure = run_tests(copy, m.get("tests", spec["tests"]), args.timeout)
             finally:
                 path.write_text(original)
             if passed:
