@@ -101,6 +101,13 @@ DEVICE = typer.Option(
     callback=check_device,
     help="auto | cpu | cuda | cuda:N (auto: a GPU where there is one; under torchrun: one device per process).",
 )
+COMPILE = typer.Option(
+    False,
+    "--compile",
+    help="Compile the transformer's blocks and the VAE decoder (torch.compile, regional: ~15-50 s once per "
+    "shape): about 1.4x the images/s on a GPU. The images differ from eager ones in their last bits, so the "
+    "card's fingerprint changes and eager images in the folder are not reused.",
+)
 HTML = typer.Option(
     False,
     "--html",
@@ -202,6 +209,7 @@ def run(
     images_per_prompt: int = IPP,
     device: str = DEVICE,
     html: bool = HTML,
+    compile: bool = COMPILE,
 ) -> None:
     """Generate, score, aggregate and report (help text: :func:`run_help`): :func:`bench.pipeline.run_pipeline`."""
     from bench import pipeline  # torch and the models: loaded when a command runs, not for --help
@@ -216,6 +224,7 @@ def run(
             images_per_prompt=images_per_prompt,
             device=device,
             html=html,
+            compile=compile,
             progress=Bar,
             log=say,
         )
@@ -231,6 +240,7 @@ def generate(
     limit: int = LIMIT,
     images_per_prompt: int = IPP,
     device: str = DEVICE,
+    compile: bool = COMPILE,
 ) -> None:
     """Images + manifest.jsonl for one (method, suite); a rerun regenerates only missing or corrupt images.
 
@@ -241,7 +251,7 @@ def generate(
     with clean_errors():
         loaded = pipeline.load_suite(suite, prompts_dir, images_per_prompt=images_per_prompt)
         pipeline.writable(out)
-        card = pipeline.load_method(method)
+        card = pipeline.compiled(pipeline.load_method(method)) if compile else pipeline.load_method(method)
         pipeline.generate_run(card, loaded, out, seeds, limit, images_per_prompt, device, progress=Bar, log=say)
 
 

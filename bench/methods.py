@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rtdmd.backbones.base import BackboneConfig, build_backbone
+from rtdmd.backbones.base import BackboneConfig, build_backbone, compile_for_sampling
 from rtdmd.config import ConfigError, from_dict, to_dict, yaml_mapping
 from rtdmd.errors import RtdmdError
 from rtdmd.lora import (
@@ -90,15 +90,22 @@ class MethodCard:
     trained_on: tuple[str, ...] = ()
     published: tuple[Published, ...] = ()
     compute_batch: int = 4
+    # torch.compile each repeated transformer block (regional compilation: seconds to compile per block
+    # type and shape, not minutes for the whole model). Compiled kernels round differently from eager ones,
+    # so compiled images are another set (their own fingerprint), bit-identical among themselves.
+    compile: bool = False
 
     @property
     def runnable(self) -> bool:
         return self.backbone is not None
 
     def fingerprint(self) -> str:
-        """sha256 of everything that determines the images (not the display text or published scores)."""
+        """sha256 of everything that determines the images (not the display text or published scores);
+        ``compile`` enters only when set, so the fingerprints of eager cards are those they always had."""
         keys = ("backbone", "transformer", "loras", "sampler", "height", "width", "compute_batch")
         data = {k: v for k, v in to_dict(self).items() if k in keys}
+        if self.compile:
+            data["compile"] = True
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -146,6 +153,8 @@ def build_method(card: MethodCard, device: torch.device):
             backbone.pipe.transformer = net
     for entry in card.loras:
         merge_lora_entry(backbone, net, entry)
+    if card.compile:
+        compile_for_sampling(backbone, net)
     return backbone, net.eval()
 
 

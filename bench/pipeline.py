@@ -8,6 +8,7 @@ the same arguments does only what is missing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,16 +62,17 @@ def run_pipeline(
     images_per_prompt: int = 0,
     device: str = "auto",
     html: bool = False,
+    compile: bool = False,
     progress: Callable[[str], Progress] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Generate, score, aggregate and report every method of ``plan`` on its suite (``html``: also the
-    browsable page); returns the report's path. ``progress(label)`` makes a ``(done, total)`` callback per stage (with ``.close()``
+    browsable page; ``compile``: every card with ``compile: true``); returns the report's path. ``progress(label)`` makes a ``(done, total)`` callback per stage (with ``.close()``
     if it has one); ``log`` receives one line per stage and the notes (prompts a text encoder cut)."""
     claim_card = load_claims(plan.claims) if plan.claims else None
     suite = load_suite(plan.suite, prompts_dir, images_per_prompt=images_per_prompt)
     names = metric_names(plan.metrics, suite)
-    cards = [load_method(arg) for arg in plan.methods]
+    cards = [compiled(load_method(arg)) if compile else load_method(arg) for arg in plan.methods]
     if plan.reference and plan.reference not in [c.name for c in cards]:
         raise PipelineError(f"--reference {plan.reference} must be one of the --method cards")
     target = plan.report or plan.out / f"{suite.card.name}_leaderboard.md"
@@ -88,6 +90,12 @@ def run_pipeline(
     report_stage([Path(s["run_dir"]) / SUMMARY for s in summaries], target, claims=claim_card, html=html)
     log(f"leaderboard: {target} (+ .json, .png{', .html' if html else ''})")
     return target
+
+
+def compiled(card: MethodCard) -> MethodCard:
+    """``card`` with ``compile: true`` (regional compilation of the transformer and the VAE decoder): other
+    images in their last bits, so another fingerprint and run folder contents of their own."""
+    return dataclasses.replace(card, compile=True)
 
 
 def generate_run(

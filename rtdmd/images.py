@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from rtdmd.files import atomic_path
+from rtdmd.files import write_bytes_atomic
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -17,10 +18,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_png(pixels: torch.Tensor, path: Path) -> str:
-    """Write one [H, W, 3] uint8 image atomically; return the file's sha256."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels.numpy()).save(tmp, format="PNG")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Write one [H, W, 3] uint8 image atomically; return the file's sha256 (of the bytes written).
+    Safe to call from several threads at once: Pillow's encoder and hashlib release the GIL."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def grid(pixels: list[torch.Tensor], columns: int) -> Image.Image:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import platform
 import sys
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import bench.generate as bench_generate  # noqa: E402
 from bench.methods import MethodCard  # noqa: E402
 from bench.perf.distill_step import build_backbone  # noqa: E402
-from rtdmd.backbones.base import BackboneConfig  # noqa: E402
+from bench.runfiles import read_manifest  # noqa: E402
+from rtdmd.backbones.base import BackboneConfig, compile_for_sampling  # noqa: E402
 from rtdmd.sampling import SamplerSpec  # noqa: E402
 from rtdmd.suites import load_suite  # noqa: E402
 
@@ -70,13 +72,15 @@ class StageTimer:
         self.seconds = {"encode": 0.0, "decode": 0.0, "png": 0.0}
         self.backbone = backbone
 
-    def wrap(self, name: str, fn):
+    def wrap(self, name: str, fn, synced: bool = True):
         def timed(*args, **kwargs):
-            sync()
+            if synced:
+                sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            sync()
-            self.seconds[name] += time.perf_counter() - start
+            if synced:
+                sync()
+            self.seconds[name] += time.perf_counter() - start  # PNG: thread-seconds, overlapping the GPU's work
             return out
 
         return timed
@@ -86,15 +90,16 @@ class StageTimer:
         encode, decode, save_png = self.backbone.encode, self.backbone.decode, bench_generate.save_png
         self.backbone.encode = self.wrap("encode", encode)
         self.backbone.decode = self.wrap("decode", decode)
-        bench_generate.save_png = self.wrap("png", save_png)
+        bench_generate.save_png = self.wrap("png", save_png, synced=False)
         try:
             yield self
         finally:
             self.backbone.encode, self.backbone.decode, bench_generate.save_png = encode, decode, save_png
 
 
-def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: int) -> dict:
+def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: int, compiled: bool = False) -> dict:
     card = MethodCard(
+        compile=compiled,
         name=f"bench-{mode}",
         backbone=BackboneConfig(family=FAMILY_OF[family], dtype="bfloat16"),
         sampler=SamplerSpec(**MODES[mode]),
@@ -102,11 +107,21 @@ def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: 
         width=resolution,
         compute_batch=batch,
     )
-    bench_generate.build_method = lambda _card, _device: (backbone, backbone.transformer)  # the random model
+    net, vae = compiled_parts(backbone) if compiled else (backbone.transformer, backbone.vae)
+    eager_vae, backbone.vae = backbone.vae, vae
+    bench_generate.build_method = lambda _card, _device: (backbone, net)  # the random model
+    try:
+        return timed_generation(backbone, card, images, batch)
+    finally:
+        backbone.vae = eager_vae
+
+
+def timed_generation(backbone, card: MethodCard, images: int, batch: int) -> dict:
     folder = Path(tempfile.mkdtemp())
-    prompt_file = folder / "prompts.txt"
-    prompt_file.write_text("\n".join(prompts(images)) + "\n")
-    suite = load_suite(str(prompt_file))
+    rows = [{"id": f"p{i:04d}", "prompt": text} for i, text in enumerate(prompts(images))]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "reversed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    suite = load_suite(str(folder / "prompts.jsonl"))
     sync()
     start = time.perf_counter()
     bench_generate.generate_stage(card, suite, folder / "warm", limit=batch, device=DEVICE.type)
@@ -118,7 +133,38 @@ def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: 
         sync()
         seconds = time.perf_counter() - start
     assert result["generated"] == images
-    return {"images_per_s": images / seconds, "seconds": seconds, "first_call_s": first, "stages_s": timer.seconds}
+    # the reproducibility contract on this card: the same prompts in reverse order (other chunks) give
+    # the same bytes per (prompt id, sample index) for this compute batch
+    suite_name = suite.card.name
+    backwards = load_suite(str(folder / "reversed.jsonl"))
+    backwards = dataclasses.replace(backwards, card=dataclasses.replace(backwards.card, name=suite_name))
+    bench_generate.generate_stage(card, backwards, folder / "reversed", device=DEVICE.type)
+    forward = {r["prompt_id"]: r["sha256"] for r in read_manifest(folder / "timed" / card.name / suite_name)}
+    reverse = {r["prompt_id"]: r["sha256"] for r in read_manifest(folder / "reversed" / card.name / suite_name)}
+    return {
+        "images_per_s": images / seconds,
+        "seconds": seconds,
+        "first_call_s": first,
+        "stages_s": timer.seconds,
+        "bit_identical_in_reverse_order": forward == reverse,
+    }
+
+
+_COMPILED = {}
+
+
+def compiled_parts(backbone):
+    """Copies of the transformer and the VAE, compiled as a card with ``compile: true`` gets them
+    (:func:`rtdmd.backbones.base.compile_for_sampling`); the eager side and diffusers keep the originals."""
+    if not _COMPILED:
+        import copy
+
+        vae, net = backbone.vae, copy.deepcopy(backbone.transformer)
+        backbone.vae = copy.deepcopy(vae)
+        compile_for_sampling(backbone, net)
+        _COMPILED.update(net=net, vae=backbone.vae)
+        backbone.vae = vae
+    return _COMPILED["net"], _COMPILED["vae"]
 
 
 def diffusers_pipe(backbone, mode: str, batch: int, images: int, resolution: int) -> dict:
@@ -148,6 +194,47 @@ def diffusers_pipe(backbone, mode: str, batch: int, images: int, resolution: int
     return {"images_per_s": images / seconds, "seconds": seconds, "first_call_s": first}
 
 
+def decode_variants(backbone, resolution: int, batch: int = 8, reps: int = 5) -> dict:
+    """VAE decode of ``batch`` latents: eager, channels-last, channels-last with the decoder compiled; ms per
+    image, whether two calls give the same bits, and the largest difference from eager."""
+    import copy
+
+    shape = (batch, *backbone.latent_shape(resolution, resolution))
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
+    eager_vae = backbone.vae
+    results, reference = {}, None
+    variants = {
+        "eager": lambda vae: vae,
+        "channels_last": lambda vae: vae.to(memory_format=torch.channels_last),
+        "channels_last_compiled": lambda vae: (vae.to(memory_format=torch.channels_last), vae.decoder.compile())[0],
+    }
+    for name, make in variants.items():
+        backbone.vae = make(copy.deepcopy(eager_vae)) if name != "eager" else eager_vae
+        with torch.no_grad():
+            sync()
+            start = time.perf_counter()
+            first = backbone.decode(latents)
+            sync()
+            first_s = time.perf_counter() - start
+            backbone.decode(latents)
+            sync()
+            start = time.perf_counter()
+            for _ in range(reps):
+                again = backbone.decode(latents)
+            sync()
+        ms = (time.perf_counter() - start) / reps / batch * 1000
+        reference = first if reference is None else reference
+        results[name] = {
+            "ms_per_image": ms,
+            "first_call_s": first_s,
+            "repeatable": bool(torch.equal(first, again)),
+            "max_abs_diff_vs_eager": float((first - reference).abs().max()),
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    backbone.vae = eager_vae
+    return results
+
+
 def versions() -> dict:
     return {
         name: metadata.version(name) for name in ("torch", "diffusers", "transformers") if metadata.distribution(name)
@@ -161,10 +248,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16, help="images per timed measurement")
     parser.add_argument("--student-batches", default="1,4,8")
     parser.add_argument("--teacher-batches", default="1,4")
-    parser.add_argument("--sides", default="diffusers,rtdmd", help="which sides to time")
+    parser.add_argument("--sides", default="diffusers,rtdmd,rtdmd-compiled", help="which sides to time")
     parser.add_argument(
         "--compile-diffusers", action="store_true", help="also time diffusers with its transformer compiled"
     )
+    parser.add_argument("--decode-variants", action="store_true", help="time VAE decode variants first")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="generate_speed.json")
     args = parser.parse_args()
@@ -173,6 +261,7 @@ def main() -> None:
     backbone = build_backbone(args.family, args.tiny, DEVICE)
     build_s = time.perf_counter() - start
     sides = args.sides.split(",")
+    decode = decode_variants(backbone, args.resolution) if args.decode_variants else None
     rows = []
     plan = [("student", int(b)) for b in args.student_batches.split(",") if b] + [
         ("teacher", int(b)) for b in args.teacher_batches.split(",") if b
@@ -183,6 +272,8 @@ def main() -> None:
             row["diffusers"] = diffusers_pipe(backbone, mode, batch, args.images, args.resolution)
         if "rtdmd" in sides:
             row["rtdmd"] = ours(backbone, args.family, mode, batch, args.images, args.resolution)
+        if "rtdmd-compiled" in sides:
+            row["rtdmd_compiled"] = ours(backbone, args.family, mode, batch, args.images, args.resolution, True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.compile_diffusers:  # each new shape recompiles (minutes): the student's larger batches only
@@ -205,26 +296,23 @@ def main() -> None:
         "resolution": args.resolution,
         "images": args.images,
         "build_s": build_s,
+        "decode_variants": decode,
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    table = Table(title=f"{args.family} {args.resolution}px, {args.images} images, {record['card']}")
-    for col in ("mode", "batch", "diffusers img/s", "rtdmd img/s", "ratio", "rtdmd encode/decode/png s"):
-        table.add_column(col)
+    merged: dict[tuple, dict] = {}
     for r in rows:
-        if "rtdmd" not in r:
-            continue
-        d = r.get("diffusers", {}).get("images_per_s")
-        o = r["rtdmd"]["images_per_s"]
-        s = r["rtdmd"]["stages_s"]
-        table.add_row(
-            r["mode"],
-            str(r["batch"]),
-            f"{d:.2f}" if d else "–",
-            f"{o:.2f}",
-            f"{o / d:.2f}" if d else "–",
-            f"{s['encode']:.2f}/{s['decode']:.2f}/{s['png']:.2f} of {r['rtdmd']['seconds']:.2f}",
-        )
+        merged.setdefault((r["mode"], r["batch"]), {}).update(r)
+    table = Table(title=f"{args.family} {args.resolution}px, {args.images} images, {record['card']} (images/s)")
+    sides_shown = ("diffusers", "diffusers_compiled", "rtdmd", "rtdmd_compiled")
+    for col in ("mode", "batch", *sides_shown, "best rtdmd / best diffusers"):
+        table.add_column(col)
+    for (mode, batch), r in merged.items():
+        rate = {k: r[k]["images_per_s"] for k in sides_shown if k in r}
+        ours_best = max([rate[k] for k in ("rtdmd", "rtdmd_compiled") if k in rate], default=None)
+        theirs_best = max([rate[k] for k in ("diffusers", "diffusers_compiled") if k in rate], default=None)
+        ratio = f"{ours_best / theirs_best:.2f}" if ours_best and theirs_best else "–"
+        table.add_row(mode, str(batch), *(f"{rate[k]:.2f}" if k in rate else "–" for k in sides_shown), ratio)
     Console().print(table)
 
 
