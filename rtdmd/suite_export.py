@@ -15,7 +15,7 @@ import yaml
 
 from rtdmd.errors import RtdmdError
 from rtdmd.files import write_bytes_atomic, write_text_atomic
-from rtdmd.suites import CACHE, PROJECT_PROMPTS, ROW_KEYS, SuiteCard, data_file, load_suite, rows_bytes, sha256_bytes
+from rtdmd.suites import CACHE, ROW_KEYS, SuiteCard, data_file, load_suite, project_prompts, rows_bytes, sha256_bytes
 
 FEATURES = {
     "prompt_id": "the prompt's id within the suite (the seed coordinate of its images)",
@@ -108,7 +108,7 @@ def licence_text(card: SuiteCard, prompts_dir: Path | None) -> bytes:
     assert entry is not None
     places = ([prompts_dir / entry.path] if prompts_dir else []) + [
         CACHE / entry.path,
-        PROJECT_PROMPTS / card.name / "LICENSE",
+        *(root / card.name / "LICENSE" for root in project_prompts()),
     ]
     for path in places:
         if path.is_file() and sha256_bytes(path.read_bytes()) == entry.sha256:

@@ -3,7 +3,8 @@
 A card names the canonical upstream file(s), their sha256, licence, field mapping, images per prompt
 and default metrics. The rows of a suite come from, in this order: its upstream files in a local
 directory (``--prompts-dir``; tests use ``../shared/prompts``); a Hugging Face dataset folder
-``<prompts-dir>/<name>/`` or the project's ``prompts/<name>/`` (written by
+``<prompts-dir>/<name>/`` or the project's ``prompts/<name>/`` (``$RTDMD_PROMPTS/<name>/`` where the
+package is installed from a wheel; written by
 ``rtdmd-bench suites export`` for the suites whose licence allows it, checked against the card's
 ``rows_sha256``); the download cache (``~/.cache/rtdmd/prompts``); the canonical URL, downloaded into
 the cache. A file with a ``package`` is package data of that Python package instead (the generated toy
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import urllib.request
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,8 +34,17 @@ from rtdmd.files import write_bytes_atomic, write_text_atomic
 from rtdmd.registry import did_you_mean
 
 CACHE = Path.home() / ".cache" / "rtdmd" / "prompts"
-# the project's dataset folders (a checkout or an editable install; absent from a wheel)
+# the project's dataset folders beside the package (a checkout or an editable install; a wheel has none:
+# there $RTDMD_PROMPTS names a copy of the checkout's prompts/)
 PROJECT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+PROMPTS_ENV = "RTDMD_PROMPTS"
+
+
+def project_prompts() -> list[Path]:
+    """Where the project's dataset folders may be: ``$RTDMD_PROMPTS``, then ``prompts/`` beside the package."""
+    return ([Path(os.environ[PROMPTS_ENV])] if os.environ.get(PROMPTS_ENV) else []) + [PROJECT_PROMPTS]
+
+
 ROW_KEYS = ("prompt_id", "prompt", "category", "metadata")  # a dataset folder's columns
 
 
@@ -294,7 +305,7 @@ def load_suite(
         card = _replace(card, images_per_prompt=images_per_prompt)
     local = Path(prompts_dir) if prompts_dir else None
     upstream_here = all(entry.package or (local and (local / entry.path).is_file()) for entry in card.files)
-    folders = ([local / card.name] if local else []) + [PROJECT_PROMPTS / card.name]
+    folders = [root / card.name for root in ([local] if local else []) + project_prompts()]
     rows = None if upstream_here or not card.rows_sha256 else _folder_rows(card, folders)
     if rows is not None:
         digests = [entry.sha256 for entry in card.files]  # pinned: the folder's rows are those files' rows

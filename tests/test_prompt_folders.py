@@ -70,10 +70,21 @@ def test_load_dataset_offline_gives_the_cards_rows(name, monkeypatch):
         assert hashlib.sha256((PROMPTS / name / "LICENSE").read_bytes()).hexdigest() == card.licence_file.sha256
 
 
+def test_the_project_folder_is_found_beside_the_package_or_through_the_environment(monkeypatch):
+    """A checkout or an editable install finds prompts/ beside the package; a wheel (as tox installs
+    it) through $RTDMD_PROMPTS, which tox sets to the checkout's prompts/."""
+    monkeypatch.setenv(suites_module.PROMPTS_ENV, str(PROMPTS))
+    assert suites_module.project_prompts()[0] == PROMPTS
+    monkeypatch.delenv(suites_module.PROMPTS_ENV)
+    beside = Path(suites_module.__file__).resolve().parents[1] / "prompts"
+    assert suites_module.project_prompts() == [beside]
+
+
 @pytest.mark.parametrize("name", ["geneval", "partiprompts", "toy-train"])
-def test_the_harness_reads_the_project_folder_offline(name, no_cache):
+def test_the_harness_reads_the_project_folder_offline(name, no_cache, monkeypatch):
     """No --prompts-dir, no cache, no network: the suite comes from prompts/<name>, with the same
     fingerprint as its upstream files give (so manifests and score caches match either way)."""
+    monkeypatch.setenv(suites_module.PROMPTS_ENV, str(PROMPTS))  # found as a wheel install finds it
     suite = load_suite(name, download=False)
     card = load_card(name)
     assert len(suite.rows) == card.rows
@@ -95,6 +106,7 @@ def test_a_modified_folder_is_refused(tmp_path, no_cache):
 def test_a_folder_a_card_cannot_be_read_from_is_no_source(tmp_path, no_cache, monkeypatch):
     """Without the project's folder, the cache or the network, the error says where the file is expected."""
     monkeypatch.setattr(suites_module, "PROJECT_PROMPTS", tmp_path / "none")
+    monkeypatch.delenv(suites_module.PROMPTS_ENV, raising=False)
     with pytest.raises(SuiteError, match="is not in"):
         load_suite("geneval", tmp_path, download=False)
 
