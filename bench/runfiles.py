@@ -20,6 +20,7 @@ from typing import Any, TypedDict
 
 from rtdmd.errors import RtdmdError
 from rtdmd.files import read_jsonl
+from rtdmd.suites import ROW_KEYS
 
 MANIFEST = "manifest.jsonl"
 SCORES = "scores.jsonl"
@@ -83,7 +84,7 @@ def prompt_columns(spec: Any, row: dict) -> dict:
         "suite": spec.suite,
         "suite_version": spec.suite_version,
         "suite_sha256": spec.suite_sha256,
-        **{key: row[key] for key in ("prompt_id", "prompt", "category", "metadata")},
+        **{key: row[key] for key in ROW_KEYS},
     }
 
 

@@ -417,12 +417,13 @@ def _hub_suite(spec: str, images_per_prompt: int) -> Suite:
         raise SuiteError(f"hub dataset {spec} cannot be loaded ({type(error).__name__}: {reason})") from None
     if "prompt" not in ds.column_names:
         raise SuiteError(f"hub dataset {spec} has no 'prompt' column (columns: {ds.column_names})")
+    revision = spec.partition("@")[2]
     if not commit:
         note = "a local folder, not pinned"
-    elif commit.startswith(spec.partition("@")[2]) and spec.partition("@")[2]:
+    elif revision and commit.startswith(revision):
         note = f"pinned at {commit}"
     else:
-        note = f"revision {spec.partition('@')[2] or 'main'} resolved to {commit}; pass @{commit} to pin it"
+        note = f"revision {revision or 'main'} resolved to {commit}; pass @{commit} to pin it"
     has = set(ds.column_names)
     card = SuiteCard(
         name=dataset_id.strip("/").replace("/", "__"),
