@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 PEAK_BF16_DENSE = {"H100": 989.4e12, "H200": 989.4e12}  # SXM, dense (no sparsity), FLOP/s
+PEAK_HBM_BYTES = {"H100": 3.35e12, "H200": 4.8e12}  # SXM memory bandwidth, bytes/s
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -15,6 +16,14 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_DENSE.items() if k in name), None)
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """The memory bandwidth of ``device`` in bytes/s (None: a CPU or an unlisted card)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_HBM_BYTES.items() if k in name), None)
 
 
 def count_flops(fn: Callable[[], object]) -> int:

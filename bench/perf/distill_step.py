@@ -6,12 +6,21 @@ values (LoRA rank 32, AC-DMD with consistency, teacher CFG, bf16 autocast, gradi
 the released checkpoints' component sizes (``bench/perf/real_sizes.py``) and random weights.
 
     python bench/perf/distill_step.py --family sd35m --out results.json [--batch 9] [--steps 5]
+        [--variant NAME:OVERRIDES ...]
+
+Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
+``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
+measured on the same backbone and steps in the same process: by default the packaged config (``plain``: eager,
+gradient checkpointing), checkpointing off, and checkpointing off with every role's blocks compiled
+(``fast``; compiled trainable roles refuse checkpointing: ``rtdmd.train.roles.check_compile``). Eager
+variants come first: a compiled teacher stays compiled (and its copies with it) for the rest of the
+process.
 
 The cost of an iteration depends on the random stop K of each update (1 to 4 generator steps are
 simulated), so the timed steps are listed with their K. Model FLOPs are counted with
-``torch.utils.flop_counter`` on the same steps at batch 1 without gradient checkpointing (so
-recomputation is not counted) and scaled by the batch; MFU divides them by the measured time and
-the card's dense bf16 peak.
+``torch.utils.flop_counter`` on the same steps at batch 1, eager and without gradient checkpointing
+(so recomputation is not counted), and scaled by the batch; MFU divides them by the measured time
+and the card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ from rtdmd import distributed, testing  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.flops import peak_flops  # noqa: E402
 from rtdmd.train.distill import build_session, train_step  # noqa: E402
-from rtdmd.train.distill_config import DistillConfig
+from rtdmd.train.distill_config import DistillConfig  # noqa: E402
+
+COMPILED = "compile=[teacher,generator,fake]"
+VARIANTS = ("plain:", "no-checkpointing:gradient_checkpointing=false", f"fast:{COMPILED};gradient_checkpointing=false")
 
 PROMPTS = tuple(f"a photo of object number {i}, highly detailed, studio lighting" for i in range(64))
 TINY = {
@@ -57,47 +69,41 @@ def build_backbone(family: str, tiny: bool, device: torch.device):
     return getattr(importlib.import_module(module), name)(pipe, max_sequence_length=text_len)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
-    parser.add_argument("--resolution", type=int, default=0, help="default: the config's training resolution")
-    parser.add_argument("--batch", type=int, default=9, help="images per GPU per update (official: 9)")
-    parser.add_argument("--steps", type=int, default=5, help="timed iterations after one warm-up")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
-    parser.add_argument("--out", default="distill_step.json")
-    args = parser.parse_args()
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME:key=value;key=value`` -> (name, overrides)."""
+    name, _, rest = text.partition(":")
+    return name, [o for o in rest.split(";") if o]
 
-    world = distributed.init("auto")
-    device = world.device
-    cfg = load(DistillConfig, args.family, group="distill")
-    res = args.resolution or cfg.height
-    cfg = dataclasses.replace(
+
+def variant_config(base: list[str], overrides: list[str], family: str) -> DistillConfig:
+    """The packaged config with ``base`` (the command line's batch and resolution) and then the
+    variant's ``overrides``; what a benchmark cannot have is replaced after."""
+    cfg = load(DistillConfig, family, [*base, *overrides], group="distill")
+    return dataclasses.replace(
         cfg,
         prompt_file="",
         prompts=PROMPTS,
-        batch_size=args.batch,
         fake_updates_per_generator=1,
         distributed="none",
         eval=dataclasses.replace(cfg.eval, every=0),
-        height=res,
-        width=res,
         precision="bfloat16",
         generator=dataclasses.replace(
             cfg.generator, source=""
         ),  # random weights: the generator starts from the teacher
     )
-    t0 = time.perf_counter()
-    backbone = build_backbone(args.family, args.tiny, device)
-    sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
-    build_s = time.perf_counter() - t0
 
-    train_step(sess, 0)  # warm-up
+
+def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], float, float | None]:
+    """One warm-up iteration (compilation happens here), then ``steps`` timed ones."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    train_step(sess, 0)
     sync()
+    first = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rows = []
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         t = time.perf_counter()
         logs = train_step(sess, step)
         sync()
@@ -107,53 +113,121 @@ def main() -> None:
                 "seconds": time.perf_counter() - t,
                 "fake_stop": int(logs["train/fake_stop"]),
                 "generator_stop": int(logs["train/gen_stop"]),
+                "loss_fake": logs["loss/fake"],
+                "loss_generator": logs["loss/generator"],
             }
         )
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    mean_s = sum(r["seconds"] for r in rows) / len(rows)
+    return rows, first, peak_gib
 
-    # model FLOPs of the same steps: batch 1, no recomputation, scaled by the batch
+
+def count_step_flops(sess, cfg: DistillConfig, steps: int) -> float:
+    """Model FLOPs per iteration of steps 1..``steps``: batch 1, eager, no recomputation, times the batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     sess.cfg = dataclasses.replace(cfg, batch_size=1)
     for net in (sess.generator, sess.models.fake_run):
         net.disable_gradient_checkpointing()
-    with FlopCounterMode(display=False) as counter:
-        for step in range(1, args.steps + 1):
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        for step in range(1, steps + 1):
             train_step(sess, step)
-    flops_per_iter = counter.get_total_flops() * args.batch / args.steps
-    peak = peak_flops(device)
-    mfu = flops_per_iter / mean_s / peak if peak else None
+    return counter.get_total_flops() * cfg.batch_size / steps
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--resolution", type=int, default=0, help="default: the config's training resolution")
+    parser.add_argument("--batch", type=int, default=9, help="images per GPU per update (official: 9)")
+    parser.add_argument("--steps", type=int, default=4, help="timed iterations after one warm-up")
+    parser.add_argument("--variant", action="append", help=f"NAME:OVERRIDES (repeatable; default: {VARIANTS})")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
+    parser.add_argument("--out", default="distill_step.json")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant or VARIANTS]
+    compiled = [any(o.startswith("compile=") and o != "compile=[]" for o in v[1]) for v in variants]
+    if compiled != sorted(compiled):
+        parser.error("eager variants come first: a compiled teacher stays compiled for the rest of the process")
+
+    world = distributed.init("auto")
+    device = world.device
+    base = [f"batch_size={args.batch}"]
+    if args.resolution:
+        base += [f"height={args.resolution}", f"width={args.resolution}"]
+    t0 = time.perf_counter()
+    backbone = build_backbone(args.family, args.tiny, device)
+    build_s = time.perf_counter() - t0
+    peak = peak_flops(device)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "peft")},
         "family": args.family,
         "sizes": "tiny" if args.tiny else "released",
-        "resolution": res,
-        "batch_per_gpu": args.batch,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "lora_rank": cfg.generator.lora.rank if cfg.generator.lora else None,
         "build_seconds": build_s,
-        "steps": rows,
-        "seconds_per_iteration": mean_s,
-        "peak_memory_gib": peak_gib,
-        "model_tflops_per_iteration": flops_per_iter / 1e12,
         "peak_bf16_dense_tflops_assumed": peak / 1e12 if peak else None,
-        "mfu": mfu,
+        "variants": [],
     }
-    table = Table(title=f"stage-1 iteration · {args.family} · {res}px · batch {args.batch} · {record['device']}")
-    for col in ("step", "K fake", "K gen", "seconds"):
+    table = Table(title=f"stage-1 iteration · {args.family} · {record['device']}")
+    columns = ("variant", "px", "batch", "first call s", "s / iteration", "FLOP bound s", "peak GiB", "MFU")
+    for col in (*columns, "loss fake", "loss gen"):
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["step"]), str(r["fake_stop"]), str(r["generator_stop"]), f"{r['seconds']:.3f}")
+    for name, overrides in variants:
+        cfg = variant_config(base, overrides, args.family)
+        try:
+            sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
+            rows, first_s, peak_gib = time_steps(sess, args.steps, device)
+        except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
+            record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
+            table.add_row(name, str(cfg.height), str(cfg.batch_size), "", "out of memory", "", "", "", "", "")
+            sess = None
+            _release(device)
+            continue
+        mean_s = sum(r["seconds"] for r in rows) / len(rows)
+        flops_per_iter = count_step_flops(sess, cfg, args.steps)
+        mfu = flops_per_iter / mean_s / peak if peak else None
+        record["variants"].append(
+            {
+                "name": name,
+                "overrides": overrides,
+                "resolution": cfg.height,
+                "batch_per_gpu": cfg.batch_size,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
+                "compile": list(cfg.compile),
+                "lora_rank": cfg.generator.lora.rank if cfg.generator.lora else None,
+                "first_call_seconds": first_s,
+                "steps": rows,
+                "seconds_per_iteration": mean_s,
+                "peak_memory_gib": peak_gib,
+                "model_tflops_per_iteration": flops_per_iter / 1e12,
+                "mfu": mfu,
+            }
+        )
+        table.add_row(
+            name,
+            str(cfg.height),
+            str(cfg.batch_size),
+            f"{first_s:.1f}",
+            f"{mean_s:.3f}",
+            "-" if not peak else f"{flops_per_iter / peak:.3f}",
+            "-" if peak_gib is None else f"{peak_gib:.1f}",
+            "-" if mfu is None else f"{100 * mfu:.1f}%",
+            f"{rows[0]['loss_fake']:.5g}",
+            f"{rows[0]['loss_generator']:.5g}",
+        )
+        Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
+        del sess
+        _release(device)
     Console().print(table)
-    Console().print(
-        f"mean {mean_s:.3f} s/iteration · peak memory {peak_gib if peak_gib is None else f'{peak_gib:.1f} GiB'} · "
-        f"model {flops_per_iter / 1e12:.1f} TFLOP/iteration · MFU {mfu if mfu is None else f'{100 * mfu:.1f}%'}"
-    )
     Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

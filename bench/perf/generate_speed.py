@@ -14,7 +14,14 @@ Modes: ``student`` (4 steps, no CFG: the RTDMD sampler, CPS eta 0.9; diffusers: 
 steps) and ``teacher`` (10 steps, CFG 4.5; both Euler). Each timing follows a warm-up call of the same
 shape (compile happens there and is reported as ``first_call_s``).
 
+``--limits`` adds a roofline estimate beside each row: the FLOP-bound ceiling (the card's dense bf16
+peak over the model FLOPs of one image, transformer and VAE, counted eagerly at batch 1) and the
+weight-streaming ceiling (``batch`` images per ``num_steps`` reads of the transformer's weights at the
+card's memory bandwidth); the lower one is the limit a path approaches.
+
     python bench/perf/generate_speed.py --family sd35m --resolution 1024 --images 16 --out gen.json
+    python bench/perf/generate_speed.py --sides rtdmd-compiled --resolution 512,1024 \
+        --student-batches 1,2,4,8,16 --teacher-batches "" --limits --out scaling.json
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from bench.methods import MethodCard  # noqa: E402
 from bench.perf.distill_step import build_backbone  # noqa: E402
 from bench.runfiles import read_manifest  # noqa: E402
 from rtdmd.backbones.base import BackboneConfig, compile_for_sampling  # noqa: E402
+from rtdmd.flops import count_flops, peak_bandwidth, peak_flops  # noqa: E402
 from rtdmd.sampling import SamplerSpec  # noqa: E402
 from rtdmd.suites import load_suite  # noqa: E402
 
@@ -97,8 +105,8 @@ class StageTimer:
             self.backbone.encode, self.backbone.decode, bench_generate.save_png = encode, decode, save_png
 
 
-def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: int, compiled: bool = False) -> dict:
-    card = MethodCard(
+def bench_card(family: str, mode: str, batch: int, resolution: int, compiled: bool = False) -> MethodCard:
+    return MethodCard(
         compile=compiled,
         name=f"bench-{mode}",
         backbone=BackboneConfig(family=FAMILY_OF[family], dtype="bfloat16"),
@@ -107,6 +115,10 @@ def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: 
         width=resolution,
         compute_batch=batch,
     )
+
+
+def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: int, compiled: bool = False) -> dict:
+    card = bench_card(family, mode, batch, resolution, compiled)
     net, vae = compiled_parts(backbone) if compiled else (backbone.transformer, backbone.vae)
     eager_vae, backbone.vae = backbone.vae, vae
     bench_generate.build_method = lambda _card, _device: (backbone, net)  # the random model
@@ -114,6 +126,31 @@ def ours(backbone, family: str, mode: str, batch: int, images: int, resolution: 
         return timed_generation(backbone, card, images, batch)
     finally:
         backbone.vae = eager_vae
+
+
+def limits(backbone, family: str, mode: str, batch: int, resolution: int, _flops: dict = {}) -> dict:  # noqa: B006
+    """Roofline ceilings of images/s for ``mode`` at ``batch``: FLOP-bound (peak / model FLOPs per image,
+    eager, batch 1, text encoding included) and weight-bound (``batch`` images per ``num_steps`` full
+    reads of the transformer's weights)."""
+    key = (mode, resolution)
+    if key not in _flops:
+        card = bench_card(family, mode, 1, resolution)
+        folder = Path(tempfile.mkdtemp())
+        (folder / "one.jsonl").write_text(json.dumps({"id": "p0", "prompt": prompts(1)[0]}) + "\n")
+        suite = load_suite(str(folder / "one.jsonl"))
+        bench_generate.build_method = lambda _card, _device: (backbone, backbone.transformer)
+        _flops[key] = count_flops(
+            lambda: bench_generate.generate_stage(card, suite, folder / "out", device=DEVICE.type)
+        )
+    weight_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
+    peak, bandwidth = peak_flops(DEVICE), peak_bandwidth(DEVICE)
+    steps = MODES[mode]["num_steps"]
+    return {
+        "model_tflop_per_image": _flops[key] / 1e12,
+        "transformer_weight_gb": weight_bytes / 1e9,
+        "flop_bound_images_per_s": peak / _flops[key] if peak else None,
+        "weight_bound_images_per_s": batch * bandwidth / (weight_bytes * steps) if bandwidth else None,
+    }
 
 
 def timed_generation(backbone, card: MethodCard, images: int, batch: int) -> dict:
@@ -244,14 +281,17 @@ def versions() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="sd35m", choices=sorted(FAMILY_OF))
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--resolution", default="1024", help="one or more, comma-separated")
     parser.add_argument("--images", type=int, default=16, help="images per timed measurement")
     parser.add_argument("--student-batches", default="1,4,8")
     parser.add_argument("--teacher-batches", default="1,4")
     parser.add_argument("--sides", default="diffusers,rtdmd,rtdmd-compiled", help="which sides to time")
     parser.add_argument(
-        "--compile-diffusers", action="store_true", help="also time diffusers with its transformer compiled"
+        "--compile-diffusers",
+        action="store_true",
+        help="also time diffusers with its transformer compiled (batches >= 4: each shape recompiles for minutes)",
     )
+    parser.add_argument("--limits", action="store_true", help="FLOP- and weight-bound ceilings beside each row")
     parser.add_argument("--decode-variants", action="store_true", help="time VAE decode variants first")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="generate_speed.json")
@@ -261,31 +301,15 @@ def main() -> None:
     backbone = build_backbone(args.family, args.tiny, DEVICE)
     build_s = time.perf_counter() - start
     sides = args.sides.split(",")
-    decode = decode_variants(backbone, args.resolution) if args.decode_variants else None
-    rows = []
-    plan = [("student", int(b)) for b in args.student_batches.split(",") if b] + [
-        ("teacher", int(b)) for b in args.teacher_batches.split(",") if b
+    resolutions = [int(r) for r in args.resolution.split(",")]
+    decode = decode_variants(backbone, resolutions[0]) if args.decode_variants else None
+    plan = [
+        (res, mode, int(b))
+        for res in resolutions
+        for mode, batches in (("student", args.student_batches), ("teacher", args.teacher_batches))
+        for b in batches.split(",")
+        if b
     ]
-    for mode, batch in plan:
-        row = {"mode": mode, "batch": batch}
-        if "diffusers" in sides:
-            row["diffusers"] = diffusers_pipe(backbone, mode, batch, args.images, args.resolution)
-        if "rtdmd" in sides:
-            row["rtdmd"] = ours(backbone, args.family, mode, batch, args.images, args.resolution)
-        if "rtdmd-compiled" in sides:
-            row["rtdmd_compiled"] = ours(backbone, args.family, mode, batch, args.images, args.resolution, True)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.compile_diffusers:  # each new shape recompiles (minutes): the student's larger batches only
-        backbone.pipe.transformer.compile()
-        for mode, batch in [(m, b) for m, b in plan if m == "student" and b >= 4]:
-            row = {
-                "mode": mode,
-                "batch": batch,
-                "diffusers_compiled": diffusers_pipe(backbone, mode, batch, args.images, args.resolution),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     record = {
         "script": "bench/perf/generate_speed.py",
         "command": " ".join(sys.argv),
@@ -293,26 +317,58 @@ def main() -> None:
         "versions": versions(),
         "python": platform.python_version(),
         "family": args.family,
-        "resolution": args.resolution,
+        "resolutions": resolutions,
         "images": args.images,
         "build_s": build_s,
         "decode_variants": decode,
-        "rows": rows,
+        "rows": [],
     }
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    rows = record["rows"]
+
+    def keep(row: dict) -> None:  # written row by row: a call cut at its time limit keeps what it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+    for res, mode, batch in plan:
+        row = {"resolution": res, "mode": mode, "batch": batch}
+        if args.limits:
+            row["limits"] = limits(backbone, args.family, mode, batch, res)
+        if "diffusers" in sides:
+            row["diffusers"] = diffusers_pipe(backbone, mode, batch, args.images, res)
+        if "rtdmd" in sides:
+            row["rtdmd"] = ours(backbone, args.family, mode, batch, args.images, res)
+        if "rtdmd-compiled" in sides:
+            row["rtdmd_compiled"] = ours(backbone, args.family, mode, batch, args.images, res, True)
+        keep(row)
+    if args.compile_diffusers:
+        backbone.pipe.transformer.compile()
+        for res, mode, batch in [p for p in plan if p[2] >= 4]:
+            compiled = diffusers_pipe(backbone, mode, batch, args.images, res)
+            keep({"resolution": res, "mode": mode, "batch": batch, "diffusers_compiled": compiled})
+    print_table(record)
+
+
+def print_table(record: dict) -> None:
     merged: dict[tuple, dict] = {}
-    for r in rows:
-        merged.setdefault((r["mode"], r["batch"]), {}).update(r)
-    table = Table(title=f"{args.family} {args.resolution}px, {args.images} images, {record['card']} (images/s)")
+    for r in record["rows"]:
+        merged.setdefault((r["resolution"], r["mode"], r["batch"]), {}).update(r)
+    table = Table(title=f"{record['family']}, {record['images']} images, {record['card']} (images/s)")
     sides_shown = ("diffusers", "diffusers_compiled", "rtdmd", "rtdmd_compiled")
-    for col in ("mode", "batch", *sides_shown, "best rtdmd / best diffusers"):
+    for col in ("px", "mode", "batch", *sides_shown, "best rtdmd / best diffusers", "FLOP / weight bound"):
         table.add_column(col)
-    for (mode, batch), r in merged.items():
+    for (res, mode, batch), r in merged.items():
         rate = {k: r[k]["images_per_s"] for k in sides_shown if k in r}
         ours_best = max([rate[k] for k in ("rtdmd", "rtdmd_compiled") if k in rate], default=None)
         theirs_best = max([rate[k] for k in ("diffusers", "diffusers_compiled") if k in rate], default=None)
         ratio = f"{ours_best / theirs_best:.2f}" if ours_best and theirs_best else "–"
-        table.add_row(mode, str(batch), *(f"{rate[k]:.2f}" if k in rate else "–" for k in sides_shown), ratio)
+        bound = r.get("limits") or {}
+        ceilings = "–"
+        if bound.get("flop_bound_images_per_s"):
+            ceilings = f"{bound['flop_bound_images_per_s']:.2f} / {bound['weight_bound_images_per_s']:.2f}"
+        table.add_row(
+            str(res), mode, str(batch), *(f"{rate[k]:.2f}" if k in rate else "–" for k in sides_shown), ratio, ceilings
+        )
     Console().print(table)
 
 

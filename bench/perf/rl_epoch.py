@@ -14,6 +14,14 @@ advantages' grouping, not the work. With 8 (SD3.5-M) or 16 (FLUX.2 4B) GPUs the 
 time plus the gradient all-reduces.
 
     python bench/perf/rl_epoch.py --family sd35m --out rl_epoch_sd35m.json [--epochs 2]
+        [--variant NAME:OVERRIDES ...]
+
+Each ``--variant`` (``key=value`` overrides separated by ``;``) is measured on the same backbone and
+reward models in the same process, eager ones first (a compiled teacher stays compiled): by default
+the packaged config (``plain``) and the fast path (``fast``: teacher, fake score and VAE decoder
+compiled, no gradient checkpointing, smaller fake and reward-BP chunks, which change only the
+memory). Each epoch's time is split into its phases: rollouts (sampling, decoding, scoring), the
+fake-score step and the generator update.
 """
 
 from __future__ import annotations
@@ -33,13 +41,16 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.perf.distill_step import PROMPTS, build_backbone  # noqa: E402
+import rtdmd.train.rl_step as rl_step  # noqa: E402
+from bench.perf.distill_step import PROMPTS, _release, build_backbone, parse_variant  # noqa: E402
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
-from rtdmd.train.rl_config import RewardTerm, RLConfig  # noqa: E402
-from rtdmd.train.rl_step import build_session, run_epoch  # noqa: E402
+from rtdmd.train.rl_config import RLConfig  # noqa: E402
 
 BATCH = {"sd35m": 9, "sd3m": 2, "flux2_4b": 6}  # per GPU, rtdmd_method.md §6.2
+FAST = "compile=[teacher,fake,vae];gradient_checkpointing=false;fake_chunk=4;bp.chunk=3"
+VARIANTS = ("plain:", f"fast:{FAST}")
+PHASES = ("rollout_batch", "fake_update", "generator_update")
 
 
 def random_rewards(root: Path, tiny: bool) -> dict:
@@ -75,23 +86,10 @@ def random_rewards(root: Path, tiny: bool) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", required=True, choices=sorted(BATCH))
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up")
-    parser.add_argument("--warmup-iterations", type=int, default=2, help="sampler iterations of the warm-up epoch")
-    parser.add_argument(
-        "--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)"
-    )
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
-    parser.add_argument("--out", default="rl_epoch.json")
-    args = parser.parse_args()
-
-    world = distributed.init("auto")
-    device = world.device
-    cfg = load(RLConfig, args.family, group="rl")
-    batch = BATCH[args.family]
-    cfg = dataclasses.replace(
+def variant_config(overrides: list[str], family: str, tiny: bool, iterations: int) -> RLConfig:
+    cfg = load(RLConfig, family, overrides, group="rl")
+    batch = BATCH[family]
+    return dataclasses.replace(
         cfg,
         stage1=dataclasses.replace(cfg.stage1, run=""),  # random weights: no stage-1 LoRAs
         generator=dataclasses.replace(cfg.generator, source=""),
@@ -100,71 +98,147 @@ def main() -> None:
         rewards=tuple(t for t in cfg.rewards if t.name != "geneval-partial"),
         grpo=dataclasses.replace(cfg.grpo, group_size=batch),
         batch_size=batch,
-        iterations_per_epoch=args.iterations or cfg.iterations_per_epoch,
+        iterations_per_epoch=iterations or cfg.iterations_per_epoch,
         distributed="none",
         eval=dataclasses.replace(cfg.eval, every=0),
-        height=64 if args.tiny else cfg.height,
-        width=64 if args.tiny else cfg.width,
+        height=64 if tiny else cfg.height,
+        width=64 if tiny else cfg.width,
     )
-    assert all(isinstance(t, RewardTerm) for t in cfg.rewards)
+
+
+class PhaseTimer:
+    """Wall time of each phase of ``run_epoch`` (synchronised), by wrapping the module's functions."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.seconds = sync, dict.fromkeys(PHASES, 0.0)
+        for name in PHASES:
+            setattr(rl_step, name, self._timed(name, getattr(rl_step, name)))
+
+    def _timed(self, name, fn):
+        def run(*args, **kwargs):
+            self.sync()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            self.seconds[name] += time.perf_counter() - t
+            return out
+
+        return run
+
+    def take(self) -> dict[str, float]:
+        taken, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
+        return taken
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", required=True, choices=sorted(BATCH))
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up")
+    parser.add_argument("--warmup-iterations", type=int, default=2, help="sampler iterations of the warm-up epoch")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)"
+    )
+    parser.add_argument("--variant", action="append", help=f"NAME:OVERRIDES (repeatable; default: {VARIANTS})")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
+    parser.add_argument("--out", default="rl_epoch.json")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant or VARIANTS]
+    compiled = [any(o.startswith("compile=") and o != "compile=[]" for o in v[1]) for v in variants]
+    if compiled != sorted(compiled):
+        parser.error("eager variants come first: a compiled teacher stays compiled for the rest of the process")
+
+    world = distributed.init("auto")
+    device = world.device
     t0 = time.perf_counter()
     backbone = build_backbone(args.family, args.tiny, device)
     rewards = random_rewards(Path(tempfile.mkdtemp()), args.tiny)
-    sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone, rewards=rewards)
     build_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    sess.cfg = dataclasses.replace(cfg, iterations_per_epoch=args.warmup_iterations)
-    run_epoch(sess, 0)  # warm-up: kernels, allocator, cuDNN/cuBLAS choices
-    sess.cfg = cfg
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rows = []
-    for epoch in range(1, args.epochs + 1):
-        t = time.perf_counter()
-        logs = run_epoch(sess, epoch)
-        sync()
-        rows.append(
-            {
-                "epoch": epoch,
-                "seconds": time.perf_counter() - t,
-                "trained_steps": [k for k in range(3) if int(logs["train/trained_steps"]) >> k & 1],
-                "ppo_ratio_deviation_max": logs.get("ppo/ratio_deviation_max"),
-            }
-        )
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    mean_s = sum(r["seconds"] for r in rows) / len(rows)
-    images = cfg.batch_size * cfg.iterations_per_epoch
+    timer = PhaseTimer(sync)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "peft", "open_clip_torch")},
         "family": args.family,
         "sizes": "tiny" if args.tiny else "released",
-        "resolution": cfg.height,
-        "images_per_gpu_per_epoch": images,
-        "batch_per_gpu": cfg.batch_size,
-        "iterations_per_epoch": cfg.iterations_per_epoch,
-        "rewards": [t.name for t in cfg.rewards],
-        "gradient_checkpointing": cfg.gradient_checkpointing,
         "build_seconds": build_s,
-        "epochs": rows,
-        "seconds_per_epoch": mean_s,
-        "peak_memory_gib": peak_gib,
+        "variants": [],
     }
-    table = Table(title=f"RTDMD epoch · {args.family} · {cfg.height}px · {images} images/GPU · {record['device']}")
-    for col in ("epoch", "trained steps", "seconds", "max |ratio - 1|"):
+    table = Table(title=f"RTDMD epoch · {args.family} · {record['device']}")
+    for col in ("variant", "warm-up s", "s / epoch", "rollouts", "fake", "generator", "peak GiB", "max |ratio-1|"):
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["epoch"]), str(r["trained_steps"]), f"{r['seconds']:.1f}", str(r["ppo_ratio_deviation_max"])
+    for name, overrides in variants:
+        cfg = variant_config(overrides, args.family, args.tiny, args.iterations)
+        record |= {
+            "resolution": cfg.height,
+            "batch_per_gpu": cfg.batch_size,
+            "iterations_per_epoch": cfg.iterations_per_epoch,
+            "images_per_gpu_per_epoch": cfg.batch_size * cfg.iterations_per_epoch,
+            "rewards": [t.name for t in cfg.rewards],
+        }
+        try:
+            sess = rl_step.build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone, rewards=rewards)
+            sess.cfg = dataclasses.replace(cfg, iterations_per_epoch=args.warmup_iterations)
+            t = time.perf_counter()
+            rl_step.run_epoch(sess, 0)  # warm-up: compilation, kernels, allocator, cuDNN/cuBLAS choices
+            sync()
+            warmup_s = time.perf_counter() - t
+            sess.cfg = cfg
+            timer.take()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rows = []
+            for epoch in range(1, args.epochs + 1):
+                t = time.perf_counter()
+                logs = rl_step.run_epoch(sess, epoch)
+                sync()
+                rows.append(
+                    {
+                        "epoch": epoch,
+                        "seconds": time.perf_counter() - t,
+                        "phase_seconds": timer.take(),
+                        "trained_steps": [k for k in range(3) if int(logs["train/trained_steps"]) >> k & 1],
+                        "ppo_ratio_deviation_max": logs.get("ppo/ratio_deviation_max"),
+                        "loss_fake": logs.get("loss/fake"),
+                        "loss_dm": logs.get("loss/dm"),
+                        "loss_bp": logs.get("loss/bp"),
+                    }
+                )
+        except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
+            record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
+            table.add_row(name, "", "out of memory", "", "", "", "", "")
+            sess = None
+            _release(device)
+            continue
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        mean_s = sum(r["seconds"] for r in rows) / len(rows)
+        phases = {k: sum(r["phase_seconds"][k] for r in rows) / len(rows) for k in PHASES}
+        record["variants"].append(
+            {
+                "name": name,
+                "overrides": overrides,
+                "gradient_checkpointing": cfg.gradient_checkpointing,
+                "compile": list(cfg.compile),
+                "warmup_seconds": warmup_s,
+                "epochs": rows,
+                "seconds_per_epoch": mean_s,
+                "phase_seconds": phases,
+                "peak_memory_gib": peak_gib,
+            }
         )
+        deviation = max((r["ppo_ratio_deviation_max"] or 0.0) for r in rows)
+        table.add_row(
+            name,
+            f"{warmup_s:.1f}",
+            f"{mean_s:.1f}",
+            *(f"{phases[k]:.1f}" for k in PHASES),
+            "-" if peak_gib is None else f"{peak_gib:.1f}",
+            f"{deviation:.2g}",
+        )
+        Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
+        del sess
+        _release(device)
     Console().print(table)
-    Console().print(
-        f"mean {mean_s:.1f} s/epoch ({images / mean_s:.2f} images/s) · peak memory "
-        f"{peak_gib if peak_gib is None else f'{peak_gib:.1f} GiB'}"
-    )
     Path(args.out).write_text(json.dumps(record, indent=2))
 
 

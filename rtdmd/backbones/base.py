@@ -224,17 +224,22 @@ def images_from_vae(decoded: Tensor) -> Tensor:
     return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
-def compile_blocks(net: nn.Module) -> int:
+def compile_blocks(net: nn.Module, inductor: dict | None = None) -> int:
     """Regional compilation: ``torch.compile`` (default mode) on every repeated transformer block of ``net``
     (diffusers' ``_repeated_blocks`` class names, else the classes in ``net.transformer_blocks``), so each
-    block type compiles once per input shape and the rest of the model stays eager. Returns how many
-    blocks were wrapped."""
+    block type compiles once per input shape and the rest of the model stays eager. ``inductor``:
+    inductor options for these blocks. Returns how many blocks were wrapped."""
+    import torch._dynamo
+
+    # every role, grad mode and batch size is its own guard set of the one block class: room for all of
+    # them, or dynamo would silently fall back to eager after the default 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     names = set(getattr(net, "_repeated_blocks", None) or ())
     names |= {type(block).__name__ for block in getattr(net, "transformer_blocks", ())}
     compiled = 0
     for module in net.modules():
         if type(module).__name__ in names:
-            module.compile()
+            module.compile(options=inductor)
             compiled += 1
     if not compiled:
         raise ValueError(f"{type(net).__name__} has no repeated transformer blocks to compile")

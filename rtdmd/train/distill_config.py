@@ -13,7 +13,7 @@ from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.sampling import SamplerSpec
 from rtdmd.trackers import TrackConfig
 from rtdmd.train.evaluation import EvalSpec
-from rtdmd.train.roles import RoleSpec
+from rtdmd.train.roles import CompilePart, RoleSpec, check_compile
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class DistillConfig:
     precision: Literal["float32", "bfloat16"] = "bfloat16"  # autocast of the network calls
     distributed: Strategy = "ddp"
     gradient_checkpointing: bool = False
+    # the fast path: regional torch.compile of these roles' transformer blocks ("teacher", "generator",
+    # "fake") and of the VAE decoder ("vae"); the same losses up to rounding (tests/test_train_fast.py).
+    # Compiled trainable roles need gradient_checkpointing: false (check_compile)
+    compile: tuple[CompilePart, ...] = ()
     checkpoint_every: int = 1000
     log_every: int = 10
     log: TrackConfig = field(default_factory=TrackConfig)  # trackers beside stats.jsonl (rtdmd.trackers)
@@ -105,3 +109,4 @@ class DistillConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
+        check_compile(self.compile, self.gradient_checkpointing)

@@ -17,7 +17,7 @@ from rtdmd.trackers import TrackConfig
 from rtdmd.train.distill_config import ACDMDSpec, RenoiseSpec
 from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.rl_plan import select_steps
-from rtdmd.train.roles import LoraSpec, OptimSpec, RoleSpec
+from rtdmd.train.roles import CompilePart, LoraSpec, OptimSpec, RoleSpec, check_compile
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,11 @@ class RLConfig:
     precision: Literal["float32", "bfloat16"] = "bfloat16"
     distributed: Strategy = "ddp"
     gradient_checkpointing: bool = False
+    # the fast path: regional torch.compile of these roles' transformer blocks ("teacher", "generator",
+    # "fake") and of the VAE decoder ("vae"); the same losses up to rounding (tests/test_train_fast.py).
+    # Compiled trainable roles need gradient_checkpointing: false (check_compile); not the generator with
+    # a policy gradient (validate: the PPO ratio at the old policy must stay exactly 1)
+    compile: tuple[CompilePart, ...] = ()
     ema: StageTwoEMASpec = field(default_factory=StageTwoEMASpec)
     checkpoint_every: int = 100
     log_every: int = 1
@@ -200,6 +205,13 @@ class RLConfig:
             raise ValueError("grpo.clip_range and grpo.advantage_clip must be > 0")
         if self.ema.every < 1 or not 0 <= self.ema.decay < 1:
             raise ValueError("ema.every must be >= 1 and ema.decay lie in [0, 1)")
+        check_compile(self.compile, self.gradient_checkpointing)
+        if "generator" in self.compile and self.terms.ppo:
+            raise ValueError(
+                f"compile: arm {self.arm!r} has a policy gradient, so the generator stays eager: its training forward must repeat the rollout's "
+                "numbers exactly (PPO ratio 1 at the old policy), and compiled training kernels round differently "
+                "from the rollout's; compile teacher, fake and vae"
+            )
         if self.grpo.log_prob == "simplified" and self.grpo.clip_range > 1e-3:
             raise ValueError(
                 f"grpo.clip_range {self.grpo.clip_range} never binds on simplified log-probs (their ratios stay "

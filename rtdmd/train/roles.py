@@ -293,11 +293,50 @@ def build_roles(
 
     generator, fake = role("generator"), role("fake")
     generator_run, fake_run = wrap(generator, cfg.distributed, world), wrap(fake, cfg.distributed, world)
+    compile_parts(cfg.compile, backbone, {"teacher": teacher, "generator": generator, "fake": fake})
     gen_params, fake_params = trainable(generator), trainable(fake)  # after wrapping: FSDP2 shards in place
     optimizers = {"generator": adamw(gen_params, cfg.generator.optim), "fake": adamw(fake_params, cfg.fake.optim)}
     sigmas = backbone.schedule(cfg.sampler.num_steps, cfg.height, cfg.width, cfg.sampler.timesteps)
     models = Models(backbone, teacher, generator_run, fake_run, sigmas, backbone.latent_shape(cfg.height, cfg.width))
     return BuiltRoles(models, generator, gen_params, fake_params, optimizers)
+
+
+CompilePart = Literal["teacher", "generator", "fake", "vae"]
+# inductor pads the strides of some saved activations (e.g. SD3's 205-token text norms, 4920 -> 4928);
+# under gradient checkpointing the recomputed ones come back unpadded and the backward's stride check
+# fails (torch 2.11, H200): no padding for the training graphs
+TRAINING_INDUCTOR = {"comprehensive_padding": False}
+
+
+def check_compile(parts: tuple[str, ...], gradient_checkpointing: bool) -> None:
+    """Refuse compiled trainable roles under gradient checkpointing: the recompute of a compiled block
+    crashed on an H200 with torch 2.11 (FLUX.2-klein 4B: an illegal memory access;
+    ``bench/perf/results/README.md``), and without checkpointing the compiled path is as fast."""
+    trained = [p for p in parts if p in ("generator", "fake")]
+    if trained and gradient_checkpointing:
+        raise ValueError(
+            f"compile: {trained} with gradient_checkpointing: true is not supported (compiled blocks under "
+            "activation recomputation crash on current GPUs); set gradient_checkpointing=false, or compile "
+            "only the frozen parts (teacher, vae)"
+        )
+
+
+def compile_parts(parts: tuple[str, ...], backbone, nets: dict[str, nn.Module]) -> None:
+    """The training fast path (``compile:`` in the stage configs): regional ``torch.compile`` of the
+    transformer blocks of each named role (:func:`rtdmd.backbones.base.compile_blocks`; after DDP/FSDP
+    wrapping, as FSDP2 wants) and of the VAE decoder (``vae``: stage 2 decodes and back-propagates
+    through it). Compiled kernels fuse and round differently from eager ones: losses agree within the
+    autocast precision, not bit for bit."""
+    from rtdmd.backbones.base import compile_blocks
+
+    for part in parts:
+        if part == "vae":
+            decoder = getattr(getattr(backbone, "vae", None), "decoder", None)
+            if decoder is None:
+                raise ValueError(f"compile: {type(backbone).__name__} has no VAE decoder to compile")
+            decoder.compile()
+        else:
+            compile_blocks(nets[part], TRAINING_INDUCTOR)
 
 
 def optimizer_step(loss: torch.Tensor, params: dict, optimizer: torch.optim.Optimizer, clip: float) -> float:
