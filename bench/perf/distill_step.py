@@ -6,7 +6,7 @@ values (LoRA rank 32, AC-DMD with consistency, teacher CFG, bf16 autocast, gradi
 the released checkpoints' component sizes (``bench/perf/real_sizes.py``) and random weights.
 
     python bench/perf/distill_step.py --family sd35m --out results.json [--batch 9] [--steps 5]
-        [--variant NAME:OVERRIDES ...]
+        [--variant NAME:OVERRIDES ...] [--profile]
 
 Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
 ``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
@@ -20,7 +20,8 @@ The cost of an iteration depends on the random stop K of each update (1 to 4 gen
 simulated), so the timed steps are listed with their K. Model FLOPs are counted with
 ``torch.utils.flop_counter`` on the same steps at batch 1, eager and without gradient checkpointing
 (so recomputation is not counted), and scaled by the batch; MFU divides them by the measured time
-and the card's dense bf16 peak.
+and the card's dense bf16 peak. ``--profile`` adds one profiled iteration per variant: the kernels
+by device time and the fraction of the iteration the device was busy.
 """
 
 from __future__ import annotations
@@ -69,10 +70,17 @@ def build_backbone(family: str, tiny: bool, device: torch.device):
     return getattr(importlib.import_module(module), name)(pipe, max_sequence_length=text_len)
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME:key=value;key=value`` -> (name, overrides)."""
-    name, _, rest = text.partition(":")
-    return name, [o for o in rest.split(";") if o]
+def parse_variants(parser: argparse.ArgumentParser, texts: list[str]) -> list[tuple[str, list[str]]]:
+    """``NAME:key=value;key=value`` -> (name, overrides), eager variants before compiled ones (a
+    compiled teacher stays compiled, and copies of it too, for the rest of the process)."""
+    variants = []
+    for text in texts:
+        name, _, rest = text.partition(":")
+        variants.append((name, [o for o in rest.split(";") if o]))
+    compiled = [any(o.startswith("compile=") and o != "compile=[]" for o in v[1]) for v in variants]
+    if compiled != sorted(compiled):
+        parser.error("eager variants come first: a compiled teacher stays compiled for the rest of the process")
+    return variants
 
 
 def variant_config(base: list[str], overrides: list[str], family: str) -> DistillConfig:
@@ -121,6 +129,30 @@ def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], floa
     return rows, first, peak_gib
 
 
+def profile_step(sess, step: int, device: torch.device) -> dict:
+    """One iteration under ``torch.profiler``: the kernels by self device time (top 25) and how busy the
+    device was (the sum of kernel times over the wall time: far below 1 means launch- or host-bound)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_step(sess, step)
+        sync()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, attr) for e in events) / 1e6
+    return {
+        "wall_seconds": wall,
+        "kernel_seconds": busy,
+        "busy_fraction": busy / wall,
+        "table": events.table(sort_by=attr, row_limit=25),
+    }
+
+
 def count_step_flops(sess, cfg: DistillConfig, steps: int) -> float:
     """Model FLOPs per iteration of steps 1..``steps``: batch 1, eager, no recomputation, times the batch."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -141,13 +173,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=9, help="images per GPU per update (official: 9)")
     parser.add_argument("--steps", type=int, default=4, help="timed iterations after one warm-up")
     parser.add_argument("--variant", action="append", help=f"NAME:OVERRIDES (repeatable; default: {VARIANTS})")
+    parser.add_argument("--profile", action="store_true", help="also profile one iteration per variant")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="distill_step.json")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variant or VARIANTS]
-    compiled = [any(o.startswith("compile=") and o != "compile=[]" for o in v[1]) for v in variants]
-    if compiled != sorted(compiled):
-        parser.error("eager variants come first: a compiled teacher stays compiled for the rest of the process")
+    variants = parse_variants(parser, args.variant or VARIANTS)
 
     world = distributed.init("auto")
     device = world.device
@@ -184,6 +214,7 @@ def main() -> None:
             _release(device)
             continue
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
+        profiled = profile_step(sess, 1, device) if args.profile else None
         flops_per_iter = count_step_flops(sess, cfg, args.steps)
         mfu = flops_per_iter / mean_s / peak if peak else None
         record["variants"].append(
@@ -201,8 +232,12 @@ def main() -> None:
                 "peak_memory_gib": peak_gib,
                 "model_tflops_per_iteration": flops_per_iter / 1e12,
                 "mfu": mfu,
+                "profile": profiled,
             }
         )
+        if profiled:
+            Console().print(f"{name}: device busy {100 * profiled['busy_fraction']:.0f}% of the iteration")
+            print(profiled["table"], flush=True)
         table.add_row(
             name,
             str(cfg.height),

@@ -42,7 +42,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import rtdmd.train.rl_step as rl_step  # noqa: E402
-from bench.perf.distill_step import PROMPTS, _release, build_backbone, parse_variant  # noqa: E402
+from bench.perf.distill_step import PROMPTS, _release, build_backbone, parse_variants  # noqa: E402
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.train.rl_config import RLConfig  # noqa: E402
@@ -142,10 +142,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="rl_epoch.json")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variant or VARIANTS]
-    compiled = [any(o.startswith("compile=") and o != "compile=[]" for o in v[1]) for v in variants]
-    if compiled != sorted(compiled):
-        parser.error("eager variants come first: a compiled teacher stays compiled for the rest of the process")
+    variants = parse_variants(parser, args.variant or VARIANTS)
 
     world = distributed.init("auto")
     device = world.device
