@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.perf.real_sizes import FAMILIES  # noqa: E402
 from rtdmd import testing  # noqa: E402
+from rtdmd.backbones.base import Cond  # noqa: E402
 from rtdmd.flops import PEAK_BF16_DENSE, PEAK_HBM_BYTES, count_flops  # noqa: E402
 
 MODES = {"student": (4, 1), "teacher": (10, 2)}  # (num_steps, forwards per step: CFG's two branches)
@@ -46,6 +47,18 @@ def meta_backbone(family: str):
     return getattr(importlib.import_module(module), name)(pipe, max_sequence_length=text_len)
 
 
+def text_condition(backbone) -> Cond:
+    """The family's text encoding of one prompt on the meta device; Qwen3 (FLUX.2) reads a value
+    (``.item()``), which meta tensors cannot give: then zeros of the shape it returns, which is all a
+    FLOP count needs."""
+    try:
+        return backbone.encode(["a photo of a cat on a wooden table"], guidance=1.0)
+    except RuntimeError:
+        width = backbone.transformer.config.joint_attention_dim
+        shape = (1, backbone.max_sequence_length, width)
+        return Cond({"prompt_embeds": torch.zeros(shape, device="meta", dtype=torch.bfloat16)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="sd35m", choices=sorted(FAMILIES))
@@ -57,7 +70,7 @@ def main() -> None:
     backbone = meta_backbone(args.family)
     weight_bytes = sum(p.numel() * p.element_size() for p in backbone.transformer.parameters())
     peak, bandwidth = PEAK_BF16_DENSE[args.card], PEAK_HBM_BYTES[args.card]
-    cond = backbone.encode(["a photo of a cat on a wooden table"], guidance=1.0)
+    cond = text_condition(backbone)
     rows = []
     for res in (int(r) for r in args.resolutions.split(",")):
         x = torch.zeros(1, *backbone.latent_shape(res, res), device="meta", dtype=torch.bfloat16)
