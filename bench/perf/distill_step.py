@@ -8,6 +8,10 @@ the released checkpoints' component sizes (``bench/perf/real_sizes.py``) and ran
     python bench/perf/distill_step.py --family sd35m --out results.json [--batch 9] [--steps 5]
         [--variant NAME:OVERRIDES ...] [--profile]
 
+An experiment beside the configs: ``traced_checkpoint=true`` in a variant compiles the checkpoint
+call itself (:func:`trace_checkpoints`), the one way tried to keep compiled trainable roles under
+gradient checkpointing.
+
 Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
 ``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
 measured on the same backbone and steps in the same process: by default the packaged config (``plain``: eager,
@@ -83,10 +87,21 @@ def parse_variants(parser: argparse.ArgumentParser, texts: list[str]) -> list[tu
     return variants
 
 
+TRACED = "traced_checkpoint=true"
+
+
 def variant_config(base: list[str], overrides: list[str], family: str) -> DistillConfig:
     """The packaged config with ``base`` (the command line's batch and resolution) and then the
-    variant's ``overrides``; what a benchmark cannot have is replaced after."""
-    cfg = load(DistillConfig, family, [*base, *overrides], group="distill")
+    variant's ``overrides``; what a benchmark cannot have is replaced after. The experiment
+    ``traced_checkpoint=true`` (see :func:`trace_checkpoints`) keeps its ``compile`` under gradient
+    checkpointing, which the configs refuse (``check_compile``)."""
+    traced = TRACED in overrides
+    overrides = [o for o in overrides if o != TRACED]
+    compiled = next((o for o in overrides if o.startswith("compile=")), None)
+    loaded = [o for o in overrides if o != compiled] if traced else overrides
+    cfg = load(DistillConfig, family, [*base, *loaded], group="distill")
+    if traced and compiled:
+        cfg = dataclasses.replace(cfg, compile=tuple(compiled.partition("=")[2].strip("[]").split(",")))
     return dataclasses.replace(
         cfg,
         prompt_file="",
@@ -99,6 +114,21 @@ def variant_config(base: list[str], overrides: list[str], family: str) -> Distil
             cfg.generator, source=""
         ),  # random weights: the generator starts from the teacher
     )
+
+
+def trace_checkpoints(sess) -> None:
+    """Experiment: compile the checkpoint call itself as the trainable roles' checkpointing function
+    (``torch.compile(checkpoint)``), so inductor recomputes inside its own graph instead of an eager
+    recompute of a compiled block (which crashed FLUX.2 on an H200). CPU: equal losses, no graph breaks."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    traced = torch.compile(functools.partial(checkpoint, use_reentrant=False))
+    for net in (sess.generator, sess.models.fake_run):
+        for module in net.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = traced
 
 
 def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], float, float | None]:
@@ -206,6 +236,8 @@ def main() -> None:
         cfg = variant_config(base, overrides, args.family)
         try:
             sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
+            if TRACED in overrides:
+                trace_checkpoints(sess)
             rows, first_s, peak_gib = time_steps(sess, args.steps, device)
         except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
             record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
