@@ -125,3 +125,117 @@ def test_backbone_names_and_sizes_are_mmdets():
     with torch.no_grad():
         outs = net.eval()(torch.randn(1, 3, 64, 96))
     assert [tuple(o.shape) for o in outs] == [(1, 96, 16, 24), (1, 192, 8, 12), (1, 384, 4, 6), (1, 768, 2, 3)]
+
+
+# ---------------------------------------------------------------- pixel decoder
+
+from rtdmd.geneval.m2f import pixel_decoder as pdec  # noqa: E402
+
+
+def test_sine_position_is_the_interleaved_formula():
+    h, w, feats = 3, 5, 8
+    pos = pdec.sine_position(h, w, num_feats=feats)
+    two_pi = 2 * torch.pi
+    for c, y, x in itertools.product(range(2 * feats), range(h), range(w)):
+        k = c % feats
+        coord = (y + 1) / (h + 1e-6) * two_pi if c < feats else (x + 1) / (w + 1e-6) * two_pi
+        arg = torch.tensor(coord / 10000 ** (2 * (k // 2) / feats))
+        expected = arg.sin() if k % 2 == 0 else arg.cos()
+        assert pos[c, y, x] == pytest.approx(float(expected), abs=1e-6)
+
+
+def bilinear_zero_outside(plane: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """Sample ``plane [D, H, W]`` at normalised (x, y): pixel (x W - 0.5, y H - 0.5), zero outside."""
+    _, h, w = plane.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = int(torch.floor(torch.tensor(px))), int(torch.floor(torch.tensor(py)))
+    total = torch.zeros(plane.shape[0])
+    for yy, xx in itertools.product((y0, y0 + 1), (x0, x0 + 1)):
+        if 0 <= yy < h and 0 <= xx < w:
+            total += plane[:, yy, xx] * (1 - abs(px - xx)) * (1 - abs(py - yy))
+    return total
+
+
+def test_deformable_sampling_equals_pointwise_bilinear():
+    """Two levels (3 x 4, 2 x 2), 2 heads of 3 channels, 2 points, locations partly outside the map."""
+    torch.manual_seed(0)
+    shapes = [(3, 4), (2, 2)]
+    heads, d, points, n_q = 2, 3, 2, 5
+    value = torch.randn(1, sum(h * w for h, w in shapes), heads, d)
+    locations = torch.rand(1, n_q, heads, len(shapes), points, 2) * 1.4 - 0.2
+    weights = torch.rand(1, n_q, heads, len(shapes), points)
+    out = pdec.deformable_sample(value, shapes, locations, weights)
+    starts = [0, shapes[0][0] * shapes[0][1]]
+    for q, head in itertools.product(range(n_q), range(heads)):
+        expected = torch.zeros(d)
+        for level, (h, w) in enumerate(shapes):
+            plane = value[0, starts[level] : starts[level] + h * w, head].T.reshape(d, h, w)
+            for p in range(points):
+                x, y = locations[0, q, head, level, p].tolist()
+                expected += weights[0, q, head, level, p] * bilinear_zero_outside(plane, x, y)
+        torch.testing.assert_close(out[0, q, head * d : (head + 1) * d], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deformable_attention_normalises_offsets_by_level_and_weights_over_levels_and_points(monkeypatch):
+    """Offsets are divided by each level's (W, H); the attention weights are one softmax over the 12
+    (level, point) pairs of a head: with a constant value of 1 and in-map samples the output adds 1."""
+    torch.manual_seed(0)
+    attn = pdec.MSDeformAttn()
+    shapes = [(2, 3), (4, 6), (8, 12)]
+    n = sum(h * w for h, w in shapes)
+    refs = pdec.reference_points(shapes, torch.device("cpu"))
+    seen = {}
+    original = pdec.deformable_sample
+    monkeypatch.setattr(pdec, "deformable_sample", lambda *a: seen.setdefault("args", a) and original(*a))
+    x, pos = torch.randn(1, n, pdec.DIMS), torch.randn(1, n, pdec.DIMS)
+    with torch.no_grad():
+        attn(x, pos, refs, shapes)
+        offsets = attn.sampling_offsets(x + pos).view(1, n, 8, 3, 4, 2)
+        locations = seen["args"][2]
+        for level, (h, w) in enumerate(shapes):
+            expected = refs[None, :, None, None, :] + offsets[:, :, :, level] / torch.tensor([w, h])
+            torch.testing.assert_close(locations[:, :, :, level], expected)
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.zero_()
+        attn.value_proj.weight.zero_()
+        attn.value_proj.bias.fill_(1.0)
+        attn.output_proj.weight.copy_(torch.eye(pdec.DIMS))
+        attn.output_proj.bias.zero_()
+        added = attn(x, pos, refs, shapes) - x
+    # queries whose point lies where bilinear sampling takes all four taps from inside every level
+    inside = torch.ones(n, dtype=torch.bool)
+    for h, w in shapes:
+        px, py = refs[:, 0] * w - 0.5, refs[:, 1] * h - 0.5
+        inside &= (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
+    assert inside.sum() > 20
+    torch.testing.assert_close(added[0, inside], torch.ones(int(inside.sum()), pdec.DIMS), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_points_are_pixel_centres_level_by_level():
+    refs = pdec.reference_points([(2, 3), (1, 2)], torch.device("cpu"))
+    expected = [((x + 0.5) / 3, (y + 0.5) / 2) for y in range(2) for x in range(3)] + [(0.25, 0.5), (0.75, 0.5)]
+    torch.testing.assert_close(refs, torch.tensor(expected))
+
+
+def test_pixel_decoder_names_and_shapes_are_mmdets():
+    net = pdec.PixelDecoder().eval()
+    state = net.state_dict()
+    assert len(state) == 117
+    for key, shape in (
+        ("input_convs.0.conv.weight", (256, 768, 1, 1)),
+        ("input_convs.2.gn.weight", (256,)),
+        ("encoder.layers.5.attentions.0.sampling_offsets.weight", (192, 256)),
+        ("encoder.layers.5.attentions.0.attention_weights.weight", (96, 256)),
+        ("encoder.layers.0.ffns.0.layers.0.0.weight", (1024, 256)),
+        ("level_encoding.weight", (3, 256)),
+        ("lateral_convs.0.conv.weight", (256, 96, 1, 1)),
+        ("output_convs.0.conv.weight", (256, 256, 3, 3)),
+        ("mask_feature.bias", (256,)),
+    ):
+        assert tuple(state[key].shape) == shape, key
+    assert "lateral_convs.0.conv.bias" not in state and "output_convs.0.conv.bias" not in state
+    feats = [torch.randn(1, c, 32 // 2**i, 40 // 2**i) for i, c in enumerate((96, 192, 384, 768))]
+    with torch.no_grad():
+        mask_features, outs = net(feats)
+    assert tuple(mask_features.shape) == (1, 256, 32, 40)
+    assert [tuple(o.shape[-2:]) for o in outs] == [(4, 5), (8, 10), (16, 20)]
