@@ -239,3 +239,137 @@ def test_pixel_decoder_names_and_shapes_are_mmdets():
         mask_features, outs = net(feats)
     assert tuple(mask_features.shape) == (1, 256, 32, 40)
     assert [tuple(o.shape[-2:]) for o in outs] == [(4, 5), (8, 10), (16, 20)]
+
+
+# ---------------------------------------------------------------- transformer decoder
+
+from rtdmd.geneval.m2f import head as m2f_head  # noqa: E402
+
+
+def test_attention_mask_keeps_foreground_and_frees_empty_rows():
+    """Per pixel of the resized logits: masked iff sigmoid < 0.5; a query with no foreground pixel
+    attends everywhere; rows ordered batch-major, head-minor (nn.MultiheadAttention's layout)."""
+    logits = torch.full((2, 3, 2, 2), -5.0)
+    logits[0, 0, 0, 1] = 5.0  # one foreground pixel
+    logits[1, 2] = 5.0  # all foreground
+    mask = m2f_head.attention_mask(logits, (2, 2), heads=4)
+    assert mask.shape == (8, 3, 4)
+    for b, head, q in itertools.product(range(2), range(4), range(3)):
+        row = mask[b * 4 + head, q].tolist()
+        if (b, q) == (0, 0):
+            assert row == [True, False, True, True]
+        else:  # all background (freed) or all foreground: nothing masked
+            assert row == [False] * 4
+
+
+def naive_attention(mha: torch.nn.MultiheadAttention, q, k, v, mask):
+    c, heads = q.shape[-1], mha.num_heads
+    d = c // heads
+    w, bias = mha.in_proj_weight, mha.in_proj_bias
+    qs, ks, vs = (x @ w[i * c : (i + 1) * c].T + bias[i * c : (i + 1) * c] for i, x in enumerate((q, k, v)))
+    out = []
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        logits = qs[:, part] @ ks[:, part].T / d**0.5
+        if mask is not None:
+            logits = logits.masked_fill(mask[h], float("-inf"))
+        out.append(logits.softmax(-1) @ vs[:, part])
+    return mha.out_proj(torch.cat(out, dim=1))
+
+
+def test_decoder_layer_is_masked_cross_then_self_attention_then_ffn():
+    """Positions go into queries and keys, never values; the mask blocks cross-attention only; each
+    sub-layer adds its residual before its LayerNorm."""
+    torch.manual_seed(0)
+    layer = m2f_head.DecoderLayer().eval()
+    q, qpos = torch.randn(1, 5, 256), torch.randn(1, 5, 256)
+    mem, mpos = torch.randn(1, 7, 256), torch.randn(1, 7, 256)
+    mask = torch.rand(8, 5, 7) < 0.4
+    mask[:, :, 0] = False  # every row keeps one key
+    with torch.no_grad():
+        out = layer(q, qpos, mem, mpos, mask)
+        cross, self_attn = (a.attn for a in layer.attentions)
+        x = layer.norms[0](q[0] + naive_attention(cross, q[0] + qpos[0], mem[0] + mpos[0], mem[0], mask))
+        x = layer.norms[1](x + naive_attention(self_attn, x + qpos[0], x + qpos[0], x, None))
+        x = layer.norms[2](x + layer.ffns[0].layers(x))
+    torch.testing.assert_close(out[0], x, rtol=1e-5, atol=1e-5)
+
+
+def test_the_whole_model_has_the_checkpoints_649_entries_and_68_7m_parameters():
+    """The count of mmdet 2.28.2's module tree for this config (backbone + panoptic_head)."""
+    from rtdmd.geneval.m2f.swin import SwinTransformer
+
+    state = {**SwinTransformer().state_dict(), **m2f_head.Mask2FormerHead().state_dict()}
+    assert len(state) == 649
+    assert sum(v.numel() for k, v in state.items() if not k.endswith("relative_position_index")) == 68_739_547
+
+
+def test_layers_cycle_through_the_levels_masked_by_the_previous_prediction(monkeypatch):
+    """Layer i attends to level i % 3 (strides 32, 16, 8), masked by the prediction made before it."""
+    torch.manual_seed(0)
+    net = m2f_head.Mask2FormerHead(layers=4).eval()
+    calls, predictions = [], []
+    layer_forward, predict = m2f_head.DecoderLayer.forward, net.predict
+
+    def record_layer(self, query, query_pos, memory, memory_pos, mask):
+        calls.append((memory.shape[1], mask))
+        return layer_forward(self, query, query_pos, memory, memory_pos, mask)
+
+    monkeypatch.setattr(m2f_head.DecoderLayer, "forward", record_layer)
+    monkeypatch.setattr(net, "predict", lambda *a: predictions.append(predict(*a)) or predictions[-1])
+    feats = [torch.randn(1, c, 32 // 2**i, 40 // 2**i) for i, c in enumerate((96, 192, 384, 768))]
+    with torch.no_grad():
+        classes, masks = net(feats)
+    sizes = [(4, 5), (8, 10), (16, 20), (4, 5)]
+    assert [n for n, _ in calls] == [h * w for h, w in sizes]
+    for (_, mask), before, size in zip(calls, predictions, sizes, strict=False):
+        assert torch.equal(mask, m2f_head.attention_mask(before[1], size))
+    assert torch.equal(classes, predictions[-1][0]) and len(predictions) == 5
+
+
+# ---------------------------------------------------------------- checkpoint
+
+from rtdmd.geneval.m2f import model as m2f_model  # noqa: E402
+
+
+def mmdet3_key(key: str) -> str:
+    """The 3.x name of a 2.x key, as mmdet PR #9515's converter renames it (written out case by case)."""
+    if ".encoder.layers." in key:
+        return key.replace(".attentions.0.", ".self_attn.").replace(".ffns.0.", ".ffn.")
+    if "transformer_decoder.layers." in key:
+        key = key.replace(".attentions.0.", ".cross_attn.").replace(".attentions.1.", ".self_attn.")
+        return key.replace(".ffns.0.", ".ffn.")
+    return key
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return m2f_model.Mask2Former().eval()
+
+
+def test_a_mmdet2_checkpoint_loads_strictly(detector, tmp_path):
+    torch.save({"meta": {"CLASSES": ("person",)}, "state_dict": detector.state_dict()}, tmp_path / "v2.pth")
+    loaded = m2f_model.load_detector(tmp_path / "v2.pth")
+    for key, value in detector.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_mmdet3_checkpoint_is_renamed_back(detector, tmp_path):
+    renamed = {mmdet3_key(k): v for k, v in detector.state_dict().items()}
+    assert (
+        sum(a != b for a, b in zip(renamed, detector.state_dict(), strict=True)) == 6 * 12 + 9 * 12
+    )  # per layer: 8 + 4 (encoder), 4 + 4 + 4 (decoder)
+    torch.save({"state_dict": renamed}, tmp_path / "v3.pth")
+    loaded = m2f_model.load_detector(tmp_path / "v3.pth")
+    for key, value in detector.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_checkpoint_with_other_keys_is_refused(detector, tmp_path):
+    state = dict(detector.state_dict())
+    state.pop("panoptic_head.cls_embed.weight")
+    state["panoptic_head.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="1 missing keys.*cls_embed.*1 unexpected"):
+        m2f_model.load_detector(tmp_path / "other.pth")
