@@ -373,3 +373,80 @@ def test_a_checkpoint_with_other_keys_is_refused(detector, tmp_path):
     torch.save(state, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="1 missing keys.*cls_embed.*1 unexpected"):
         m2f_model.load_detector(tmp_path / "other.pth")
+
+
+# ---------------------------------------------------------------- pre- and post-processing
+
+import numpy as np  # noqa: E402
+
+from rtdmd.geneval.m2f import pipeline  # noqa: E402
+
+MEAN = np.array([123.675, 116.28, 103.53])
+STD = np.array([58.395, 57.12, 57.375])
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "expected"),
+    [(512, 512, (800, 800)), (1024, 1024, (800, 800)), (768, 1024, (800, 1067)), (10, 13, (800, 1040))],
+)
+def test_images_are_rescaled_to_fit_1333_by_800(h, w, expected):
+    assert pipeline.rescaled_size(h, w) == expected
+
+
+@pytest.mark.parametrize("mode", ["mmdet2", "mmdet3"])
+def test_preprocessing_normalises_rgb_and_pads_as_mmdet_version(mode):
+    """A 10 x 13 image becomes 800 x 1040 (cv2 bilinear on uint8) padded to 800 x 1056: the padding is
+    the uint8 value 128 normalised (mmdet 2.x) or 0 after normalising (mmdet 3.x); pixels are
+    (x - mean) / std in RGB order."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (10, 13, 3), dtype=np.uint8)
+    prepared = pipeline.preprocess(image, mode)
+    assert prepared.tensor.shape == (3, 800, 1056) and prepared.resized == (800, 1040)
+    resized = cv2.resize(image, (1040, 800), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+    expected = ((resized - MEAN) / STD).transpose(2, 0, 1)
+    np.testing.assert_allclose(prepared.tensor[:, :, :1040].numpy(), expected, rtol=0, atol=1e-5)
+    pad = (128 - MEAN) / STD if mode == "mmdet2" else np.zeros(3)
+    np.testing.assert_allclose(
+        prepared.tensor[:, :, 1040:].numpy(), np.broadcast_to(pad[:, None, None], (3, 800, 16)), atol=1e-6
+    )
+
+
+def test_preprocessing_refuses_what_is_not_uint8_rgb():
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        pipeline.preprocess(np.zeros((4, 4), dtype=np.uint8))
+
+
+def test_postprocessing_equals_the_instance_rule_computed_pixel_by_pixel():
+    """Masks resized to the padded size, cropped, resized to the original; the top 100 (query, class)
+    pairs by class probability; mask score = mean sigmoid inside ``logit > 0``; score = both; box =
+    the mask's extent (right/bottom exclusive)."""
+    torch.manual_seed(0)
+    classes, masks = torch.randn(100, 81) * 3, torch.randn(100, 6, 7) * 2
+    prepared = pipeline.Prepared(torch.zeros(3, 24, 28), resized=(20, 26), original=(11, 13))
+    det = pipeline.postprocess(classes, masks, (24, 28), prepared)
+    padded = torch.nn.functional.interpolate(masks[None], (24, 28), mode="bilinear", align_corners=False)
+    full = torch.nn.functional.interpolate(padded[:, :, :20, :26], (11, 13), mode="bilinear", align_corners=False)[0]
+    probs = classes.softmax(-1)[:, :80]
+    pairs = sorted(((float(probs[q, c]), q, c) for q in range(100) for c in range(80)), reverse=True)[:100]
+    expected = []
+    for p, q, c in pairs:
+        inside = [(y, x) for y in range(11) for x in range(13) if full[q, y, x] > 0]
+        mean = sum(float(full[q, y, x].sigmoid()) for y, x in inside) / (len(inside) + 1e-6)
+        box = (
+            [
+                min(x for _, x in inside),
+                min(y for y, _ in inside),
+                max(x for _, x in inside) + 1,
+                max(y for y, _ in inside) + 1,
+            ]
+            if inside
+            else [0, 0, 0, 0]
+        )
+        expected.append((p * mean, c, box))
+    expected.sort(key=lambda e: -e[0])
+    assert det.scores.tolist() == pytest.approx([e[0] for e in expected], rel=1e-5, abs=1e-7)
+    assert det.labels.tolist() == [e[1] for e in expected]
+    assert det.boxes.tolist() == [e[2] for e in expected]
+    assert det.masks.shape == (100, 11, 13) and det.masks.dtype == torch.bool

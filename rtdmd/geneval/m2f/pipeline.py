@@ -1,0 +1,115 @@
+"""The detector's pre- and post-processing as mmdet does them for GenEval (not as ``transformers``'
+Mask2Former image processor does).
+
+Pre-processing, ``mmdet2`` (the default: official GenEval runs mmdet 2.x): rescale the uint8 image with
+OpenCV's bilinear resize so that it fits 1333 x 800 (``s = min(1333 / long side, 800 / short side)``,
+sizes rounded half up), pad bottom/right to multiples of 32 with the value 128, then normalise with
+ImageNet's mean and std as mmcv does (``(x - mean) * (1 / std)`` in float32). ``mmdet3`` (mmdet 3.3,
+our reference worker) resizes identically, normalises as ``(x - mean) / std`` and pads with 0 after
+normalising. The two differ only where an image needs padding: a square 512 or 1024 px image becomes
+800 x 800, a multiple of 32.
+
+Post-processing (``MaskFormerFusionHead.instance_postprocess``): mask logits bilinearly resized to the
+padded size, cropped to the resized image, resized to the original size (two steps, in this order);
+the top 100 of the 100 queries x 80 classes by class probability; a binary mask ``logit > 0``; score =
+class probability x the mean mask probability inside the binary mask; the box is the mask's extent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MEAN = (123.675, 116.28, 103.53)  # RGB
+STD = (58.395, 57.12, 57.375)
+SCALE = (1333, 800)
+SIZE_DIVISOR = 32
+PAD_VALUE = 128  # mmdet 2.x pads the uint8 image before normalising
+MAX_DETECTIONS = 100
+
+Preprocessing = Literal["mmdet2", "mmdet3"]
+
+
+def rescaled_size(height: int, width: int, scale: tuple[int, int] = SCALE) -> tuple[int, int]:
+    """``(h, w)`` after mmcv's ``imrescale`` to fit ``scale`` (long, short) keeping the aspect ratio."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the network: ``tensor [3, H_pad, W_pad]`` float32 normalised RGB, and the
+    sizes post-processing maps back through."""
+
+    tensor: Tensor
+    resized: tuple[int, int]
+    original: tuple[int, int]
+
+
+def preprocess(image: np.ndarray, mode: Preprocessing = "mmdet2") -> Prepared:
+    """``image``: ``[H, W, 3]`` uint8 RGB (as decoded from a PNG)."""
+    import cv2
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    new_h, new_w = rescaled_size(h, w)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    pad_h, pad_w = (-new_h) % SIZE_DIVISOR, (-new_w) % SIZE_DIVISOR
+    if mode == "mmdet2":
+        padded = cv2.copyMakeBorder(resized, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+        pixels = padded.astype(np.float32)
+        cv2.subtract(pixels, np.array([MEAN], dtype=np.float64), pixels)
+        cv2.multiply(pixels, 1 / np.array([STD], dtype=np.float64), pixels)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    elif mode == "mmdet3":
+        pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
+        normalised = (pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        tensor = F.pad(normalised, (0, pad_w, 0, pad_h))
+    else:
+        raise ValueError(f"preprocessing {mode!r}: choose mmdet2 (official GenEval) or mmdet3")
+    return Prepared(tensor, (new_h, new_w), (h, w))
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's instances, by descending score: ``labels [N]`` (COCO index 0-79), ``scores [N]``,
+    ``boxes [N, 4]`` (x0, y0, x1, y1; right and bottom exclusive), ``masks [N, H, W]`` bool."""
+
+    labels: Tensor
+    scores: Tensor
+    boxes: Tensor
+    masks: Tensor
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """``[N, 4]`` float boxes ``(x_min, y_min, x_max + 1, y_max + 1)`` of bool masks; zeros for an empty mask."""
+    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
+    rows, cols = masks.any(2), masks.any(1)
+    for i in range(masks.shape[0]):
+        ys, xs = rows[i].nonzero(), cols[i].nonzero()
+        if len(ys):
+            boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float().flatten()
+    return boxes
+
+
+def postprocess(class_logits: Tensor, mask_logits: Tensor, padded: tuple[int, int], prepared: Prepared) -> Detections:
+    """``class_logits [100, 81]``, ``mask_logits [100, H/4, W/4]`` of one image -> its detections."""
+    masks = F.interpolate(mask_logits[None], padded, mode="bilinear", align_corners=False)
+    h, w = prepared.resized
+    masks = F.interpolate(masks[:, :, :h, :w], prepared.original, mode="bilinear", align_corners=False)[0]
+    probs = class_logits.softmax(-1)[:, :-1]
+    classes = probs.shape[1]
+    scores, index = probs.flatten().topk(MAX_DETECTIONS, sorted=True)
+    queries, labels = index // classes, index % classes
+    chosen = masks[queries]
+    binary = chosen > 0
+    mask_scores = (chosen.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    final = scores * mask_scores
+    order = final.argsort(descending=True, stable=True)
+    return Detections(labels[order], final[order], mask_boxes(binary[order]), binary[order])
