@@ -51,9 +51,19 @@ def _options(
         help="Root folder of all reward weights (<root>/<hub repo>/...; sets $RTDMD_WEIGHTS for this run). "
         "Default: $RTDMD_WEIGHTS, else the Hugging Face cache. See `rtdmd-bench weights list`.",
     ),
+    geneval_backend: str | None = typer.Option(
+        None,
+        "--geneval-backend",
+        help="GenEval's detector: 'port' (default: the PyTorch port in this process, CPU or GPU) or 'mmdet' "
+        "(the reference mmdet worker in its own environment, `tox -e geneval-mmdet`; sets $RTDMD_GENEVAL_BACKEND).",
+    ),
 ) -> None:
     if weights_dir is not None:
         os.environ["RTDMD_WEIGHTS"] = str(weights_dir)
+    if geneval_backend is not None:
+        if geneval_backend not in ("port", "mmdet"):
+            raise typer.BadParameter(f"{geneval_backend!r}: choose port or mmdet", param_hint="--geneval-backend")
+        os.environ["RTDMD_GENEVAL_BACKEND"] = geneval_backend
 
 
 OUT = typer.Option(Path("bench_runs"), "--out", "-o", help="Root of the run directories (<out>/<method>/<suite>/).")

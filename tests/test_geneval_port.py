@@ -450,3 +450,33 @@ def test_postprocessing_equals_the_instance_rule_computed_pixel_by_pixel():
     assert det.labels.tolist() == [e[1] for e in expected]
     assert det.boxes.tolist() == [e[2] for e in expected]
     assert det.masks.shape == (100, 11, 13) and det.masks.dtype == torch.bool
+
+
+# ---------------------------------------------------------------- the detector in this process
+
+from rtdmd.geneval.m2f.detector import PortDetector  # noqa: E402
+from rtdmd.rewards import geneval_real  # noqa: E402
+
+
+def test_the_port_detects_batches_of_mixed_sizes_as_one_image_at_a_time(detector):
+    """Images grouped by size and batched give each image's own detections (the client's contract:
+    float32 boxes and scores, int64 labels, bool masks at the image's size, scores above min_score)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (48, 80, 3), (64, 64, 3))]
+    port = PortDetector(detector, batch_size=2, min_score=0.005)
+    together = port.detect(images)
+    for image, found in zip(images, together, strict=True):
+        alone = port.detect([image])[0]
+        assert found.boxes.dtype == np.float32 and found.labels.dtype == np.int64 and found.masks.dtype == bool
+        assert found.masks.shape[1:] == image.shape[:2] and (found.scores > 0.005).all()
+        np.testing.assert_allclose(found.scores, alone.scores, rtol=1e-4, atol=1e-6)
+        assert (found.labels == alone.labels).all()
+
+
+def test_the_backend_is_the_port_unless_mmdet_is_asked_for(monkeypatch):
+    monkeypatch.delenv(geneval_real.BACKEND_ENV, raising=False)
+    assert geneval_real.backend_of(None) == "port"
+    monkeypatch.setenv(geneval_real.BACKEND_ENV, "mmdet")
+    assert geneval_real.backend_of(None) == "mmdet" and geneval_real.backend_of("port") == "port"
+    with pytest.raises(ValueError, match="choose one of port, mmdet"):
+        geneval_real.backend_of("detectron")

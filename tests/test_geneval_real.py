@@ -363,7 +363,7 @@ def test_missing_detector_environment(weights_root, monkeypatch, tmp_path):
     _dummy_weights(weights_root)
     monkeypatch.setenv("RTDMD_GENEVAL_PYTHON", str(tmp_path / "no-env" / "python"))
     with pytest.raises(MissingDetectorEnv, match="RTDMD_GENEVAL_PYTHON"):
-        REWARDS.get("geneval")()
+        REWARDS.get("geneval")(backend="mmdet")
     monkeypatch.delenv("RTDMD_GENEVAL_PYTHON")
     monkeypatch.setattr(client_module, "TOX_ENV", Path(".tox-absent") / "geneval-mmdet" / "bin" / "python")
     monkeypatch.chdir(tmp_path)

@@ -238,6 +238,9 @@ class DetectorClient:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def detect(self, images: Sequence[np.ndarray]) -> list[ImageDetections]:
         """All ``images`` in requests of ``batch_size``."""
         out: list[ImageDetections] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,7 +112,17 @@ class GenEvalScorer:
         self.detector.close()
 
 
-_SCORERS: dict[tuple, GenEvalScorer] = {}  # one worker per configuration, shared by the three variants
+_SCORERS: dict[tuple, GenEvalScorer] = {}  # one detector per configuration, shared by the three variants
+BACKENDS = ("port", "mmdet")
+BACKEND_ENV = "RTDMD_GENEVAL_BACKEND"  # set by `rtdmd-bench --geneval-backend`
+
+
+def backend_of(backend: str | None) -> str:
+    """``backend``, else ``$RTDMD_GENEVAL_BACKEND``, else ``port`` (the detector in this process)."""
+    chosen = backend or os.environ.get(BACKEND_ENV) or "port"
+    if chosen not in BACKENDS:
+        raise ValueError(f"GenEval backend {chosen!r}: choose one of {', '.join(BACKENDS)}")
+    return chosen
 
 
 def open_scorer(
@@ -121,34 +132,45 @@ def open_scorer(
     amp: bool = True,
     python: str | Path | None = None,
     batch_size: int = 64,
+    backend: str | None = None,
 ) -> GenEvalScorer:
     """The shared :class:`GenEvalScorer` for these settings, started on first use.
 
-    ``device``: the detector's (``auto``: this process's GPU when the detector environment has CUDA
-    ops, else the CPU); ``color_device``: the colour CLIP's (default: this process's GPU, else the
-    CPU); ``amp``: fp16 autocast of the colour CLIP on a GPU, as clip-benchmark; ``python``: the
-    detector environment's interpreter (:func:`default_python`). Checks, in order: both weight files
-    (one message naming each missing file and its source), the detector environment, the
-    checkpoint's sha256 prefix."""
-
-    if device == "auto" and torch.cuda.is_available():  # each rank's worker on that rank's GPU
+    ``backend``: ``port`` (default; :mod:`rtdmd.geneval.m2f`, in this process, on ``device``) or
+    ``mmdet`` (the reference: mmdet in its worker environment, ``tox -e geneval-mmdet``). ``device``:
+    the detector's (``auto``: this process's GPU, for the worker when its environment has CUDA ops,
+    else the CPU); ``color_device``: the colour CLIP's (default: this process's GPU, else the CPU);
+    ``amp``: fp16 autocast of the colour CLIP on a GPU, as clip-benchmark; ``python``: the worker
+    environment's interpreter (:func:`default_python`). Checks, in order: both weight files (one
+    message naming each missing file and its source), the worker environment, the checkpoint's
+    sha256 prefix."""
+    backend = backend_of(backend)
+    if device == "auto" and torch.cuda.is_available():  # each rank's detector on that rank's GPU
         device = f"auto:{torch.cuda.current_device()}"
-    key = (str(weights_dir), device, color_device, amp, str(python), batch_size)
-    if key in _SCORERS and _SCORERS[key].detector.proc.poll() is None:
+    key = (str(weights_dir), device, color_device, amp, str(python), batch_size, backend)
+    if key in _SCORERS and _SCORERS[key].detector.alive():
         return _SCORERS[key]
     ckpt_dir, _ = resolve_all("geneval", (MASK2FORMER, CLIP_L14_OPENAI), weights_dir)
-    python = python or default_python()
     checkpoint = ckpt_dir / MASK2FORMER.names[0]
+    if backend == "mmdet":
+        python = python or default_python()
     check_checkpoint(checkpoint)
-    command = worker_command(python, checkpoint, device=device)
+    if backend == "mmdet":
+        detector = DetectorClient(worker_command(python, checkpoint, device=device), batch_size, min_score=MIN_SCORE)
+    else:
+        from rtdmd.geneval.m2f.detector import PortDetector
+
+        here = device.replace("auto", "cuda") if device.startswith("auto:") else ("cpu" if device == "auto" else device)
+        detector = PortDetector.from_checkpoint(checkpoint, here, batch_size=batch_size, min_score=MIN_SCORE)
     if color_device is None and torch.cuda.is_available():
         color_device = f"cuda:{torch.cuda.current_device()}"
     colour = ClipColorClassifier.from_weights(weights_dir, device=color_device, amp=amp)
-    _SCORERS[key] = GenEvalScorer(DetectorClient(command, batch_size=batch_size, min_score=MIN_SCORE), colour)
+    _SCORERS[key] = GenEvalScorer(detector, colour)
     return _SCORERS[key]
 
 
 VERSION = "mask2former_swin-s-coco-c9d0c4f2+ViT-L-14-quickgelu-openai"
+PORT_VERSION = VERSION + "+port-mmdet2"  # the ported detector's scores are cached apart from the worker's
 
 
 class _GenEval:
@@ -162,6 +184,8 @@ class _GenEval:
 
     def __init__(self, scorer: GenEvalScorer | None = None, **kwargs) -> None:
         self.scorer = scorer or open_scorer(**kwargs)
+        if not isinstance(self.scorer.detector, DetectorClient):  # the port: its own score version
+            self.info = geneval_info(PORT_VERSION, self.variant)
 
     def verdicts(self, images: Tensor, meta: Sequence[dict[str, Any]]) -> list[tuple[Verdict, dict]]:
         return self.scorer.evaluate(to_uint8(images), meta)
