@@ -8,7 +8,8 @@ optimiser step. Exactly ``rtdmd-train rl``'s ``run_epoch`` with the packaged con
 (LoRA rank 32, bf16 autocast, gradient checkpointing, BP/fake chunks), the released checkpoints'
 component sizes (``bench/perf/real_sizes.py``) and the real reward architectures with random
 weights: CLIPScore (CLIP ViT-L/14), PickScore (CLIP ViT-H/14), HPSv2.1 (open_clip ViT-H-14).
-GenEval (the fourth training reward) needs the mmdet worker environment and is left out. The
+GenEval's partial score (the fourth training reward) joins with ``--geneval``: the ported detector
+in this process and the colour CLIP, random at released size, on the config's GenEval prompts. The
 group size is set to the per-GPU batch (one prompt per iteration): it changes only the
 advantages' grouping, not the work. With 8 (SD3.5-M) or 16 (FLUX.2 4B) GPUs the epoch takes this
 time plus the gradient all-reduces.
@@ -53,6 +54,22 @@ VARIANTS = ("plain:", f"fast:{FAST}")
 PHASES = ("rollout_batch", "fake_update", "generator_update")
 
 
+def random_geneval(device: torch.device) -> dict:
+    """GenEval's partial score (the official training reward) on the ported detector (Mask2Former
+    Swin-S, in this process) and the colour CLIP (ViT-L/14 QuickGELU), both random at released size."""
+    import open_clip
+
+    from rtdmd.geneval.colour import ClipColorClassifier
+    from rtdmd.geneval.m2f.detector import PortDetector
+    from rtdmd.geneval.m2f.model import Mask2Former
+    from rtdmd.rewards.geneval_real import MIN_SCORE, GenEvalPartial, GenEvalScorer
+
+    arch = "ViT-L-14-quickgelu"
+    colour = ClipColorClassifier(open_clip.create_model(arch), open_clip.get_tokenizer(arch), device=device)
+    detector = PortDetector(Mask2Former(), device, batch_size=16, min_score=MIN_SCORE)
+    return {"geneval-partial": GenEvalPartial(scorer=GenEvalScorer(detector, colour))}
+
+
 def random_rewards(root: Path, tiny: bool) -> dict:
     """CLIPScore, PickScore (/26) and HPSv2.1 at released sizes with random weights."""
     from bench.perf.rewards import CLIP_H14, CLIP_L14
@@ -86,16 +103,18 @@ def random_rewards(root: Path, tiny: bool) -> dict:
     }
 
 
-def variant_config(overrides: list[str], family: str, tiny: bool, iterations: int) -> RLConfig:
+def variant_config(overrides: list[str], family: str, tiny: bool, iterations: int, geneval: bool) -> RLConfig:
+    """The packaged config with ``overrides``; without ``geneval`` the GenEval reward is dropped and
+    the prompts are plain (GenEval's need the training file's metadata)."""
     cfg = load(RLConfig, family, overrides, group="rl")
     batch = BATCH[family]
+    prompts = {} if geneval else {"prompt_file": "", "prompts": PROMPTS}
     return dataclasses.replace(
         cfg,
+        **prompts,
         stage1=dataclasses.replace(cfg.stage1, run=""),  # random weights: no stage-1 LoRAs
         generator=dataclasses.replace(cfg.generator, source=""),
-        prompt_file="",
-        prompts=PROMPTS,
-        rewards=tuple(t for t in cfg.rewards if t.name != "geneval-partial"),
+        rewards=tuple(t for t in cfg.rewards if geneval or t.name != "geneval-partial"),
         grpo=dataclasses.replace(cfg.grpo, group_size=batch),
         batch_size=batch,
         iterations_per_epoch=iterations or cfg.iterations_per_epoch,
@@ -139,6 +158,11 @@ def main() -> None:
         "--iterations", type=int, default=0, help="sampler iterations per epoch (default: the config's 16)"
     )
     parser.add_argument("--variant", action="append", help=f"NAME:OVERRIDES (repeatable; default: {VARIANTS})")
+    parser.add_argument(
+        "--geneval",
+        action="store_true",
+        help="keep the config's GenEval partial reward (ported detector, random weights) and its GenEval prompts",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="rl_epoch.json")
     args = parser.parse_args()
@@ -149,6 +173,8 @@ def main() -> None:
     t0 = time.perf_counter()
     backbone = build_backbone(args.family, args.tiny, device)
     rewards = random_rewards(Path(tempfile.mkdtemp()), args.tiny)
+    if args.geneval:
+        rewards |= random_geneval(device)
     build_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timer = PhaseTimer(sync)
@@ -165,7 +191,7 @@ def main() -> None:
     for col in ("variant", "warm-up s", "s / epoch", "rollouts", "fake", "generator", "peak GiB", "max |ratio-1|"):
         table.add_column(col, justify="right")
     for name, overrides in variants:
-        cfg = variant_config(overrides, args.family, args.tiny, args.iterations)
+        cfg = variant_config(overrides, args.family, args.tiny, args.iterations, args.geneval)
         record |= {
             "resolution": cfg.height,
             "batch_per_gpu": cfg.batch_size,

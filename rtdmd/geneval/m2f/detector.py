@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rtdmd.geneval.client import ImageDetections
+from rtdmd.geneval.judge import CLASSNAMES
 from rtdmd.geneval.m2f.model import Mask2Former, load_detector
 from rtdmd.geneval.m2f.pipeline import Preprocessing, postprocess, preprocess
 
@@ -44,6 +45,8 @@ class PortDetector:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.float().eval().to(self.device)
+        # GenEval's names of the classifier's outputs (the last one is "no object"), as the worker reports mmdet's
+        self.classes = list(CLASSNAMES[: model.panoptic_head.cls_embed.out_features - 1])
         self.batch_size, self.min_score, self.preprocessing = batch_size, min_score, preprocessing
 
     @classmethod
