@@ -17,6 +17,7 @@ import torch
 
 from rtdmd.geneval.client import ImageDetections
 from rtdmd.geneval.judge import CLASSNAMES
+from rtdmd.geneval.m2f.head import CLASSES
 from rtdmd.geneval.m2f.model import Mask2Former, load_detector
 from rtdmd.geneval.m2f.pipeline import Preprocessing, postprocess, preprocess
 
@@ -45,8 +46,8 @@ class PortDetector:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.float().eval().to(self.device)
-        # GenEval's names of the classifier's outputs (the last one is "no object"), as the worker reports mmdet's
-        self.classes = list(CLASSNAMES[: model.panoptic_head.cls_embed.out_features - 1])
+        # GenEval's names of the head's 80 COCO classes, as the worker reports mmdet's
+        self.classes = list(CLASSNAMES[:CLASSES])
         self.batch_size, self.min_score, self.preprocessing = batch_size, min_score, preprocessing
 
     @classmethod
