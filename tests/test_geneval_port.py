@@ -399,24 +399,56 @@ def test_images_are_rescaled_to_fit_1333_by_800(h, w, expected):
     assert pipeline.rescaled_size(h, w) == expected
 
 
-@pytest.mark.parametrize("mode", ["mmdet2", "mmdet3"])
-def test_preprocessing_normalises_rgb_and_pads_as_mmdet_version(mode):
-    """A 10 x 13 image becomes 800 x 1040 (cv2 bilinear on uint8) padded to 800 x 1056: the padding is
-    the uint8 value 128 normalised (mmdet 2.x) or 0 after normalising (mmdet 3.x); pixels are
-    (x - mean) / std in RGB order."""
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ((512, 512), (800, 800)),
+        ((1024, 1024), (800, 800)),
+        ((768, 1024), (800, 1067)),
+        ((10, 13), (800, 1040)),
+        ((37, 53), (61, 29)),
+        ((5, 7), (3, 11)),
+        ((200, 3), (17, 300)),
+    ],
+)
+def test_the_resize_is_opencvs_bit_for_bit(src, dst):
     import cv2
 
+    from rtdmd.geneval.m2f.resize import resize_bilinear_u8
+
+    image = np.random.default_rng(sum(src) + sum(dst)).integers(0, 256, (*src, 3), dtype=np.uint8)
+    expected = cv2.resize(image, dst[::-1], interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(resize_bilinear_u8(torch.from_numpy(image), *dst).numpy(), expected)
+
+
+def mmcv_pipeline(image: np.ndarray) -> np.ndarray:
+    """mmdet 2.x's test pipeline with OpenCV, as mmcv runs it (rescale, pad 128, imnormalize), RGB input."""
+    import cv2
+
+    h, w = pipeline.rescaled_size(*image.shape[:2])
+    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    padded = cv2.copyMakeBorder(resized, 0, (-h) % 32, 0, (-w) % 32, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+    pixels = padded.astype(np.float32)
+    cv2.subtract(pixels, MEAN[None], pixels)
+    cv2.multiply(pixels, 1 / STD[None], pixels)
+    return pixels.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("mode", ["mmdet2", "mmdet3"])
+def test_preprocessing_normalises_rgb_and_pads_as_mmdet_version(mode):
+    """A 10 x 13 image becomes 800 x 1040 padded to 800 x 1056: mmdet 2.x's tensor bit for bit (OpenCV
+    resize, padding with the uint8 value 128, mmcv's float32 normalisation); mmdet 3.x pads with 0
+    after normalising."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (10, 13, 3), dtype=np.uint8)
     prepared = pipeline.preprocess(image, mode)
     assert prepared.tensor.shape == (3, 800, 1056) and prepared.resized == (800, 1040)
-    resized = cv2.resize(image, (1040, 800), interpolation=cv2.INTER_LINEAR).astype(np.float64)
-    expected = ((resized - MEAN) / STD).transpose(2, 0, 1)
-    np.testing.assert_allclose(prepared.tensor[:, :, :1040].numpy(), expected, rtol=0, atol=1e-5)
-    pad = (128 - MEAN) / STD if mode == "mmdet2" else np.zeros(3)
-    np.testing.assert_allclose(
-        prepared.tensor[:, :, 1040:].numpy(), np.broadcast_to(pad[:, None, None], (3, 800, 16)), atol=1e-6
-    )
+    reference = mmcv_pipeline(image)
+    if mode == "mmdet2":
+        assert np.array_equal(prepared.tensor.numpy(), reference)
+    else:
+        np.testing.assert_allclose(prepared.tensor[:, :, :1040].numpy(), reference[:, :, :1040], rtol=0, atol=1e-5)
+        assert (prepared.tensor[:, :, 1040:] == 0).all()
 
 
 def test_preprocessing_refuses_what_is_not_uint8_rgb():

@@ -2,7 +2,7 @@
 Mask2Former image processor does).
 
 Pre-processing, ``mmdet2`` (the default: official GenEval runs mmdet 2.x): rescale the uint8 image with
-OpenCV's bilinear resize so that it fits 1333 x 800 (``s = min(1333 / long side, 800 / short side)``,
+OpenCV's bilinear resize (reproduced bit for bit in torch: :mod:`rtdmd.geneval.m2f.resize`) so that it fits 1333 x 800 (``s = min(1333 / long side, 800 / short side)``,
 sizes rounded half up), pad bottom/right to multiples of 32 with the value 128, then normalise with
 ImageNet's mean and std as mmcv does (``(x - mean) * (1 / std)`` in float32). ``mmdet3`` (mmdet 3.3,
 our reference worker) resizes identically, normalises as ``(x - mean) / std`` and pads with 0 after
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rtdmd.geneval.m2f.resize import resize_bilinear_u8
 
 MEAN = (123.675, 116.28, 103.53)  # RGB
 STD = (58.395, 57.12, 57.375)
@@ -51,29 +53,30 @@ class Prepared:
     original: tuple[int, int]
 
 
-def preprocess(image: np.ndarray, mode: Preprocessing = "mmdet2") -> Prepared:
-    """``image``: ``[H, W, 3]`` uint8 RGB (as decoded from a PNG)."""
-    import cv2
-
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
+def preprocess(
+    image: np.ndarray | Tensor, mode: Preprocessing = "mmdet2", device: str | torch.device | None = None
+) -> Prepared:
+    """``image``: ``[H, W, 3]`` uint8 RGB (as decoded from a PNG), numpy or a tensor; processed on
+    ``device`` (default: where the tensor is, else the CPU), bit-identical on any device."""
+    pixels = torch.as_tensor(image, device=device)
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {pixels.dtype} {tuple(pixels.shape)}")
+    h, w = pixels.shape[:2]
     new_h, new_w = rescaled_size(h, w)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    resized = resize_bilinear_u8(pixels, new_h, new_w)
     pad_h, pad_w = (-new_h) % SIZE_DIVISOR, (-new_w) % SIZE_DIVISOR
-    if mode == "mmdet2":
-        padded = cv2.copyMakeBorder(resized, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-        pixels = padded.astype(np.float32)
-        cv2.subtract(pixels, np.array([MEAN], dtype=np.float64), pixels)
-        cv2.multiply(pixels, 1 / np.array([STD], dtype=np.float64), pixels)
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-    elif mode == "mmdet3":
-        pixels = torch.from_numpy(resized).permute(2, 0, 1).float()
-        normalised = (pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device)
+    if mode == "mmdet2":  # mmcv's imnormalize: float32 (x - mean) * float32(1 / std), after padding with 128
+        padded = torch.nn.functional.pad(resized.permute(2, 0, 1), (0, pad_w, 0, pad_h), value=PAD_VALUE)
+        inv_std = torch.tensor([1 / s for s in STD], dtype=torch.float64).float().to(pixels.device)
+        tensor = (padded.float() - mean[:, None, None]) * inv_std[:, None, None]
+    elif mode == "mmdet3":  # DetDataPreprocessor: (x - mean) / std, then pad with 0
+        std = torch.tensor(STD, dtype=torch.float32, device=pixels.device)
+        normalised = (resized.permute(2, 0, 1).float() - mean[:, None, None]) / std[:, None, None]
         tensor = F.pad(normalised, (0, pad_w, 0, pad_h))
     else:
         raise ValueError(f"preprocessing {mode!r}: choose mmdet2 (official GenEval) or mmdet3")
-    return Prepared(tensor, (new_h, new_w), (h, w))
+    return Prepared(tensor.contiguous(), (new_h, new_w), (h, w))
 
 
 @dataclass(frozen=True)
