@@ -57,7 +57,7 @@ class PortDetector:
     @torch.no_grad()
     def detect(self, images: Sequence[np.ndarray]) -> list[ImageDetections]:
         """``images``: uint8 RGB ``[H, W, 3]`` -> their detections, in order, by descending score."""
-        prepared = [preprocess(image, self.preprocessing) for image in images]
+        prepared = [preprocess(image, self.preprocessing, self.device) for image in images]  # resized on the device
         out: list[ImageDetections | None] = [None] * len(images)
         by_shape: dict[tuple, list[int]] = {}
         for i, p in enumerate(prepared):
@@ -66,7 +66,7 @@ class PortDetector:
             for shape, members in by_shape.items():
                 for start in range(0, len(members), self.batch_size):
                     chunk = members[start : start + self.batch_size]
-                    batch = torch.stack([prepared[i].tensor for i in chunk]).to(self.device)
+                    batch = torch.stack([prepared[i].tensor for i in chunk])
                     classes, masks = self.model(batch)
                     for row, i in enumerate(chunk):
                         out[i] = self._kept(postprocess(classes[row], masks[row], shape[1:], prepared[i]))
