@@ -91,14 +91,14 @@ class Detections:
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
-    """``[N, 4]`` float boxes ``(x_min, y_min, x_max + 1, y_max + 1)`` of bool masks; zeros for an empty mask."""
-    boxes = torch.zeros(masks.shape[0], 4, device=masks.device)
-    rows, cols = masks.any(2), masks.any(1)
-    for i in range(masks.shape[0]):
-        ys, xs = rows[i].nonzero(), cols[i].nonzero()
-        if len(ys):
-            boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float().flatten()
-    return boxes
+    """``[N, 4]`` float boxes ``(x_min, y_min, x_max + 1, y_max + 1)`` of bool masks; zeros for an empty mask
+    (vectorised: no per-mask device round trip)."""
+    rows, cols = masks.any(2), masks.any(1)  # [N, H], [N, W]
+    h, w = rows.shape[1], cols.shape[1]
+    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
+    y1, x1 = h - rows.flip(1).int().argmax(1), w - cols.flip(1).int().argmax(1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return boxes * rows.any(1, keepdim=True)
 
 
 def postprocess(class_logits: Tensor, mask_logits: Tensor, padded: tuple[int, int], prepared: Prepared) -> Detections:
