@@ -103,3 +103,32 @@ def test_compile_blocks_wraps_each_repeated_block():
     assert compile_blocks(net) == blocks
     with pytest.raises(ValueError, match="no repeated transformer blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.proj(x)) * 2
+
+
+def test_compiled_blocks_keep_one_static_graph_per_batch_size():
+    """A short chunk (batch 2 after 4) must get its own graph: dynamo's default would recompile the block
+    with a symbolic batch and run that graph for every later chunk, changing their kernels and bits."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    net = torch.nn.Module()
+    net.transformer_blocks = torch.nn.ModuleList([_Block()])
+    compile_blocks(net)
+    block = net.transformer_blocks[0]
+    x = torch.randn(4, 8)
+    first = block(x)
+    before = counters["stats"]["unique_graphs"]
+    block(torch.randn(2, 8))
+    block(torch.randn(3, 8))
+    assert counters["stats"]["unique_graphs"] - before == 2  # one static graph for each new size
+    assert torch.equal(block(x), first)
+    torch._dynamo.reset()

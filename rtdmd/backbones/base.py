@@ -224,10 +224,17 @@ def images_from_vae(decoded: Tensor) -> Tensor:
     return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
+def compile_static(module: nn.Module, inductor: dict | None = None) -> None:
+    """``torch.compile`` (default mode) with one static graph per input shape. Dynamo's default turns a
+    dimension dynamic at its first new size, and later calls of every size then run that one symbolic
+    graph: a short last chunk would change the kernels, and so the bits, of every chunk after it."""
+    module.compile(dynamic=False, options=inductor)
+
+
 def compile_blocks(net: nn.Module, inductor: dict | None = None) -> int:
     """Regional compilation: ``torch.compile`` (default mode) on every repeated transformer block of ``net``
     (diffusers' ``_repeated_blocks`` class names, else the classes in ``net.transformer_blocks``), so each
-    block type compiles once per input shape and the rest of the model stays eager. ``inductor``:
+    block type compiles once per input shape (:func:`compile_static`) and the rest of the model stays eager. ``inductor``:
     inductor options for these blocks. Returns how many blocks were wrapped."""
     import torch._dynamo
 
@@ -239,7 +246,7 @@ def compile_blocks(net: nn.Module, inductor: dict | None = None) -> int:
     compiled = 0
     for module in net.modules():
         if type(module).__name__ in names:
-            module.compile(options=inductor)
+            compile_static(module, inductor)
             compiled += 1
     if not compiled:
         raise ValueError(f"{type(net).__name__} has no repeated transformer blocks to compile")
@@ -253,4 +260,4 @@ def compile_for_sampling(backbone, net: nn.Module) -> None:
     compile_blocks(net)
     decoder = getattr(getattr(backbone, "vae", None), "decoder", None)
     if decoder is not None:
-        decoder.compile()
+        compile_static(decoder)

@@ -327,14 +327,14 @@ def compile_parts(parts: tuple[str, ...], backbone, nets: dict[str, nn.Module]) 
     wrapping, as FSDP2 wants) and of the VAE decoder (``vae``: stage 2 decodes and back-propagates
     through it). Compiled kernels fuse and round differently from eager ones: losses agree within the
     autocast precision, not bit for bit."""
-    from rtdmd.backbones.base import compile_blocks
+    from rtdmd.backbones.base import compile_blocks, compile_static
 
     for part in parts:
         if part == "vae":
             decoder = getattr(getattr(backbone, "vae", None), "decoder", None)
             if decoder is None:
                 raise ValueError(f"compile: {type(backbone).__name__} has no VAE decoder to compile")
-            decoder.compile()
+            compile_static(decoder)
         else:
             compile_blocks(nets[part], TRAINING_INDUCTOR)
 
