@@ -1,6 +1,6 @@
 """The training fast path (issue 19): ``compile:`` in the stage configs compiles the roles' transformer
 blocks and gives the eager path's losses and gradients on the same batch; the combinations that
-would break a contract are refused before anything is built."""
+would break a contract (a compiled generator under a policy gradient) are refused before anything is built."""
 
 from __future__ import annotations
 
@@ -34,23 +34,26 @@ def assert_close_logs(eager: dict, fast: dict, keys: tuple[str, ...]) -> None:
 
 
 def test_compiled_stage1_gives_the_eager_losses_and_gradients(tmp_path):
-    """Two iterations (fake and generator updates, float32) with every role's blocks compiled: each
-    loss and gradient norm equals the eager run's, and the optimiser steps leave the same weights."""
+    """Two iterations (fake and generator updates, float32) with every role's blocks compiled, with and
+    without gradient checkpointing (the recompute runs the compiled block): each loss and gradient norm
+    equals the eager run's, and the optimiser steps leave the same weights."""
     world = distributed.init("cpu")
-    runs = {}
-    for parts in ("", "teacher,generator,fake"):
+    runs = []
+    for parts, checkpointing in (("", False), ("teacher,generator,fake", False), ("teacher,generator,fake", True)):
         overrides = ["device=cpu", "eval.every=0", "fake_updates_per_generator=1", f"compile=[{parts}]"]
-        cfg = load(DistillConfig, "tiny", overrides, group="distill")
-        sess = distill.build_session(cfg, world, tmp_path / (parts or "eager"))
+        cfg = load(DistillConfig, "tiny", [*overrides, f"gradient_checkpointing={checkpointing}"], group="distill")
+        sess = distill.build_session(cfg, world, tmp_path / f"{parts or 'eager'}-{checkpointing}")
         nets = (sess.models.teacher, sess.generator, sess.models.fake_run)
         assert [compiled_blocks(n) for n in nets] == [len(n.transformer_blocks) if parts else 0 for n in nets]
+        assert sess.generator.is_gradient_checkpointing == checkpointing
         logs = [distill.train_step(sess, step) for step in range(2)]
-        runs[parts] = logs, {k: p.detach().clone() for k, p in sess.gen_params.items()}
-    (eager, eager_params), (fast, fast_params) = runs.values()
-    for a, b in zip(eager, fast, strict=True):
-        assert_close_logs(a, b, STAGE1_KEYS)
-    for name, p in eager_params.items():
-        torch.testing.assert_close(fast_params[name], p, rtol=1e-4, atol=1e-6)  # updates are ~1e-3
+        runs.append((logs, {k: p.detach().clone() for k, p in sess.gen_params.items()}))
+    (eager, eager_params), *fast_runs = runs
+    for fast, fast_params in fast_runs:
+        for a, b in zip(eager, fast, strict=True):
+            assert_close_logs(a, b, STAGE1_KEYS)
+        for name, p in eager_params.items():
+            torch.testing.assert_close(fast_params[name], p, rtol=1e-4, atol=1e-6)  # updates are ~1e-3
 
 
 def test_compiled_stage2_keeps_the_losses_and_the_exact_ppo_ratio(tmp_path):
@@ -72,8 +75,6 @@ def test_compiled_stage2_keeps_the_losses_and_the_exact_ppo_ratio(tmp_path):
 @pytest.mark.parametrize(
     ("group", "schema", "overrides", "message"),
     [
-        ("distill", DistillConfig, ["compile=[generator]", "gradient_checkpointing=true"], "gradient_checkpointing"),
-        ("rl", RLConfig, ["compile=[fake]", "gradient_checkpointing=true"], "gradient_checkpointing"),
         ("rl", RLConfig, ["compile=[generator]"], "PPO ratio"),
         ("distill", DistillConfig, ["compile=[vea]"], "did you mean 'vae'"),
     ],
@@ -83,8 +84,12 @@ def test_fast_path_combinations_that_break_a_contract_are_refused(group, schema,
         load(schema, "tiny", ["device=cpu", *overrides], group=group)
 
 
-def test_frozen_parts_may_compile_under_checkpointing_and_the_generator_without_a_policy_gradient():
-    cfg = load(DistillConfig, "tiny", ["compile=[teacher]", "gradient_checkpointing=true"], group="distill")
-    assert cfg.compile == ("teacher",)
+def test_trained_roles_may_compile_under_checkpointing_and_the_generator_without_a_policy_gradient():
+    cfg = load(
+        DistillConfig, "tiny", ["compile=[teacher,generator,fake]", "gradient_checkpointing=true"], group="distill"
+    )
+    assert cfg.compile == ("teacher", "generator", "fake")
+    cfg = load(RLConfig, "tiny", ["compile=[fake,vae]", "gradient_checkpointing=true"], group="rl")
+    assert cfg.compile == ("fake", "vae")
     cfg = load(RLConfig, "tiny", ["arm=bp-only", "compile=[generator]"], group="rl")
     assert cfg.compile == ("generator",)

@@ -8,15 +8,10 @@ the released checkpoints' component sizes (``bench/perf/real_sizes.py``) and ran
     python bench/perf/distill_step.py --family sd35m --out results.json [--batch 9] [--steps 5]
         [--variant NAME:OVERRIDES ...] [--profile]
 
-An experiment beside the configs: ``traced_checkpoint=true`` in a variant compiles the checkpoint
-call itself (:func:`trace_checkpoints`), the one way tried to keep compiled trainable roles under
-gradient checkpointing.
-
 Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
 ``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
 measured on the same backbone and steps in the same process: by default the packaged config (``plain``: eager,
-gradient checkpointing), checkpointing off, and checkpointing off with every role's blocks compiled
-(``fast``; compiled trainable roles refuse checkpointing: ``rtdmd.train.roles.check_compile``). Eager
+gradient checkpointing), every role's blocks compiled, and compiled without checkpointing. Eager
 variants come first: a compiled teacher stays compiled (and its copies with it) for the rest of the
 process.
 
@@ -54,7 +49,7 @@ from rtdmd.train.distill import build_session, train_step  # noqa: E402
 from rtdmd.train.distill_config import DistillConfig  # noqa: E402
 
 COMPILED = "compile=[teacher,generator,fake]"
-VARIANTS = ("plain:", "no-checkpointing:gradient_checkpointing=false", f"fast:{COMPILED};gradient_checkpointing=false")
+VARIANTS = ("plain:", f"compiled:{COMPILED}", f"compiled-no-checkpointing:{COMPILED};gradient_checkpointing=false")
 
 PROMPTS = tuple(f"a photo of object number {i}, highly detailed, studio lighting" for i in range(64))
 TINY = {
@@ -87,21 +82,10 @@ def parse_variants(parser: argparse.ArgumentParser, texts: list[str]) -> list[tu
     return variants
 
 
-TRACED = "traced_checkpoint=true"
-
-
 def variant_config(base: list[str], overrides: list[str], family: str) -> DistillConfig:
     """The packaged config with ``base`` (the command line's batch and resolution) and then the
-    variant's ``overrides``; what a benchmark cannot have is replaced after. The experiment
-    ``traced_checkpoint=true`` (see :func:`trace_checkpoints`) keeps its ``compile`` under gradient
-    checkpointing, which the configs refuse (``check_compile``)."""
-    traced = TRACED in overrides
-    overrides = [o for o in overrides if o != TRACED]
-    compiled = next((o for o in overrides if o.startswith("compile=")), None)
-    loaded = [o for o in overrides if o != compiled] if traced else overrides
-    cfg = load(DistillConfig, family, [*base, *loaded], group="distill")
-    if traced and compiled:
-        cfg = dataclasses.replace(cfg, compile=tuple(compiled.partition("=")[2].strip("[]").split(",")))
+    variant's ``overrides``; what a benchmark cannot have is replaced after."""
+    cfg = load(DistillConfig, family, [*base, *overrides], group="distill")
     return dataclasses.replace(
         cfg,
         prompt_file="",
@@ -114,21 +98,6 @@ def variant_config(base: list[str], overrides: list[str], family: str) -> Distil
             cfg.generator, source=""
         ),  # random weights: the generator starts from the teacher
     )
-
-
-def trace_checkpoints(sess) -> None:
-    """Experiment: compile the checkpoint call itself as the trainable roles' checkpointing function
-    (``torch.compile(checkpoint)``), so inductor recomputes inside its own graph instead of an eager
-    recompute of a compiled block (which crashed FLUX.2 on an H200). CPU: equal losses, no graph breaks."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    traced = torch.compile(functools.partial(checkpoint, use_reentrant=False))
-    for net in (sess.generator, sess.models.fake_run):
-        for module in net.modules():
-            if hasattr(module, "_gradient_checkpointing_func"):
-                module._gradient_checkpointing_func = traced
 
 
 def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], float, float | None]:
@@ -162,6 +131,7 @@ def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], floa
 def profile_step(sess, step: int, device: torch.device) -> dict:
     """One iteration under ``torch.profiler``: the kernels by self device time (top 25) and how busy the
     device was (the sum of kernel times over the wall time: far below 1 means launch- or host-bound)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -173,8 +143,13 @@ def profile_step(sess, step: int, device: torch.device) -> dict:
         sync()
     wall = time.perf_counter() - t
     events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, attr) for e in events) / 1e6
+    if device.type == "cuda":
+        # the kernels' rows only: an aten op's row repeats its kernels' device time
+        attr = "self_device_time_total"
+        busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6
+    else:
+        attr = "self_cpu_time_total"
+        busy = sum(e.self_cpu_time_total for e in events) / 1e6
     return {
         "wall_seconds": wall,
         "kernel_seconds": busy,
@@ -236,14 +211,12 @@ def main() -> None:
         cfg = variant_config(base, overrides, args.family)
         try:
             sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
-            if TRACED in overrides:
-                trace_checkpoints(sess)
             rows, first_s, peak_gib = time_steps(sess, args.steps, device)
         except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
             record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
             table.add_row(name, str(cfg.height), str(cfg.batch_size), "", "out of memory", "", "", "", "", "")
             sess = None
-            _release(device)
+            release_memory(device)
             continue
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
         profiled = profile_step(sess, 1, device) if args.profile else None
@@ -284,12 +257,13 @@ def main() -> None:
         )
         Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
         del sess
-        _release(device)
+        release_memory(device)
     Console().print(table)
     Path(args.out).write_text(json.dumps(record, indent=2))
 
 
-def _release(device: torch.device) -> None:
+def release_memory(device: torch.device) -> None:
+    """Free what a finished variant held, so the next one starts from the same memory."""
     import gc
 
     gc.collect()

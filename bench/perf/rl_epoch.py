@@ -43,7 +43,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import rtdmd.train.rl_step as rl_step  # noqa: E402
-from bench.perf.distill_step import PROMPTS, _release, build_backbone, parse_variants  # noqa: E402
+from bench.perf.distill_step import PROMPTS, build_backbone, parse_variants, release_memory  # noqa: E402
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.train.rl_config import RLConfig  # noqa: E402
@@ -231,7 +231,7 @@ def main() -> None:
             record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
             table.add_row(name, "", "out of memory", "", "", "", "", "")
             sess = None
-            _release(device)
+            release_memory(device)
             continue
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
@@ -260,7 +260,7 @@ def main() -> None:
         )
         Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
         del sess
-        _release(device)
+        release_memory(device)
     Console().print(table)
     Path(args.out).write_text(json.dumps(record, indent=2))
 

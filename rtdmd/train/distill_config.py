@@ -13,7 +13,7 @@ from rtdmd.flow.schedules import RTDMD_TIMESTEPS
 from rtdmd.sampling import SamplerSpec
 from rtdmd.trackers import TrackConfig
 from rtdmd.train.evaluation import EvalSpec
-from rtdmd.train.roles import CompilePart, RoleSpec, check_compile
+from rtdmd.train.roles import CompilePart, RoleSpec
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,8 @@ class DistillConfig:
     distributed: Strategy = "ddp"
     gradient_checkpointing: bool = False
     # the fast path: regional torch.compile of these roles' transformer blocks ("teacher", "generator",
-    # "fake") and of the VAE decoder ("vae"); the same losses up to rounding (tests/test_train_fast.py).
-    # Compiled trainable roles need gradient_checkpointing: false (check_compile)
+    # "fake") and of the VAE decoder ("vae"); the same losses up to rounding (tests/test_train_fast.py),
+    # with or without gradient_checkpointing
     compile: tuple[CompilePart, ...] = ()
     checkpoint_every: int = 1000
     log_every: int = 10
@@ -109,4 +109,3 @@ class DistillConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError("ema_decay must lie in [0, 1)")
-        check_compile(self.compile, self.gradient_checkpointing)

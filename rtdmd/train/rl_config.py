@@ -17,7 +17,7 @@ from rtdmd.trackers import TrackConfig
 from rtdmd.train.distill_config import ACDMDSpec, RenoiseSpec
 from rtdmd.train.evaluation import EvalSpec
 from rtdmd.train.rl_plan import select_steps
-from rtdmd.train.roles import CompilePart, LoraSpec, OptimSpec, RoleSpec, check_compile
+from rtdmd.train.roles import CompilePart, LoraSpec, OptimSpec, RoleSpec
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ class RLConfig:
     gradient_checkpointing: bool = False
     # the fast path: regional torch.compile of these roles' transformer blocks ("teacher", "generator",
     # "fake") and of the VAE decoder ("vae"); the same losses up to rounding (tests/test_train_fast.py).
-    # Compiled trainable roles need gradient_checkpointing: false (check_compile); not the generator with
-    # a policy gradient (validate: the PPO ratio at the old policy must stay exactly 1)
+    # Not the generator with a policy gradient (validate: the PPO ratio at the old policy must stay
+    # exactly 1)
     compile: tuple[CompilePart, ...] = ()
     ema: StageTwoEMASpec = field(default_factory=StageTwoEMASpec)
     checkpoint_every: int = 100
@@ -205,7 +205,6 @@ class RLConfig:
             raise ValueError("grpo.clip_range and grpo.advantage_clip must be > 0")
         if self.ema.every < 1 or not 0 <= self.ema.decay < 1:
             raise ValueError("ema.every must be >= 1 and ema.decay lie in [0, 1)")
-        check_compile(self.compile, self.gradient_checkpointing)
         if "generator" in self.compile and self.terms.ppo:
             raise ValueError(
                 f"compile: arm {self.arm!r} has a policy gradient, so the generator stays eager: its training forward must repeat the rollout's "

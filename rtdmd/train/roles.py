@@ -302,23 +302,15 @@ def build_roles(
 
 
 CompilePart = Literal["teacher", "generator", "fake", "vae"]
-# inductor pads the strides of some saved activations (e.g. SD3's 205-token text norms, 4920 -> 4928);
-# under gradient checkpointing the recomputed ones come back unpadded and the backward's stride check
-# fails (torch 2.11, H200): no padding for the training graphs
-TRAINING_INDUCTOR = {"comprehensive_padding": False}
-
-
-def check_compile(parts: tuple[str, ...], gradient_checkpointing: bool) -> None:
-    """Refuse compiled trainable roles under gradient checkpointing: the recompute of a compiled block
-    crashed on an H200 with torch 2.11 (FLUX.2-klein 4B: an illegal memory access;
-    ``bench/perf/results/README.md``), and without checkpointing the compiled path is as fast."""
-    trained = [p for p in parts if p in ("generator", "fake")]
-    if trained and gradient_checkpointing:
-        raise ValueError(
-            f"compile: {trained} with gradient_checkpointing: true is not supported (compiled blocks under "
-            "activation recomputation crash on current GPUs); set gradient_checkpointing=false, or compile "
-            "only the frozen parts (teacher, vae)"
-        )
+# Inductor options of the training graphs (torch 2.11, H200):
+# - comprehensive_padding: it pads the strides of some saved activations (SD3's 205-token text norms,
+#   4920 -> 4928); under gradient checkpointing the recomputed ones come back unpadded and the
+#   backward's stride check fails;
+# - triton.autotune_pointwise: benchmarking a pointwise backward kernel's configs at its first call
+#   ended in an illegal memory access for FLUX.2-klein 4B at batch 9, with and without checkpointing;
+#   without it the same graphs train (3.34 s per iteration, 40% MFU) and a batch that does not fit fails
+#   as an out-of-memory error (bench/perf/results/README.md).
+TRAINING_INDUCTOR = {"comprehensive_padding": False, "triton.autotune_pointwise": False}
 
 
 def compile_parts(parts: tuple[str, ...], backbone, nets: dict[str, nn.Module]) -> None:
