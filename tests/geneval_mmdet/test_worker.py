@@ -18,34 +18,10 @@ pytestmark = pytest.mark.geneval_mmdet
 import torch  # noqa: E402
 from mmdet.apis import inference_detector, init_detector  # noqa: E402
 
-from rtdmd.geneval.client import DetectorClient, DetectorError, worker_command, write_png  # noqa: E402
+from rtdmd.geneval.client import DetectorClient, DetectorError, worker_command  # noqa: E402
 from rtdmd.geneval.worker import CHECKPOINT_URL, CONFIG_NAME, config_path  # noqa: E402
 
 SEED = 0
-SHAPES = ((96, 128), (128, 96))  # (H, W): one landscape, one portrait image
-
-
-def synthetic(shape: tuple[int, int], seed: int) -> np.ndarray:
-    """A colour gradient with two flat rectangles, uint8 RGB (distinct R and B, so BGR != RGB)."""
-    h, w = shape
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    px = np.stack([255 * x / w, 255 * y / h, 128 + 0 * x], axis=-1).astype(np.uint8)
-    for _ in range(2):
-        y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
-        px[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(0, 256, 3)
-    return px
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> list[tuple[np.ndarray, str]]:
-    folder = tmp_path_factory.mktemp("images")
-    out = []
-    for i, shape in enumerate(SHAPES):
-        px = synthetic(shape, i)
-        write_png(px, folder / f"{i}.png")  # the same PNG encoding the client uses
-        out.append((px, str(folder / f"{i}.png")))
-    return out
 
 
 @pytest.fixture(scope="module")

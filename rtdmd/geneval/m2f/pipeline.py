@@ -4,10 +4,13 @@ Mask2Former image processor does).
 Pre-processing, ``mmdet2`` (the default: official GenEval runs mmdet 2.x): rescale the uint8 image with
 OpenCV's bilinear resize (reproduced bit for bit in torch: :mod:`rtdmd.geneval.m2f.resize`) so that it fits 1333 x 800 (``s = min(1333 / long side, 800 / short side)``,
 sizes rounded half up), pad bottom/right to multiples of 32 with the value 128, then normalise with
-ImageNet's mean and std as mmcv does (``(x - mean) * (1 / std)`` in float32). ``mmdet3`` (mmdet 3.3,
-our reference worker) resizes identically, normalises as ``(x - mean) / std`` and pads with 0 after
-normalising. The two differ only where an image needs padding: a square 512 or 1024 px image becomes
-800 x 800, a multiple of 32.
+ImageNet's mean and std as mmcv does on OpenCV 4 (``x - mean`` in float32, times ``1 / std`` in float64,
+rounded to float32; OpenCV 5 multiplies in float32, one float32 step away in a quarter of the values). ``mmdet3`` (mmdet 3.3,
+our reference worker): its config loads the image as float32 first, so the resize is OpenCV's float
+bilinear (IPP's; :func:`~rtdmd.geneval.m2f.resize.resize_bilinear_float`), no longer rounded to uint8;
+then ``(x - mean) / std`` and padding with 0 after normalising. The two differ by the float resize
+(up to 0.75 grey levels per pixel) and, where an image needs padding, the pad value: a square 512 or
+1024 px image becomes 800 x 800, a multiple of 32.
 
 Post-processing (``MaskFormerFusionHead.instance_postprocess``): mask logits bilinearly resized to the
 padded size, cropped to the resized image, resized to the original size (two steps, in this order);
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rtdmd.geneval.m2f.resize import resize_bilinear_u8
+from rtdmd.geneval.m2f.resize import resize_bilinear_float, resize_bilinear_u8
 
 MEAN = (123.675, 116.28, 103.53)  # RGB
 STD = (58.395, 57.12, 57.375)
@@ -63,16 +66,18 @@ def preprocess(
         raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {pixels.dtype} {tuple(pixels.shape)}")
     h, w = pixels.shape[:2]
     new_h, new_w = rescaled_size(h, w)
-    resized = resize_bilinear_u8(pixels, new_h, new_w)
     pad_h, pad_w = (-new_h) % SIZE_DIVISOR, (-new_w) % SIZE_DIVISOR
     mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device)
-    if mode == "mmdet2":  # mmcv's imnormalize: float32 (x - mean) * float32(1 / std), after padding with 128
+    if mode == "mmdet2":  # after padding with 128, mmcv's imnormalize: cv2.subtract, then cv2.multiply by
+        # 1 / float64(float32 std), which OpenCV 4 (GenEval's) computes in float64 and rounds once
+        resized = resize_bilinear_u8(pixels, new_h, new_w)
         padded = torch.nn.functional.pad(resized.permute(2, 0, 1), (0, pad_w, 0, pad_h), value=PAD_VALUE)
-        inv_std = torch.tensor([1 / s for s in STD], dtype=torch.float64).float().to(pixels.device)
-        tensor = (padded.float() - mean[:, None, None]) * inv_std[:, None, None]
+        inv_std = 1 / torch.tensor(STD, dtype=torch.float32, device=pixels.device).double()
+        tensor = ((padded.float() - mean[:, None, None]).double() * inv_std[:, None, None]).float()
     elif mode == "mmdet3":  # DetDataPreprocessor: (x - mean) / std, then pad with 0
         std = torch.tensor(STD, dtype=torch.float32, device=pixels.device)
-        normalised = (resized.permute(2, 0, 1).float() - mean[:, None, None]) / std[:, None, None]
+        resized = resize_bilinear_float(pixels, new_h, new_w)
+        normalised = (resized.permute(2, 0, 1) - mean[:, None, None]) / std[:, None, None]
         tensor = F.pad(normalised, (0, pad_w, 0, pad_h))
     else:
         raise ValueError(f"preprocessing {mode!r}: choose mmdet2 (official GenEval) or mmdet3")
@@ -82,12 +87,14 @@ def preprocess(
 @dataclass(frozen=True)
 class Detections:
     """One image's instances, by descending score: ``labels [N]`` (COCO index 0-79), ``scores [N]``,
-    ``boxes [N, 4]`` (x0, y0, x1, y1; right and bottom exclusive), ``masks [N, H, W]`` bool."""
+    ``boxes [N, 4]`` (x0, y0, x1, y1; right and bottom exclusive), ``masks [N, H, W]`` bool, and the
+    decoder query each came from (``queries [N]``; a query may give several classes)."""
 
     labels: Tensor
     scores: Tensor
     boxes: Tensor
     masks: Tensor
+    queries: Tensor
 
 
 def mask_boxes(masks: Tensor) -> Tensor:
@@ -115,4 +122,4 @@ def postprocess(class_logits: Tensor, mask_logits: Tensor, padded: tuple[int, in
     mask_scores = (chosen.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     final = scores * mask_scores
     order = final.argsort(descending=True, stable=True)
-    return Detections(labels[order], final[order], mask_boxes(binary[order]), binary[order])
+    return Detections(labels[order], final[order], mask_boxes(binary[order]), binary[order], queries[order])
