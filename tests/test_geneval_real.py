@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,6 +103,12 @@ def test_colour_logits_and_prediction(tiny_clip):
     single = ClipColorClassifier(model, tokenizer, batch_size=1).logits(crops, "car")
     torch.testing.assert_close(logits, single, rtol=1e-5, atol=1e-4)
     assert clf.logits([], "car").shape == (0, 10)
+    # many calls at once, batches across call boundaries (3 + 3 + 2 crops): each call's own answers
+    requests = [(crops[:2], "car"), ([], "dog"), (crops[2:6], "dog"), (crops[6:8], "car")]
+    many = ClipColorClassifier(model, tokenizer, batch_size=3)
+    for got, (c, cls) in zip(many.logits_many(requests), requests, strict=True):
+        torch.testing.assert_close(got, clf.logits(c, cls), rtol=1e-5, atol=1e-4)
+    assert many.classify_many(requests) == [clf(c, cls) for c, cls in requests]
 
 
 def test_gelu_clip_is_refused(tiny_clip):
@@ -284,6 +291,42 @@ class RedClassifier:
     def __call__(self, crops, classname):
         self.calls.append(([c.size for c in crops], classname))
         return ["red"] * len(crops)
+
+
+class WidthClassifier:
+    """Colour by crop width (even: red, odd: blue), so an answer given to the wrong crop shows."""
+
+    def __init__(self):
+        self.calls, self.batched = 0, []
+
+    def __call__(self, crops, classname):
+        self.calls += 1
+        return ["red" if c.size[0] % 2 == 0 else "blue" for c in crops]
+
+    def classify_many(self, requests):
+        self.batched.append([len(crops) for crops, _ in requests])
+        return [self(crops, cls) for crops, cls in requests]
+
+
+def test_batched_colours_give_the_per_image_verdicts_in_one_classifier_call(fake_worker):
+    from rtdmd.rewards.geneval_real import GenEvalScorer
+
+    px = [image(15, 200, h=12, w=w) for w in (10, 11, 12, 13)] + [image(15, 200)]  # one cat each, crop width w
+    meta = [
+        {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": c}]} for c in ("red", "red", "blue", "blue")
+    ]
+    meta.append({"tag": "single_object", "include": [{"class": "dog", "count": 1}]})  # asks no colour
+    verdicts, colours = {}, {}
+    for batch in (False, True):
+        colours[batch] = WidthClassifier()
+        with DetectorClient(fake_worker(), min_score=0.3) as client:
+            out = GenEvalScorer(client, colours[batch], batch_colours=batch).evaluate(px, meta)
+        verdicts[batch] = [(v.correct, v.strict_correct, v.partial) for v, _ in out]
+    assert verdicts[True] == verdicts[False]
+    assert [v[0] for v in verdicts[False]] == [True, False, False, True, False]
+    assert colours[False].calls == 4 and colours[True].batched == [[1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="classify_many"):
+        GenEvalScorer(SimpleNamespace(classes=[]), RedClassifier(), batch_colours=True)
 
 
 def test_geneval_rewards_on_the_fake_detector(fake_worker, tmp_path):

@@ -67,7 +67,9 @@ def random_geneval(device: torch.device) -> dict:
     arch = "ViT-L-14-quickgelu"
     colour = ClipColorClassifier(open_clip.create_model(arch), open_clip.get_tokenizer(arch), device=device)
     detector = PortDetector(Mask2Former(), device, batch_size=16, min_score=MIN_SCORE)
-    return {"geneval-partial": GenEvalPartial(scorer=GenEvalScorer(detector, colour))}
+    return {
+        "geneval-partial": GenEvalPartial(scorer=GenEvalScorer(detector, colour, batch_colours=True))
+    }  # as packaged
 
 
 def random_rewards(root: Path, tiny: bool) -> dict:

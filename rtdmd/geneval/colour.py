@@ -136,3 +136,29 @@ class ClipColorClassifier:
 
     def __call__(self, crops: Sequence, classname: str) -> list[str]:
         return [self.colors[i] for i in self.logits(crops, classname).argmax(1).tolist()]
+
+    @torch.no_grad()
+    def logits_many(self, requests: Sequence[tuple[Sequence, str]]) -> list[Tensor]:
+        """Many ``(crops, classname)`` calls at once: every crop through the image encoder in batches of
+        ``batch_size`` regardless of which call it came from, then each call's crops against its class's
+        head. The same logits as one :meth:`logits` call each in float32; under fp16 autocast a row's
+        rounding can depend on the batch it shared (the official script batches one image's crops)."""
+        crops = [c for request_crops, _ in requests for c in request_crops]
+        features = []
+        for start in range(0, len(crops), self.batch_size):
+            pixels = torch.stack([self.preprocess(c) for c in crops[start : start + self.batch_size]])
+            with autocast(self.device, self.amp):
+                features.append(nn.functional.normalize(self.model.encode_image(pixels.to(self.device)), dim=-1))
+        rows = torch.cat(features).split([len(c) for c, _ in requests]) if features else [None] * len(requests)
+        out = []
+        for part, (_, classname) in zip(rows, requests, strict=True):
+            if part is None or not len(part):
+                out.append(torch.empty(0, len(self.colors)))
+                continue
+            with autocast(self.device, self.amp):
+                out.append((LOGIT_SCALE * part @ self.head(classname)).float().cpu())
+        return out
+
+    def classify_many(self, requests: Sequence[tuple[Sequence, str]]) -> list[list[str]]:
+        """:meth:`logits_many` -> the colour names of each call."""
+        return [[self.colors[i] for i in logits.argmax(1).tolist()] for logits in self.logits_many(requests)]
