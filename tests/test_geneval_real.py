@@ -414,6 +414,20 @@ def test_missing_detector_environment(weights_root, monkeypatch, tmp_path):
         default_python()
 
 
+def test_the_port_takes_genevals_own_checkpoint_and_the_worker_does_not(weights_root, monkeypatch):
+    from rtdmd.rewards.geneval_real import GENEVAL_CHECKPOINT
+
+    _dummy_weights(weights_root)
+    (weights_root / "urls" / CKPT_NAME).unlink()
+    (weights_root / "urls" / GENEVAL_CHECKPOINT.names[0]).write_bytes(b"not a checkpoint either")
+    # found and checked against its own published digits (not downloaded, not the 3.x file's)
+    with pytest.raises(ValueError, match=f"does not start with 743b7d99.*{GENEVAL_CHECKPOINT.url}"):
+        REWARDS.get("geneval")(backend="port")
+    monkeypatch.setenv("RTDMD_GENEVAL_PYTHON", sys.executable)
+    with pytest.raises(MissingWeights, match=CKPT_NAME):  # mmdet 3.x would load the 2.x names non-strictly
+        REWARDS.get("geneval")(backend="mmdet")
+
+
 def test_checkpoint_with_the_wrong_sha256_is_refused(weights_root, monkeypatch):
     _dummy_weights(weights_root)
     monkeypatch.setenv("RTDMD_GENEVAL_PYTHON", sys.executable)

@@ -36,11 +36,15 @@ from rtdmd.geneval.judge import CLASSNAMES, ColorClassifier, Detection, Verdict,
 from rtdmd.geneval.worker import CHECKPOINT_URL
 from rtdmd.rewards.base import REWARDS, RewardInfo
 from rtdmd.rewards.geneval import geneval_info
-from rtdmd.weights import WeightFiles, resolve_all, sha256_of
+from rtdmd.weights import WeightFiles, locate, resolve_all, sha256_of, weights_root
 
 MASK2FORMER = WeightFiles(url=CHECKPOINT_URL)
-# OpenMMLab names each published checkpoint with the first 8 hex digits of its sha256
-CHECKPOINT_SHA256_PREFIX = CHECKPOINT_URL.rsplit("-", 1)[-1].removesuffix(".pth")
+# GenEval's own download (evaluation/download_models.sh): the same weights with mmdet 2.x names. The
+# port reads it as well; the mmdet 3.x worker cannot (it would load it non-strictly and score 0).
+GENEVAL_CHECKPOINT = WeightFiles(
+    url="https://download.openmmlab.com/mmdetection/v2.0/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco/"
+    "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth"
+)
 MIN_SCORE = 0.3  # the lowest GenEval threshold: the worker drops detections at or below it (judge keeps > 0.3)
 VERDICT_CACHE_SIZE = 8192
 
@@ -63,13 +67,12 @@ def official_details(detections: Sequence[Detection], tag: str) -> dict[str, lis
     return {label: [[*d.box, d.score] for d in dets] for label, dets in filter_detections(detections, tag).items()}
 
 
-def check_checkpoint(path: Path, prefix: str = CHECKPOINT_SHA256_PREFIX) -> None:
-    """Refuse a checkpoint whose sha256 does not start with the digits in its published name."""
+def check_checkpoint(path: Path, url: str = CHECKPOINT_URL) -> None:
+    """Refuse a checkpoint whose sha256 does not start with the digits in its published name (``url``'s)."""
+    prefix = url.rsplit("-", 1)[-1].removesuffix(".pth")
     digest = sha256_of(path)
     if not digest.startswith(prefix):
-        raise ValueError(
-            f"{path}: sha256 {digest[:16]}... does not start with {prefix} (download it from {CHECKPOINT_URL})"
-        )
+        raise ValueError(f"{path}: sha256 {digest[:16]}... does not start with {prefix} (download it from {url})")
 
 
 def _key(pixels: np.ndarray, metadata: dict) -> str:
@@ -184,20 +187,24 @@ def open_scorer(
     else the CPU); ``color_device``: the colour CLIP's (default: this process's GPU, else the CPU);
     ``amp``: fp16 autocast of the colour CLIP on a GPU, as clip-benchmark; ``python``: the worker
     environment's interpreter (:func:`default_python`); ``batch_colours``: see :class:`GenEvalScorer`.
-    Checks, in order: both weight files (one
-    message naming each missing file and its source), the worker environment, the checkpoint's
-    sha256 prefix."""
+    The detector's checkpoint: the port reads GenEval's own download (:data:`GENEVAL_CHECKPOINT`, mmdet
+    2.x names) when it is in the weights folder, else the mmdet 3.x copy (:data:`MASK2FORMER`, found or
+    fetched), which the worker needs. Checks, in order: both weight files (one message naming each
+    missing file and its source), the worker environment, the checkpoint's sha256 prefix."""
     backend = backend_of(backend)
     if device == "auto" and torch.cuda.is_available():  # each rank's detector on that rank's GPU
         device = f"auto:{torch.cuda.current_device()}"
     key = (str(weights_dir), device, color_device, amp, str(python), batch_size, backend, batch_colours)
     if key in _SCORERS and _SCORERS[key].detector.alive():
         return _SCORERS[key]
-    ckpt_dir, _ = resolve_all("geneval", (MASK2FORMER, CLIP_L14_OPENAI), weights_dir)
-    checkpoint = ckpt_dir / MASK2FORMER.names[0]
+    # the port takes GenEval's own file when it is there, else (found or fetched) the mmdet 3.x copy
+    official = locate(GENEVAL_CHECKPOINT, weights_root(weights_dir)) if backend == "port" else None
+    spec = GENEVAL_CHECKPOINT if official else MASK2FORMER
+    ckpt_dir, _ = resolve_all("geneval", (spec, CLIP_L14_OPENAI), weights_dir)
+    checkpoint = ckpt_dir / spec.names[0]
     if backend == "mmdet":
         python = python or default_python()
-    check_checkpoint(checkpoint)
+    check_checkpoint(checkpoint, spec.url)
     if backend == "mmdet":
         detector = DetectorClient(worker_command(python, checkpoint, device=device), batch_size, min_score=MIN_SCORE)
     else:
