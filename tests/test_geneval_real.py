@@ -352,6 +352,9 @@ def test_geneval_rewards_on_the_fake_detector(fake_worker, tmp_path):
     assert strict.tolist() == [1.0, 0.0, 0.0]
     assert partial.tolist() == [1.0, 0.0, 0.5]  # count right (1), colour wrong (0)
     assert log.read_text().split() == ["3"]  # one detection request for the three variants
+    scorer.forget()
+    REWARDS.get("geneval")(scorer=scorer)(images[:1], [""], meta[:1])
+    assert log.read_text().split() == ["3", "1"]  # forgotten: detected again
     ((verdict, details),) = scorer.evaluate(px[:1], meta[:1])
     assert verdict.correct and details == {"cat": [[0.0, 0.0, 10.0, 12.0, pytest.approx(128 / 255)]]}
     for name in ("geneval", "geneval-strict", "geneval-partial"):

@@ -101,7 +101,7 @@ def build(device: torch.device, tiny: bool, class_scale: float):
 def time_scorer(scorer: GenEvalScorer, colours: CountingColours, pixels: np.ndarray, meta: list[dict], chunk: int):
     """Seconds to score ``pixels`` in calls of ``chunk`` images (the scorer's cache cleared first)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    scorer._verdicts.clear()
+    scorer.forget()
     colours.crops = 0
     sync()
     t = time.perf_counter()

@@ -152,6 +152,10 @@ class GenEvalScorer:
             self._verdicts.popitem(last=False)
         return out
 
+    def forget(self) -> None:
+        """Drop the cached verdicts (the next :meth:`evaluate` detects and judges again)."""
+        self._verdicts.clear()
+
     def close(self) -> None:
         self.detector.close()
 
