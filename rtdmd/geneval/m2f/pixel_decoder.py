@@ -9,6 +9,7 @@ encoding runs over whole maps and every valid ratio is 1.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,10 +22,12 @@ LEVELS = 3
 POINTS = 4
 
 
+@functools.lru_cache(maxsize=16)
 def sine_position(h: int, w: int, num_feats: int = DIMS // 2, temperature: float = 10000.0) -> Tensor:
     """``[2 num_feats, h, w]`` normalised sine encoding (mmdet's ``SinePositionalEncoding``, normalize=True,
     no mask): ``y = (1..h) / (h + 1e-6) 2 pi`` (x likewise), ``d_k = T^(2 floor(k/2) / num_feats)``,
-    channels ``[sin(y/d_0), cos(y/d_1), sin(y/d_2), ...]`` then the same for x."""
+    channels ``[sin(y/d_0), cos(y/d_1), sin(y/d_2), ...]`` then the same for x. Cached (the pixel decoder
+    and the transformer decoder ask for the same three maps on every forward); callers only read it."""
     eps, scale = 1e-6, 2 * math.pi
     y = torch.arange(1, h + 1, dtype=torch.float32) / (h + eps) * scale
     x = torch.arange(1, w + 1, dtype=torch.float32) / (w + eps) * scale

@@ -10,6 +10,7 @@ multiple of the patch size before the patch embedding.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +62,11 @@ def window_reverse(windows: Tensor, window: int, h: int, w: int) -> Tensor:
     return x.reshape(b, h, w, -1)
 
 
+@functools.lru_cache(maxsize=16)
 def shift_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> Tensor:
     """``[nW, window^2, window^2]``: 0 between tokens of the same region of the rolled map, -100 between
-    regions (the 3 x 3 regions cut at ``-window`` and ``-shift`` on each axis)."""
+    regions (the 3 x 3 regions cut at ``-window`` and ``-shift`` on each axis). Cached: every shifted
+    block of a stage (9 of Swin-S's third) asks for the same mask on every forward; callers only read it."""
     regions = torch.zeros(1, h, w, 1, device=device)
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for n, (rows, cols) in enumerate((r, c) for r in cuts for c in cuts):
