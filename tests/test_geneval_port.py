@@ -523,6 +523,53 @@ def test_postprocessing_equals_the_instance_rule_computed_pixel_by_pixel():
     assert det.masks.shape == (100, 11, 13) and det.masks.dtype == torch.bool
 
 
+@pytest.mark.parametrize("mode", ["mmdet2", "mmdet3"])
+def test_batched_preprocessing_gives_each_image_its_own_tensor(mode):
+    """Images of one size pre-processed together: each slice is that image's own :func:`preprocess`,
+    bit for bit (the resize indexes the row and column axes, never the batch)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8)
+    batch, resized = pipeline.preprocess_batch(torch.from_numpy(images), mode)
+    for image, tensor in zip(images, batch, strict=True):
+        alone = pipeline.preprocess(image, mode)
+        assert alone.resized == resized and torch.equal(alone.tensor, tensor)
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_min_score_drops_pairs_before_their_masks_and_keeps_the_same_detections():
+    """A score is the class probability times a mean probability, so pairs at or below ``min_score`` by
+    class probability alone are dropped before their masks are resized: the detections above it are
+    those of the full rule, the same values in the same order."""
+    torch.manual_seed(2)
+    classes, masks = torch.randn(100, 81) * 4, torch.randn(100, 6, 7) * 2
+    classes[:20, 3] += 9  # 20 confident queries, of which the masks then decide
+    prepared = pipeline.Prepared(torch.zeros(3, 24, 28), resized=(20, 26), original=(11, 13))
+    full = pipeline.postprocess(classes, masks, (24, 28), prepared)
+    floor = 0.6
+    kept = pipeline.postprocess(classes, masks, (24, 28), prepared, min_score=floor)
+    n = int((full.scores > floor).sum())
+    assert 0 < n < int((pipeline.top_pairs(classes)[0] > floor).sum())  # the masks did drop some
+    assert torch.equal(kept.scores, full.scores[:n]) and torch.equal(kept.labels, full.labels[:n])
+    assert torch.equal(kept.boxes, full.boxes[:n]) and torch.equal(kept.masks, full.masks[:n])
+    assert torch.equal(kept.queries, full.queries[:n])
+    none = pipeline.postprocess(classes, masks, (24, 28), prepared, min_score=1.0)
+    assert none.masks.shape == (0, 11, 13) and none.boxes.shape == (0, 4) and none.scores.numel() == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 512, 512), (0, 9, 9)])
+def test_masks_cross_to_the_host_as_numpys_bits(shape):
+    """:func:`pack_bits` is ``np.packbits`` (first element in the high bit), and the detector's copy to the
+    host restores the boolean masks exactly."""
+    masks = torch.from_numpy(np.random.default_rng(3).random(shape) > 0.5)
+    assert np.array_equal(pipeline.pack_bits(masks).numpy(), np.packbits(masks.numpy()))
+    det = pipeline.Detections(
+        torch.zeros(shape[0], dtype=torch.long), torch.ones(shape[0]), torch.zeros(shape[0], 4), masks,
+        torch.zeros(shape[0], dtype=torch.long),
+    )  # fmt: skip
+    found = PortDetector.to_host(det)
+    assert found.masks.dtype == bool and np.array_equal(found.masks, masks.numpy())
+
+
 # ---------------------------------------------------------------- the detector in this process
 
 from rtdmd.geneval.m2f.detector import PortDetector  # noqa: E402
@@ -556,6 +603,39 @@ def test_the_port_detects_batches_of_mixed_sizes_as_one_image_at_a_time():
         np.testing.assert_allclose(found.scores, alone.scores, rtol=1e-5)
         assert (found.labels == alone.labels).all() and (found.masks == alone.masks).all()
     assert not np.array_equal(together[0].scores, together[2].scores)  # two different images of one size
+
+
+class FixedOutputs(torch.nn.Module):
+    """A stand-in network with the same class logits for every image and one set of mask logits, resized
+    to the input's quarter size."""
+
+    def __init__(self, classes: torch.Tensor, masks: torch.Tensor) -> None:
+        super().__init__()
+        self.classes, self.masks = classes, masks
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = batch.shape
+        masks = torch.nn.functional.interpolate(self.masks[None], (h // 4, w // 4), mode="bilinear")
+        return self.classes.expand(b, -1, -1), masks.expand(b, -1, -1, -1)
+
+
+def test_the_port_keeps_only_detections_scoring_above_min_score():
+    """Pairs whose class probability passes ``min_score`` but whose score (times the mask's mean
+    probability) does not are dropped: the detector returns exactly the rule's detections above it."""
+    torch.manual_seed(2)
+    classes, masks = torch.randn(100, 81) * 4, torch.randn(100, 6, 7) * 2
+    classes[:20, 3] += 9
+    image = np.random.default_rng(4).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    found = PortDetector(FixedOutputs(classes, masks), min_score=0.6).detect([image])[0]
+    prepared = pipeline.preprocess(image)
+    padded = tuple(prepared.tensor.shape[1:])
+    _, mask_logits = FixedOutputs(classes, masks)(prepared.tensor[None])
+    rule = pipeline.postprocess(classes, mask_logits[0], padded, prepared)
+    above = rule.scores > 0.6
+    assert 0 < int(above.sum()) < int((pipeline.top_pairs(classes)[0] > 0.6).sum())
+    np.testing.assert_array_equal(found.scores, rule.scores[above].numpy())
+    np.testing.assert_array_equal(found.labels, rule.labels[above].numpy())
+    np.testing.assert_array_equal(found.masks, rule.masks[above].numpy())
 
 
 def test_the_backend_is_the_port_unless_mmdet_is_asked_for(monkeypatch):

@@ -20,6 +20,7 @@ records how many detections and colour crops each row had.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -112,6 +113,66 @@ def time_scorer(scorer: GenEvalScorer, colours: CountingColours, pixels: np.ndar
     return time.perf_counter() - t, verdicts
 
 
+def profile(model, colours, device: torch.device, pixels: np.ndarray, meta: list[dict], batch: int) -> dict:
+    """Milliseconds per image of each phase of one ``batch`` (pre-processing, network, post-processing, the
+    copy to the host, detections to objects, judge with colours), then the network's CUDA kernels by
+    total time (torch.profiler)."""
+    from PIL import Image
+
+    from rtdmd.geneval.m2f.detector import tf32_off
+    from rtdmd.geneval.m2f.pipeline import preprocess_batch
+    from rtdmd.rewards.geneval_real import to_detections
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    detector = PortDetector(model, device, batch_size=batch, min_score=MIN_SCORE)
+    scorer = GenEvalScorer(detector, colours)
+    pixels, meta = pixels[:batch], meta[:batch]
+    phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        sync()
+        t = time.perf_counter()
+        yield
+        sync()
+        phases[name] = time.perf_counter() - t
+
+    for _ in range(2):  # the second pass is the one kept (the first warms up)
+        with torch.no_grad(), tf32_off():
+            with phase("preprocess"):
+                batch_tensor, resized = preprocess_batch(torch.from_numpy(pixels).to(device))
+            with phase("network"):
+                classes, masks = detector.model(batch_tensor)
+            with phase("postprocess"):
+                found = detector.instances(classes, masks, tuple(batch_tensor.shape[2:]), resized, pixels.shape[1:3])
+            with phase("to host"):
+                found = [detector.to_host(f) for f in found]
+        with phase("to_detections"):
+            dets = [to_detections(f) for f in found]
+        images = [Image.fromarray(p, "RGB") for p in pixels]
+        with phase("judge + colours"):
+            scorer._judge_all(meta, dets, images)
+    table = {name: round(seconds / batch * 1000, 3) for name, seconds in phases.items()}
+    kernels = []
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch.no_grad(), tf32_off(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            detector.model(batch_tensor)
+            sync()
+        rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+        total = sum(e.device_time_total for e in rows)
+        for e in sorted(rows, key=lambda e: -e.device_time_total)[:25]:
+            ms = e.device_time_total / 1000
+            kernels.append({"kernel": e.key[:110], "ms": round(ms, 2), "share": round(e.device_time_total / total, 3)})
+        table["kernels_total_ms_per_image"] = round(total / 1000 / batch, 3)
+    Console().print({"ms_per_image": table})
+    for k in kernels:
+        Console().print(f"{k['share']:6.1%} {k['ms']:9.2f} ms  {k['kernel']}")
+    return {"batch": batch, "ms_per_image": table, "kernels": kernels}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,6 +182,7 @@ def main() -> None:
     parser.add_argument("--class-scale", type=float, default=20.0, help="scale of the random class head")
     parser.add_argument("--worker", default="", help="the mmdet worker environment's python: add its row")
     parser.add_argument("--tiny", action="store_true", help="tiny colour CLIP: a CPU smoke test of this script")
+    parser.add_argument("--profile", action="store_true", help="only: phase times and CUDA kernels of one batch")
     parser.add_argument("--out", default="geneval_speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -135,11 +197,18 @@ def main() -> None:
         "resolution": args.resolution,
         "rows": [],
     }
-    rows = [("port, one image per call", 1, 1, False)]
-    rows += [(f"port, batch {b}", b, b, False) for b in map(int, args.batches.split(","))]
-    rows += [(f"port, batch {b}, colours batched", b, b, True) for b in map(int, args.batches.split(",")[-1:])]
+    if args.profile:
+        batch = int(args.batches.split(",")[-1])
+        record["profile"] = profile(model, CountingColours(clip_colours), device, pixels, meta, batch)
+        Path(args.out).write_text(json.dumps(record, indent=2))
+        return
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = [("port, one image per call", 1, False)]
+    rows += [(f"port, batch {b}", b, False) for b in batches]
+    rows += [(f"port, batch {batches[-1]}, colours batched", batches[-1], True)]
     reference = None
-    for name, detector_batch, chunk, batch_colours in rows:
+    for name, detector_batch, batch_colours in rows:
+        chunk = detector_batch
         colours = CountingColours(clip_colours)
         detector = PortDetector(model, device, batch_size=detector_batch, min_score=MIN_SCORE)
         scorer = GenEvalScorer(detector, colours, batch_colours=batch_colours)

@@ -56,32 +56,40 @@ class Prepared:
     original: tuple[int, int]
 
 
+def preprocess_batch(images: Tensor, mode: Preprocessing = "mmdet2") -> tuple[Tensor, tuple[int, int]]:
+    """``images [B, H, W, 3]`` uint8 RGB of one size -> the network's input ``[B, 3, H_pad, W_pad]`` and the
+    resized size, on the images' device; each image's tensor bit-identical to its own :func:`preprocess`."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {images.dtype} {tuple(images.shape[1:])}")
+    h, w = images.shape[1:3]
+    new_h, new_w = rescaled_size(h, w)
+    pad_h, pad_w = (-new_h) % SIZE_DIVISOR, (-new_w) % SIZE_DIVISOR
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=images.device)[:, None, None]
+    if mode == "mmdet2":  # after padding with 128, mmcv's imnormalize: cv2.subtract, then cv2.multiply by
+        # 1 / float64(float32 std), which OpenCV 4 (GenEval's) computes in float64 and rounds once
+        resized = resize_bilinear_u8(images, new_h, new_w)
+        padded = F.pad(resized.permute(0, 3, 1, 2), (0, pad_w, 0, pad_h), value=PAD_VALUE)
+        inv_std = 1 / torch.tensor(STD, dtype=torch.float32, device=images.device).double()
+        tensor = ((padded.float() - mean).double() * inv_std[:, None, None]).float()
+    elif mode == "mmdet3":  # DetDataPreprocessor: (x - mean) / std, then pad with 0
+        std = torch.tensor(STD, dtype=torch.float32, device=images.device)[:, None, None]
+        resized = resize_bilinear_float(images, new_h, new_w)
+        tensor = F.pad((resized.permute(0, 3, 1, 2) - mean) / std, (0, pad_w, 0, pad_h))
+    else:
+        raise ValueError(f"preprocessing {mode!r}: choose mmdet2 (official GenEval) or mmdet3")
+    return tensor.contiguous(), (new_h, new_w)
+
+
 def preprocess(
     image: np.ndarray | Tensor, mode: Preprocessing = "mmdet2", device: str | torch.device | None = None
 ) -> Prepared:
     """``image``: ``[H, W, 3]`` uint8 RGB (as decoded from a PNG), numpy or a tensor; processed on
     ``device`` (default: where the tensor is, else the CPU), bit-identical on any device."""
     pixels = torch.as_tensor(image, device=device)
-    if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+    if pixels.ndim != 3:
         raise ValueError(f"the detector takes [H, W, 3] uint8 RGB images, got {pixels.dtype} {tuple(pixels.shape)}")
-    h, w = pixels.shape[:2]
-    new_h, new_w = rescaled_size(h, w)
-    pad_h, pad_w = (-new_h) % SIZE_DIVISOR, (-new_w) % SIZE_DIVISOR
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device)
-    if mode == "mmdet2":  # after padding with 128, mmcv's imnormalize: cv2.subtract, then cv2.multiply by
-        # 1 / float64(float32 std), which OpenCV 4 (GenEval's) computes in float64 and rounds once
-        resized = resize_bilinear_u8(pixels, new_h, new_w)
-        padded = torch.nn.functional.pad(resized.permute(2, 0, 1), (0, pad_w, 0, pad_h), value=PAD_VALUE)
-        inv_std = 1 / torch.tensor(STD, dtype=torch.float32, device=pixels.device).double()
-        tensor = ((padded.float() - mean[:, None, None]).double() * inv_std[:, None, None]).float()
-    elif mode == "mmdet3":  # DetDataPreprocessor: (x - mean) / std, then pad with 0
-        std = torch.tensor(STD, dtype=torch.float32, device=pixels.device)
-        resized = resize_bilinear_float(pixels, new_h, new_w)
-        normalised = (resized.permute(2, 0, 1) - mean[:, None, None]) / std[:, None, None]
-        tensor = F.pad(normalised, (0, pad_w, 0, pad_h))
-    else:
-        raise ValueError(f"preprocessing {mode!r}: choose mmdet2 (official GenEval) or mmdet3")
-    return Prepared(tensor.contiguous(), (new_h, new_w), (h, w))
+    tensor, resized = preprocess_batch(pixels[None], mode)
+    return Prepared(tensor[0], resized, tuple(pixels.shape[:2]))
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,10 @@ class Detections:
     masks: Tensor
     queries: Tensor
 
+    def head(self, n: int) -> Detections:
+        """The ``n`` best."""
+        return Detections(self.labels[:n], self.scores[:n], self.boxes[:n], self.masks[:n], self.queries[:n])
+
 
 def mask_boxes(masks: Tensor) -> Tensor:
     """``[N, 4]`` float boxes ``(x_min, y_min, x_max + 1, y_max + 1)`` of bool masks; zeros for an empty mask
@@ -108,18 +120,62 @@ def mask_boxes(masks: Tensor) -> Tensor:
     return boxes * rows.any(1, keepdim=True)
 
 
-def postprocess(class_logits: Tensor, mask_logits: Tensor, padded: tuple[int, int], prepared: Prepared) -> Detections:
-    """``class_logits [100, 81]``, ``mask_logits [100, H/4, W/4]`` of one image -> its detections."""
-    masks = F.interpolate(mask_logits[None], padded, mode="bilinear", align_corners=False)
-    h, w = prepared.resized
-    masks = F.interpolate(masks[:, :, :h, :w], prepared.original, mode="bilinear", align_corners=False)[0]
-    probs = class_logits.softmax(-1)[:, :-1]
-    classes = probs.shape[1]
-    scores, index = probs.flatten().topk(MAX_DETECTIONS, sorted=True)
-    queries, labels = index // classes, index % classes
-    chosen = masks[queries]
+def top_pairs(class_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``class_logits [..., 100, 81]`` -> the top 100 (query, class) pairs by class probability (the
+    softmax without "no object"), descending: ``scores, queries, labels``, each ``[..., 100]``."""
+    probs = class_logits.softmax(-1)[..., :-1]
+    classes = probs.shape[-1]
+    scores, index = probs.flatten(-2).topk(MAX_DETECTIONS, dim=-1, sorted=True)
+    return scores, index // classes, index % classes
+
+
+def instances(
+    scores: Tensor,
+    queries: Tensor,
+    labels: Tensor,
+    mask_logits: Tensor,
+    padded: tuple[int, int],
+    resized: tuple[int, int],
+    original: tuple[int, int],
+) -> Detections:
+    """One image's pairs (any prefix of :func:`top_pairs`' order) and ``mask_logits [100, H/4, W/4]`` -> its
+    detections: only the chosen queries' masks are resized (each mask resizes on its own)."""
+    if not len(queries):  # nothing to resize (interpolate refuses an empty batch on CUDA)
+        empty = torch.zeros(0, *original, dtype=torch.bool, device=mask_logits.device)
+        return Detections(labels, scores, mask_boxes(empty), empty, queries)
+    chosen = F.interpolate(mask_logits[queries][None], padded, mode="bilinear", align_corners=False)
+    h, w = resized
+    chosen = F.interpolate(chosen[:, :, :h, :w], original, mode="bilinear", align_corners=False)[0]
     binary = chosen > 0
     mask_scores = (chosen.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     final = scores * mask_scores
     order = final.argsort(descending=True, stable=True)
     return Detections(labels[order], final[order], mask_boxes(binary[order]), binary[order], queries[order])
+
+
+def postprocess(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    padded: tuple[int, int],
+    prepared: Prepared,
+    min_score: float | None = None,
+) -> Detections:
+    """``class_logits [100, 81]``, ``mask_logits [100, H/4, W/4]`` of one image -> its detections.
+    ``min_score``: keep only detections scoring above it; pairs whose class probability is not above it
+    are dropped before their masks are resized, exactly: a score is the class probability times a mean
+    probability (at most 1)."""
+    scores, queries, labels = top_pairs(class_logits)
+    if min_score is not None:
+        kept = int((scores > min_score).sum())  # a prefix: scores descend
+        scores, queries, labels = scores[:kept], queries[:kept], labels[:kept]
+    found = instances(scores, queries, labels, mask_logits, padded, prepared.resized, prepared.original)
+    return found if min_score is None else found.head(int((found.scores > min_score).sum()))
+
+
+def pack_bits(masks: Tensor) -> Tensor:
+    """Bool ``masks`` -> uint8 ``[ceil(n / 8)]`` in ``np.packbits``' order (the first element in the high
+    bit): an eighth of the bytes to copy to the host, where ``np.unpackbits`` restores them."""
+    flat = masks.flatten().to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % 8))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=masks.device)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)

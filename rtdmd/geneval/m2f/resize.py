@@ -45,14 +45,14 @@ def lerp_fused(a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
 
 
 def resize_bilinear_float(image: Tensor, height: int, width: int) -> Tensor:
-    """``image [H, W, C]`` (uint8 or float32) -> float32 ``[height, width, C]``, as OpenCV's IPP path
-    resizes a float32 image with ``INTER_LINEAR`` (mmdet 3.x's pipeline)."""
-    h, w = image.shape[:2]
+    """``image [..., H, W, C]`` (uint8 or float32) -> float32 ``[..., height, width, C]``, as OpenCV's IPP
+    path resizes a float32 image with ``INTER_LINEAR`` (mmdet 3.x's pipeline); leading dims are a batch."""
+    h, w = image.shape[-3:-1]
     x0, x1, fx = axis_positions(w, width, True, image.device)
     y0, y1, fy = axis_positions(h, height, False, image.device)
     pixels = image.float()
-    rows = lerp_fused(pixels[:, x0], pixels[:, x1], fx.float()[None, :, None])
-    return lerp_fused(rows[y0], rows[y1], fy.float()[:, None, None])
+    rows = lerp_fused(pixels[..., x0, :], pixels[..., x1, :], fx.float()[:, None])
+    return lerp_fused(rows[..., y0, :, :], rows[..., y1, :, :], fy.float()[:, None, None])
 
 
 def axis_taps(src: int, dst: int, clamp_weights: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -74,15 +74,16 @@ def axis_taps(src: int, dst: int, clamp_weights: bool, device: torch.device) -> 
 
 
 def resize_bilinear_u8(image: Tensor, height: int, width: int) -> Tensor:
-    """``image [H, W, C]`` uint8 -> ``[height, width, C]`` uint8, as ``cv2.resize(image, (width, height),
-    interpolation=cv2.INTER_LINEAR)``."""
-    if image.dtype != torch.uint8 or image.ndim != 3:
-        raise ValueError(f"expected [H, W, C] uint8, got {image.dtype} {tuple(image.shape)}")
-    h, w = image.shape[:2]
+    """``image [..., H, W, C]`` uint8 -> ``[..., height, width, C]`` uint8, as ``cv2.resize(image, (width,
+    height), interpolation=cv2.INTER_LINEAR)`` on each image; leading dims are a batch. Exact in int32:
+    the horizontal sums stay below 255 x 2048, the vertical products below 2^15 x 2048."""
+    if image.dtype != torch.uint8 or image.ndim < 3:
+        raise ValueError(f"expected [..., H, W, C] uint8, got {image.dtype} {tuple(image.shape)}")
+    h, w = image.shape[-3:-1]
     x0, x1, a0, a1 = axis_taps(w, width, True, image.device)
     y0, y1, b0, b1 = axis_taps(h, height, False, image.device)
-    pixels = image.long()
-    rows = pixels[:, x0] * a0[None, :, None] + pixels[:, x1] * a1[None, :, None]  # [H, width, C], exact
-    top, bottom = rows[y0] >> 4, rows[y1] >> 4
-    mixed = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    pixels = image.int()
+    rows = pixels[..., x0, :] * a0.int()[:, None] + pixels[..., x1, :] * a1.int()[:, None]  # [..., H, width, C]
+    top, bottom = rows[..., y0, :, :] >> 4, rows[..., y1, :, :] >> 4
+    mixed = ((top * b0.int()[:, None, None]) >> 16) + ((bottom * b1.int()[:, None, None]) >> 16)
     return ((mixed + 2) >> 2).clamp(0, 255).to(torch.uint8)
