@@ -572,6 +572,8 @@ def test_masks_cross_to_the_host_as_numpys_bits(shape):
 
 # ---------------------------------------------------------------- the detector in this process
 
+from geneval_stand_ins import FixedOutputs  # noqa: E402
+
 from rtdmd.geneval.m2f.detector import PortDetector  # noqa: E402
 from rtdmd.rewards import geneval_real  # noqa: E402
 
@@ -603,20 +605,6 @@ def test_the_port_detects_batches_of_mixed_sizes_as_one_image_at_a_time():
         np.testing.assert_allclose(found.scores, alone.scores, rtol=1e-5)
         assert (found.labels == alone.labels).all() and (found.masks == alone.masks).all()
     assert not np.array_equal(together[0].scores, together[2].scores)  # two different images of one size
-
-
-class FixedOutputs(torch.nn.Module):
-    """A stand-in network with the same class logits for every image and one set of mask logits, resized
-    to the input's quarter size."""
-
-    def __init__(self, classes: torch.Tensor, masks: torch.Tensor) -> None:
-        super().__init__()
-        self.classes, self.masks = classes, masks
-
-    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, _, h, w = batch.shape
-        masks = torch.nn.functional.interpolate(self.masks[None], (h // 4, w // 4), mode="bilinear")
-        return self.classes.expand(b, -1, -1), masks.expand(b, -1, -1, -1)
 
 
 def test_the_port_keeps_only_detections_scoring_above_min_score():

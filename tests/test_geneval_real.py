@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from geneval_stand_ins import FixedOutputs
 from PIL import Image
 
 from rtdmd.geneval import client as client_module
@@ -507,3 +508,58 @@ def test_results_rows_carry_the_official_columns(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({**r, "metadata": metadata}) + "\n")
     assert read_results(path)[0]["metadata"] == json.dumps(metadata)
+
+
+def test_the_benchmark_scores_geneval_in_this_process_without_a_worker(weights_root, monkeypatch, tmp_path, tiny_clip):
+    """``rtdmd-bench --weights-dir W run --suite geneval --metrics geneval``: the port detects in this
+    process (the mmdet worker is never started and no environment for it exists), its checkpoint and the
+    colour CLIP are the files in ``W``, and every image gets a 0/1 verdict under the port's metric
+    version. The networks are stand-ins (the real ones are tested in ``test_geneval_port.py`` and against
+    mmdet in ``tox -e geneval-mmdet``); a file with the published sha256 digits cannot be made here."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from rtdmd.geneval.colour import CLIP_L14_OPENAI, ClipColorClassifier
+    from rtdmd.geneval.m2f import detector as port_detector
+    from rtdmd.rewards import geneval_real as real
+    from rtdmd.weights import resolve
+
+    _dummy_weights(weights_root)
+    monkeypatch.delenv("RTDMD_WEIGHTS")  # found through --weights-dir only
+    monkeypatch.setenv("RTDMD_GENEVAL_PYTHON", str(tmp_path / "no-env" / "python"))
+    monkeypatch.setattr(real, "_SCORERS", {})
+    monkeypatch.setattr(real, "check_checkpoint", lambda path, url: None)
+    monkeypatch.setattr(real.DetectorClient, "__init__", lambda *a, **k: pytest.fail("the mmdet worker was started"))
+    loaded = []
+
+    def stand_in(path, device="cpu"):
+        loaded.append(Path(path))
+        torch.manual_seed(0)
+        classes = torch.randn(100, 81) * 4
+        classes[:10, :4] += 9  # confident person, bicycle, car, motorcycle
+        return FixedOutputs(classes, torch.randn(100, 6, 7) * 2)
+
+    monkeypatch.setattr(port_detector, "load_detector", stand_in)
+    colour_dirs = []
+
+    def tiny_colours(weights_dir=None, device=None, amp=True):
+        colour_dirs.append(resolve("geneval", CLIP_L14_OPENAI, weights_dir))  # where the real one looks
+        model, preprocess, tokenizer = tiny_clip
+        return ClipColorClassifier(model, tokenizer, preprocess, device="cpu", amp=False)
+
+    monkeypatch.setattr(ClipColorClassifier, "from_weights", staticmethod(tiny_colours))
+    out = tmp_path / "runs"
+    args = ["--weights-dir", str(weights_root), "run", "--method", "tiny-cps4", "--suite", "geneval"]
+    args += ["--limit", "3", "--images-per-prompt", "1", "--metrics", "geneval", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert loaded == [weights_root / "urls" / CKPT_NAME] and colour_dirs == [
+        weights_root / "timm" / "vit_large_patch14_clip_224.openai"
+    ]
+    rows = [json.loads(line) for f in out.rglob("scores*.jsonl") for line in f.read_text().splitlines()]
+    geneval_rows = [r for r in rows if r.get("metric") == "geneval"]
+    assert len(geneval_rows) == 3, rows
+    assert all(r["score"] in (0.0, 1.0) and r["version"] == real.PORT_VERSION for r in geneval_rows)
+    assert sum(r["score"] for r in geneval_rows) > 0  # the stand-in's confident classes satisfy some prompts
+    summary = json.loads(next(out.rglob("summary.json")).read_text())
+    assert "geneval" in json.dumps(summary)

@@ -225,6 +225,16 @@ def open_scorer(
 
 VERSION = "mask2former_swin-s-coco-c9d0c4f2+ViT-L-14-quickgelu-openai"
 PORT_VERSION = VERSION + "+port-mmdet2"  # the ported detector's scores are cached apart from the worker's
+VERSIONS = {"mmdet": VERSION, "port": PORT_VERSION}
+
+
+class _BackendInfo:
+    """A GenEval metric's :class:`RewardInfo` on the class: its version is the backend's in force
+    (``$RTDMD_GENEVAL_BACKEND``, default the port), as the scorer of ``rtdmd-bench score`` and the version
+    check of ``rtdmd-bench aggregate`` both need it; an instance's own (its detector's) shadows it."""
+
+    def __get__(self, obj, owner) -> RewardInfo:
+        return geneval_info(VERSIONS[backend_of(None)], owner.variant)
 
 
 class _GenEval:
@@ -232,14 +242,14 @@ class _GenEval:
     of :func:`open_scorer`)."""
 
     name: ClassVar[str]
-    info: ClassVar[RewardInfo]
+    info = _BackendInfo()
     weights: ClassVar[tuple[WeightFiles, ...]] = (MASK2FORMER, CLIP_L14_OPENAI)
     variant: ClassVar[str] = "official"
 
     def __init__(self, scorer: GenEvalScorer | None = None, **kwargs) -> None:
         self.scorer = scorer or open_scorer(**kwargs)
-        if not isinstance(self.scorer.detector, DetectorClient):  # the port: its own score version
-            self.info = geneval_info(PORT_VERSION, self.variant)
+        backend = "mmdet" if isinstance(self.scorer.detector, DetectorClient) else "port"
+        self.info = geneval_info(VERSIONS[backend], self.variant)
 
     def verdicts(self, images: Tensor, meta: Sequence[dict[str, Any]]) -> list[tuple[Verdict, dict]]:
         return self.scorer.evaluate(to_uint8(images), meta)
@@ -253,7 +263,6 @@ class GenEval(_GenEval):
     """1.0 if the image satisfies its prompt's GenEval metadata by the official rule, else 0.0."""
 
     name = "geneval"
-    info = geneval_info(VERSION, "official")
 
 
 @REWARDS.register("geneval-strict")
@@ -262,7 +271,6 @@ class GenEvalStrict(_GenEval):
 
     name = "geneval-strict"
     variant = "strict"
-    info = geneval_info(VERSION, variant)
 
 
 @REWARDS.register("geneval-partial")
@@ -271,7 +279,6 @@ class GenEvalPartial(_GenEval):
 
     name = "geneval-partial"
     variant = "partial"
-    info = geneval_info(VERSION, variant)
 
 
 __all__ = [
