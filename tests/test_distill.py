@@ -125,6 +125,42 @@ def test_torchrun_two_processes_match_one_process(tmp_path, strategy, torchrun):
     assert len(rows) == 4  # rank 0 alone writes the stats
 
 
+def test_the_stage1_benchmark_under_torchrun_reports_the_single_process_losses(tmp_path, torchrun):
+    """``bench/perf/distill_step.py`` on 2 processes with FSDP and ``--batch 1`` (per GPU) runs the same
+    global batch as 1 process with ``--batch 2``: the same stops and, reduced over the ranks, the same
+    losses (bf16 autocast: to rounding); rank 0 alone writes, per-GPU batch and FLOPs halve."""
+    import subprocess
+    import sys
+
+    common = [
+        "--family",
+        "sd35m",
+        "--tiny",
+        "--resolution",
+        "128",
+        "--steps",
+        "2",
+        "--variant",
+        "fsdp:distributed=fsdp",
+    ]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "bench/perf/distill_step.py", *common, "--batch", "2", "--out", str(tmp_path / "one.json")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun("bench.perf.distill_step", *common, "--batch", "1", "--out", str(tmp_path / "two.json"))
+    single, double = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (single["processes"], double["processes"]) == (1, 2)
+    a, b = single["variants"][0], double["variants"][0]
+    assert (a["batch_per_gpu"], b["batch_per_gpu"], b["distributed"]) == (2, 1, "fsdp")
+    assert b["model_tflops_per_iteration"] == pytest.approx(a["model_tflops_per_iteration"] / 2, rel=1e-6)
+    for x, y in zip(a["steps"], b["steps"], strict=True):
+        assert (x["fake_stop"], x["generator_stop"]) == (y["fake_stop"], y["generator_stop"])
+        assert y["loss_fake"] == pytest.approx(x["loss_fake"], rel=1e-3)
+        assert y["loss_generator"] == pytest.approx(x["loss_generator"], rel=5e-2)
+
+
 def test_plain_dmd_arm_runs_and_differs(tmp_path):
     result = runner.invoke(
         app,

@@ -7,6 +7,12 @@ the released checkpoints' component sizes (``bench/perf/real_sizes.py``) and ran
 
     python bench/perf/distill_step.py --family sd35m --out results.json [--batch 9] [--steps 5]
         [--variant NAME:OVERRIDES ...] [--profile]
+    torchrun --nproc_per_node 8 bench/perf/distill_step.py --family flux1_dev --variant fsdp:distributed=fsdp
+
+``--batch`` is per GPU: under ``torchrun`` the global batch is ``batch x processes``, split by the
+training code's seeding contract, and a variant's ``distributed=ddp|fsdp`` wraps the trainable roles
+(the packaged configs' default is DDP; one process wraps nothing). Rank 0 prints and writes; the peak
+memory is the largest of any GPU, the MFU per GPU.
 
 Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
 ``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
@@ -91,7 +97,6 @@ def variant_config(base: list[str], overrides: list[str], family: str) -> Distil
         prompt_file="",
         prompts=PROMPTS,
         fake_updates_per_generator=1,
-        distributed="none",
         eval=dataclasses.replace(cfg.eval, every=0),
         precision="bfloat16",
         generator=dataclasses.replace(
@@ -112,7 +117,7 @@ def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], floa
     rows = []
     for step in range(1, steps + 1):
         t = time.perf_counter()
-        logs = train_step(sess, step)
+        logs = distributed.reduce_logs(train_step(sess, step))  # means over the global batch, as the loop logs
         sync()
         rows.append(
             {
@@ -158,17 +163,18 @@ def profile_step(sess, step: int, device: torch.device) -> dict:
     }
 
 
-def count_step_flops(sess, cfg: DistillConfig, steps: int) -> float:
-    """Model FLOPs per iteration of steps 1..``steps``: batch 1, eager, no recomputation, times the batch."""
+def count_step_flops(sess, cfg: DistillConfig, steps: int, processes: int) -> float:
+    """Model FLOPs per GPU and iteration of steps 1..``steps``: one sample per process, eager, no
+    recomputation, times the per-GPU batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    sess.cfg = dataclasses.replace(cfg, batch_size=1)
+    sess.cfg = dataclasses.replace(cfg, batch_size=processes)
     for net in (sess.generator, sess.models.fake_run):
-        net.disable_gradient_checkpointing()
+        getattr(net, "module", net).disable_gradient_checkpointing()  # DDP keeps the net in .module
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         for step in range(1, steps + 1):
             train_step(sess, step)
-    return counter.get_total_flops() * cfg.batch_size / steps
+    return counter.get_total_flops() * (cfg.batch_size // processes) / steps
 
 
 def main() -> None:
@@ -186,7 +192,8 @@ def main() -> None:
 
     world = distributed.init("auto")
     device = world.device
-    base = [f"batch_size={args.batch}"]
+    console = Console(quiet=not world.is_main)  # rank 0 reports
+    base = [f"batch_size={args.batch * world.size}"]
     if args.resolution:
         base += [f"height={args.resolution}", f"width={args.resolution}"]
     t0 = time.perf_counter()
@@ -198,12 +205,13 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "peft")},
         "family": args.family,
+        "processes": world.size,
         "sizes": "tiny" if args.tiny else "released",
         "build_seconds": build_s,
         "peak_bf16_dense_tflops_assumed": peak / 1e12 if peak else None,
         "variants": [],
     }
-    table = Table(title=f"stage-1 iteration · {args.family} · {record['device']}")
+    table = Table(title=f"stage-1 iteration · {args.family} · {world.size} x {record['device']}")
     columns = ("variant", "px", "batch", "first call s", "s / iteration", "FLOP bound s", "peak GiB", "MFU")
     for col in (*columns, "loss fake", "loss gen"):
         table.add_column(col, justify="right")
@@ -213,21 +221,26 @@ def main() -> None:
             sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
             rows, first_s, peak_gib = time_steps(sess, args.steps, device)
         except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
+            if world.size > 1:  # the other ranks wait in a collective: stop them all
+                raise
             record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
-            table.add_row(name, str(cfg.height), str(cfg.batch_size), "", "out of memory", "", "", "", "", "")
+            table.add_row(name, str(cfg.height), str(args.batch), "", "out of memory", "", "", "", "", "")
             sess = None
             release_memory(device)
             continue
+        if peak_gib is not None:  # the fullest GPU's
+            peak_gib = float(distributed.max_across(torch.tensor(peak_gib, device=device)))
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
         profiled = profile_step(sess, 1, device) if args.profile else None
-        flops_per_iter = count_step_flops(sess, cfg, args.steps)
+        flops_per_iter = count_step_flops(sess, cfg, args.steps, world.size)
         mfu = flops_per_iter / mean_s / peak if peak else None
         record["variants"].append(
             {
                 "name": name,
                 "overrides": overrides,
                 "resolution": cfg.height,
-                "batch_per_gpu": cfg.batch_size,
+                "distributed": cfg.distributed if world.size > 1 else "none",
+                "batch_per_gpu": cfg.batch_size // world.size,
                 "gradient_checkpointing": cfg.gradient_checkpointing,
                 "compile": list(cfg.compile),
                 "lora_rank": cfg.generator.lora.rank if cfg.generator.lora else None,
@@ -241,12 +254,12 @@ def main() -> None:
             }
         )
         if profiled:
-            Console().print(f"{name}: device busy {100 * profiled['busy_fraction']:.0f}% of the iteration")
-            print(profiled["table"], flush=True)
+            console.print(f"{name}: device busy {100 * profiled['busy_fraction']:.0f}% of the iteration")
+            console.print(profiled["table"], markup=False, highlight=False)
         table.add_row(
             name,
             str(cfg.height),
-            str(cfg.batch_size),
+            str(cfg.batch_size // world.size),
             f"{first_s:.1f}",
             f"{mean_s:.3f}",
             "-" if not peak else f"{flops_per_iter / peak:.3f}",
@@ -255,11 +268,14 @@ def main() -> None:
             f"{rows[0]['loss_fake']:.5g}",
             f"{rows[0]['loss_generator']:.5g}",
         )
-        Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
+        if world.is_main:  # each variant kept if a later one is cut off
+            Path(args.out).write_text(json.dumps(record, indent=2))
         del sess
         release_memory(device)
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    console.print(table)
+    if world.is_main:
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    distributed.shutdown()
 
 
 def release_memory(device: torch.device) -> None:

@@ -16,6 +16,8 @@ Post-processing (``MaskFormerFusionHead.instance_postprocess``): mask logits bil
 padded size, cropped to the resized image, resized to the original size (two steps, in this order);
 the top 100 of the 100 queries x 80 classes by class probability; a binary mask ``logit > 0``; score =
 class probability x the mean mask probability inside the binary mask; the box is the mask's extent.
+With a score floor (GenEval's 0.3) only the pairs whose class probability passes it get their masks
+resized: a score is at most its class probability, so the detections above the floor are the same.
 """
 
 from __future__ import annotations
