@@ -62,6 +62,36 @@ def test_four_epochs_equal_two_plus_resume_plus_two_bit_for_bit(tmp_path):
     ]
 
 
+def test_the_stage2_benchmark_under_torchrun_reports_the_single_process_epoch(tmp_path, torchrun):
+    """``bench/perf/rl_epoch.py`` on 2 processes with FSDP and ``--batch 2`` (per GPU) runs the global
+    batch of 1 process with ``--batch 4`` (groups of 2 either way): the same trained steps and, reduced
+    over the ranks, the same losses to bf16 rounding (the reward BP loss, a margin crossing, to 10%);
+    the PPO ratio at the old policy stays exactly 1; rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["--family", "sd35m", "--tiny", "--warmup-iterations", "1", "--iterations", "2", "--group", "2"]
+    common += ["--variant", "fsdp:distributed=fsdp"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "bench/perf/rl_epoch.py", *common, "--batch", "4", "--out", str(tmp_path / "one.json")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun("bench.perf.rl_epoch", *common, "--batch", "2", "--out", str(tmp_path / "two.json"))
+    single, double = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (single["processes"], double["processes"], single["batch_per_gpu"], double["batch_per_gpu"]) == (1, 2, 4, 2)
+    assert single["group_size"] == double["group_size"] == 2
+    (a,), (b,) = single["variants"][0]["epochs"], double["variants"][0]["epochs"]
+    assert double["variants"][0]["distributed"] == "fsdp" and a["trained_steps"] == b["trained_steps"]
+    assert b["loss_fake"] == pytest.approx(a["loss_fake"], rel=1e-3)
+    assert b["loss_dm"] == pytest.approx(a["loss_dm"], rel=1e-2)
+    assert b["loss_bp"] == pytest.approx(a["loss_bp"], rel=0.1)
+    assert a["ppo_ratio_deviation_max"] == b["ppo_ratio_deviation_max"] == 0.0
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_processes_match_one_process(tmp_path, torchrun, strategy):
     """The same epoch on 1 and 2 processes (gloo): the same prompts, noise, advantages and updates,

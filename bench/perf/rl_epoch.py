@@ -10,12 +10,17 @@ component sizes (``bench/perf/real_sizes.py``) and the real reward architectures
 weights: CLIPScore (CLIP ViT-L/14), PickScore (CLIP ViT-H/14), HPSv2.1 (open_clip ViT-H-14).
 GenEval's partial score (the fourth training reward) joins with ``--geneval``: the ported detector
 in this process and the colour CLIP, random at released size, on the config's GenEval prompts. The
-group size is set to the per-GPU batch (one prompt per iteration): it changes only the
-advantages' grouping, not the work. With 8 (SD3.5-M) or 16 (FLUX.2 4B) GPUs the epoch takes this
-time plus the gradient all-reduces.
+group size is set to the per-GPU batch (one prompt per GPU and iteration; ``--group``): it changes
+only the advantages' grouping, not the work.
 
     python bench/perf/rl_epoch.py --family sd35m --out rl_epoch_sd35m.json [--epochs 2]
         [--variant NAME:OVERRIDES ...]
+    torchrun --nproc_per_node 8 bench/perf/rl_epoch.py --family sd35m --variant fsdp:distributed=fsdp
+
+Under ``torchrun`` every process takes ``--batch`` images per iteration (the global batch is ``batch
+x processes``, split by the training code's seeding contract) and a variant's ``distributed=ddp|fsdp``
+wraps the trainable roles (the packaged configs' default is DDP; one process wraps nothing). Rank 0
+prints and writes; losses are means over the ranks, the peak memory the fullest GPU's.
 
 Each ``--variant`` (``key=value`` overrides separated by ``;``) is measured on the same backbone and
 reward models in the same process, eager ones first (a compiled teacher stays compiled): by default
@@ -72,8 +77,10 @@ def random_geneval(device: torch.device) -> dict:
     }  # as packaged
 
 
-def random_rewards(root: Path, tiny: bool) -> dict:
-    """CLIPScore, PickScore (/26) and HPSv2.1 at released sizes with random weights."""
+def write_random_rewards(root: Path, tiny: bool) -> dict:
+    """Random weights of CLIPScore, PickScore and HPSv2.1 at released sizes, written under ``root``
+    (before the process group exists: transformers then saves model files on rank 0 only); returns
+    HPSv2.1's architecture."""
     from bench.perf.rewards import CLIP_H14, CLIP_L14
     from rtdmd.rewards import clip as clip_rewards
     from rtdmd.rewards import hps
@@ -98,18 +105,28 @@ def random_rewards(root: Path, tiny: bool) -> dict:
     path = root / hps.HPS_REPO / hps.HPS_V21_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": hps.build_clip(model_cfg).half().state_dict()}, path)
+    return model_cfg
+
+
+def random_rewards(root: Path, hps_cfg: dict) -> dict:
+    """CLIPScore, PickScore (/26) and HPSv2.1 on the weights :func:`write_random_rewards` wrote."""
+    from rtdmd.rewards import clip as clip_rewards
+    from rtdmd.rewards import hps
+
     return {
         "clipscore": clip_rewards.ClipScore(root, dtype="bfloat16"),
         "pickscore": clip_rewards.PickScore(root, dtype="bfloat16", scale="div26"),
-        "hpsv21": hps.HpsV21(root, dtype="bfloat16", model_cfg=model_cfg),
+        "hpsv21": hps.HpsV21(root, dtype="bfloat16", model_cfg=hps_cfg),
     }
 
 
-def variant_config(overrides: list[str], family: str, tiny: bool, iterations: int, geneval: bool) -> RLConfig:
-    """The packaged config with ``overrides``; without ``geneval`` the GenEval reward is dropped and
-    the prompts are plain (GenEval's need the training file's metadata)."""
+def variant_config(
+    overrides: list[str], family: str, tiny: bool, iterations: int, geneval: bool, batch: int, group: int
+) -> RLConfig:
+    """The packaged config with ``overrides``, ``batch`` images per iteration (all processes together)
+    in groups of ``group``; without ``geneval`` the GenEval reward is dropped and the prompts are plain
+    (GenEval's need the training file's metadata)."""
     cfg = load(RLConfig, family, overrides, group="rl")
-    batch = BATCH[family]
     prompts = {} if geneval else {"prompt_file": "", "prompts": PROMPTS}
     return dataclasses.replace(
         cfg,
@@ -117,10 +134,9 @@ def variant_config(overrides: list[str], family: str, tiny: bool, iterations: in
         stage1=dataclasses.replace(cfg.stage1, run=""),  # random weights: no stage-1 LoRAs
         generator=dataclasses.replace(cfg.generator, source=""),
         rewards=tuple(t for t in cfg.rewards if geneval or t.name != "geneval-partial"),
-        grpo=dataclasses.replace(cfg.grpo, group_size=batch),
+        grpo=dataclasses.replace(cfg.grpo, group_size=group),
         batch_size=batch,
         iterations_per_epoch=iterations or cfg.iterations_per_epoch,
-        distributed="none",
         eval=dataclasses.replace(cfg.eval, every=0),
         height=64 if tiny else cfg.height,
         width=64 if tiny else cfg.width,
@@ -165,16 +181,22 @@ def main() -> None:
         action="store_true",
         help="keep the config's GenEval partial reward (ported detector, random weights) and its GenEval prompts",
     )
+    parser.add_argument("--batch", type=int, default=0, help="images per GPU per iteration (default: the official)")
+    parser.add_argument("--group", type=int, default=0, help="GRPO group size (default: the per-GPU batch)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: a CPU smoke test of this script")
     parser.add_argument("--out", default="rl_epoch.json")
     args = parser.parse_args()
     variants = parse_variants(parser, args.variant or VARIANTS)
 
+    reward_root = Path(tempfile.mkdtemp())
+    hps_cfg = write_random_rewards(reward_root, args.tiny)
     world = distributed.init("auto")
     device = world.device
+    console = Console(quiet=not world.is_main)  # rank 0 reports
+    per_gpu = args.batch or BATCH[args.family]
     t0 = time.perf_counter()
     backbone = build_backbone(args.family, args.tiny, device)
-    rewards = random_rewards(Path(tempfile.mkdtemp()), args.tiny)
+    rewards = random_rewards(reward_root, hps_cfg)
     if args.geneval:
         rewards |= random_geneval(device)
     build_s = time.perf_counter() - t0
@@ -185,20 +207,30 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "transformers", "peft", "open_clip_torch")},
         "family": args.family,
+        "processes": world.size,
         "sizes": "tiny" if args.tiny else "released",
         "build_seconds": build_s,
         "variants": [],
     }
-    table = Table(title=f"RTDMD epoch · {args.family} · {record['device']}")
+    table = Table(title=f"RTDMD epoch · {args.family} · {world.size} x {record['device']}")
     for col in ("variant", "warm-up s", "s / epoch", "rollouts", "fake", "generator", "peak GiB", "max |ratio-1|"):
         table.add_column(col, justify="right")
     for name, overrides in variants:
-        cfg = variant_config(overrides, args.family, args.tiny, args.iterations, args.geneval)
+        cfg = variant_config(
+            overrides,
+            args.family,
+            args.tiny,
+            args.iterations,
+            args.geneval,
+            per_gpu * world.size,
+            args.group or per_gpu,
+        )
         record |= {
             "resolution": cfg.height,
-            "batch_per_gpu": cfg.batch_size,
+            "batch_per_gpu": per_gpu,
+            "group_size": cfg.grpo.group_size,
             "iterations_per_epoch": cfg.iterations_per_epoch,
-            "images_per_gpu_per_epoch": cfg.batch_size * cfg.iterations_per_epoch,
+            "images_per_gpu_per_epoch": per_gpu * cfg.iterations_per_epoch,
             "rewards": [t.name for t in cfg.rewards],
         }
         try:
@@ -215,7 +247,7 @@ def main() -> None:
             rows = []
             for epoch in range(1, args.epochs + 1):
                 t = time.perf_counter()
-                logs = rl_step.run_epoch(sess, epoch)
+                logs = distributed.reduce_logs(rl_step.run_epoch(sess, epoch))  # means over the ranks
                 sync()
                 rows.append(
                     {
@@ -230,12 +262,17 @@ def main() -> None:
                     }
                 )
         except torch.OutOfMemoryError as err:  # a variant that does not fit is a result, not a crash
+            if world.size > 1:  # the other ranks wait in a collective: stop them all
+                raise
             record["variants"].append({"name": name, "overrides": overrides, "error": str(err).splitlines()[0]})
             table.add_row(name, "", "out of memory", "", "", "", "", "")
             sess = None
             release_memory(device)
             continue
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        peak_gib = None
+        if device.type == "cuda":  # the fullest GPU's
+            peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
+            peak_gib = float(distributed.max_across(peak))
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
         phases = {k: sum(r["phase_seconds"][k] for r in rows) / len(rows) for k in PHASES}
         record["variants"].append(
@@ -244,6 +281,7 @@ def main() -> None:
                 "overrides": overrides,
                 "gradient_checkpointing": cfg.gradient_checkpointing,
                 "compile": list(cfg.compile),
+                "distributed": cfg.distributed if world.size > 1 else "none",
                 "warmup_seconds": warmup_s,
                 "epochs": rows,
                 "seconds_per_epoch": mean_s,
@@ -260,11 +298,14 @@ def main() -> None:
             "-" if peak_gib is None else f"{peak_gib:.1f}",
             f"{deviation:.2g}",
         )
-        Path(args.out).write_text(json.dumps(record, indent=2))  # each variant kept if a later one is cut off
+        if world.is_main:  # each variant kept if a later one is cut off
+            Path(args.out).write_text(json.dumps(record, indent=2))
         del sess
         release_memory(device)
-    Console().print(table)
-    Path(args.out).write_text(json.dumps(record, indent=2))
+    console.print(table)
+    if world.is_main:
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
