@@ -53,7 +53,7 @@ from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.train.rl_config import RLConfig  # noqa: E402
 
-BATCH = {"sd35m": 9, "sd3m": 2, "flux2_4b": 6}  # per GPU, rtdmd_method.md §6.2
+BATCH = {"sd35m": 9, "sd3m": 2, "flux2_4b": 6, "flux2_9b": 3, "flux1_dev": 3}  # per GPU, rtdmd_method.md §6.2
 FAST = "compile=[teacher,fake,vae];gradient_checkpointing=false;fake_chunk=4;bp.chunk=3"
 VARIANTS = ("plain:", f"fast:{FAST}")
 PHASES = ("rollout_batch", "fake_update", "generator_update")
