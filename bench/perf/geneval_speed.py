@@ -213,7 +213,10 @@ def main() -> None:
         detector = PortDetector(model, device, batch_size=detector_batch, min_score=MIN_SCORE)
         scorer = GenEvalScorer(detector, colours, batch_colours=batch_colours)
         time_scorer(scorer, colours, pixels[:chunk], meta[:chunk], chunk)  # warm-up: kernels, colour heads
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         seconds, verdicts = time_scorer(scorer, colours, pixels, meta, chunk)
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         values = [(v.correct, v.partial) for v, _ in verdicts]
         reference = reference or values
         row = {
@@ -222,6 +225,7 @@ def main() -> None:
             "batch_colours": batch_colours,
             "seconds": seconds,
             "images_per_s": args.images / seconds,
+            "peak_memory_gib": peak_gib,
             "colour_crops": colours.crops,
             "detections_above_0.3": sum(len(rows) for _, details in verdicts for rows in details.values()),
             "correct": sum(c for c, _ in values),
@@ -244,12 +248,13 @@ def main() -> None:
         record["rows"].append(row)
         Console().print(row)
     table = Table(title=f"GenEval scoring · {args.resolution} px · {record['device']}")
-    for col in ("row", "images/s", "colour crops", "detections > 0.3", "same verdicts"):
+    for col in ("row", "images/s", "peak GiB", "colour crops", "detections > 0.3", "same verdicts"):
         table.add_column(col, justify="right")
     for r in record["rows"]:
         table.add_row(
             r["name"],
             f"{r['images_per_s']:.2f}",
+            "-" if r.get("peak_memory_gib") is None else f"{r['peak_memory_gib']:.1f}",
             str(r.get("colour_crops", "")),
             str(r.get("detections_above_0.3", "")),
             str(r.get("same_verdicts_as_first_row", "")),
