@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -189,9 +190,10 @@ def generate_stage(
         missing = [item for item in items if item.key not in done]
         distributed.barrier()  # every rank has read the manifests before any rank appends (as in score)
         mine = missing[world.rank :: world.size]
-        rows_forwarded = 0
+        rows_forwarded, sampling_seconds = 0, 0.0
         if mine:
             backbone, net = build_method(method, world.device)
+            start = time.perf_counter()  # sampling and PNG writing; the model's loading is not in it
             if world.is_main:  # prompts a text encoder cuts, said once for the run (every rank would say the same)
                 notes += backbone.truncation_notes(list(dict.fromkeys(it.row["prompt"] for it in missing)))
             counter = ForwardCounter(net)
@@ -235,9 +237,12 @@ def generate_stage(
             part.close()
             counter.close()
             rows_forwarded = counter.rows
+            sampling_seconds = time.perf_counter() - start
             if progress:
                 progress(len(mine), len(mine))
-        distributed.barrier()
+        # the slowest rank's time (a multi-GPU run's images are all there only then); a collective, so
+        # also the barrier before rank 0 merges the manifests
+        sampling_seconds = float(distributed.max_across(torch.tensor(sampling_seconds)))
         if world.is_main:
             merged = done | valid_rows(root, spec, items, manifest_parts(root))  # `done` was verified above
             if len(merged) != len(items):
@@ -253,6 +258,7 @@ def generate_stage(
             "generated": len(missing),
             "skipped": len(items) - len(missing),
             "rows_forwarded": rows_forwarded,
+            "sampling_seconds": sampling_seconds,
             "notes": notes,
         }
 

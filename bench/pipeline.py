@@ -114,8 +114,10 @@ def generate_run(
         result = generate_stage(
             card, suite, out, seeds=seeds, limit=limit, images_per_prompt=images_per_prompt, device=device, progress=bar
         )
+    made, seconds = result["generated"], result["sampling_seconds"]
+    speed = f" in {seconds:.1f} s ({made / seconds:.2f} images/s after loading)" if made and seconds > 0 else ""
     log(
-        f"{card.name}/{suite.card.name}: {result['generated']} generated, {result['skipped']} reused ({result['images']} images)"
+        f"{card.name}/{suite.card.name}: {made} generated{speed}, {result['skipped']} reused ({result['images']} images)"
     )
     for note in result["notes"]:
         log(f"note: {note}")

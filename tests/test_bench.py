@@ -106,6 +106,7 @@ def test_run_writes_the_golden_leaderboard_and_a_second_run_reuses_everything(tm
     assert (tmp_path / "out" / "tiny_prompts_leaderboard.png").exists()
     table = json.loads((tmp_path / "out" / "tiny_prompts_leaderboard.json").read_text())["tables"][0]
     assert [r["method"] for r in table["rows"]] == ["tiny-teacher", "tiny-cps4", "tiny-lcm4"]
+    assert len(re.findall(r"12 generated in [\d.]+ s \([\d.]+ images/s after loading\), 0 reused", text(first))) == 3
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded on a rerun")

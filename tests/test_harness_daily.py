@@ -42,7 +42,7 @@ def run_folder(out: Path, method: str = TOY) -> Path:
 
 def test_a_smoke_run_grows_into_a_larger_run_and_recomputes_nothing_it_had(tmp_path, suite):
     small = generate(tmp_path, suite, limit=6, seeds=(0,))
-    assert small["generated"] == 6
+    assert small["generated"] == 6 and small["sampling_seconds"] > 0
     first = score_stage(run_folder(tmp_path), TOY_METRICS, device="cpu")
     assert first["scored"] == 12 and first["cached"] == 0
     before = {r["file"]: r["sha256"] for r in read_manifest(run_folder(tmp_path))}
@@ -59,7 +59,7 @@ def test_a_smoke_run_grows_into_a_larger_run_and_recomputes_nothing_it_had(tmp_p
     assert summary["seeds"] == [0, 1] and summary["suite"]["prompts"] == 10 and summary["images"] == 40
 
     again = generate(tmp_path, suite, limit=4, seeds=(0,))  # a smaller request: nothing to do, nothing dropped
-    assert again["generated"] == 0 and again["images"] == 40
+    assert again["generated"] == 0 and again["images"] == 40 and again["sampling_seconds"] == 0
     assert any("more than asked" in n for n in again["notes"])
     assert len(read_manifest(run_folder(tmp_path))) == 40
 
