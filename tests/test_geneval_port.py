@@ -607,6 +607,36 @@ def test_the_port_detects_batches_of_mixed_sizes_as_one_image_at_a_time():
     assert not np.array_equal(together[0].scores, together[2].scores)  # two different images of one size
 
 
+class SmallMemory(RowWise):
+    """:class:`RowWise` on a device that holds at most ``limit`` images."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"out of memory at {batch.shape[0]} images (stand-in)")
+        return super().forward(batch)
+
+
+def test_a_batch_out_of_device_memory_is_detected_in_halves():
+    """No lost work on a small GPU: the batch that did not fit is split, later batches keep the smaller
+    size, and every image gets the detections it gets alone; a single image that does not fit is an error."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    port = PortDetector(SmallMemory(2), batch_size=8, min_score=0.005)
+    with pytest.warns(UserWarning, match="out of device memory at batch 5; continuing at batch 2"):
+        found = port.detect(images)
+    assert port.batch_size == 2
+    for image, got in zip(images, found, strict=True):
+        alone = PortDetector(RowWise(), batch_size=1, min_score=0.005).detect([image])[0]
+        np.testing.assert_allclose(got.scores, alone.scores, rtol=1e-5)
+        assert (got.labels == alone.labels).all() and (got.masks == alone.masks).all()
+    with pytest.raises(torch.OutOfMemoryError):
+        PortDetector(SmallMemory(0), batch_size=4).detect(images[:1])
+
+
 def test_the_port_keeps_only_detections_scoring_above_min_score():
     """Pairs whose class probability passes ``min_score`` but whose score (times the mask's mean
     probability) does not are dropped: the detector returns exactly the rule's detections above it."""

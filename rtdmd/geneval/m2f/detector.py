@@ -9,6 +9,7 @@ float32; its convolutions may use TF32, which moves borderline scores: left out,
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -59,23 +60,43 @@ class PortDetector:
     @torch.no_grad()
     def detect(self, images: Sequence[np.ndarray]) -> list[ImageDetections]:
         """``images``: uint8 RGB ``[H, W, 3]`` -> their detections, in order, by descending score. Images of
-        one size are pre-processed and detected together, ``batch_size`` at a time."""
+        one size are pre-processed and detected together, ``batch_size`` at a time; a batch that runs out
+        of device memory is detected in halves, and later batches keep the smaller size (with a warning)."""
         out: list[ImageDetections | None] = [None] * len(images)
         by_size: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(tuple(np.shape(image)), []).append(i)
         with tf32_off():
             for members in by_size.values():
-                for start in range(0, len(members), self.batch_size):
+                start = 0
+                while start < len(members):
                     chunk = members[start : start + self.batch_size]
-                    # each image to the device, stacked there: no host-side copy of the whole chunk first
-                    pixels = torch.stack([torch.as_tensor(np.asarray(images[i]), device=self.device) for i in chunk])
-                    batch, resized = preprocess_batch(pixels, self.preprocessing)
-                    classes, masks = self.model(batch)
-                    found = self.instances(classes, masks, tuple(batch.shape[2:]), resized, tuple(pixels.shape[1:3]))
+                    try:
+                        found = self._detect_chunk([images[i] for i in chunk])
+                    except torch.OutOfMemoryError:
+                        if len(chunk) == 1:
+                            raise
+                        self.batch_size = len(chunk) // 2
+                        warnings.warn(
+                            f"GenEval detector: out of device memory at batch {len(chunk)}; "
+                            f"continuing at batch {self.batch_size}",
+                            stacklevel=2,
+                        )
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                     for i, detections in zip(chunk, found, strict=True):
-                        out[i] = self.to_host(detections)
+                        out[i] = detections
+                    start += len(chunk)
         return out
+
+    def _detect_chunk(self, images: list[np.ndarray]) -> list[ImageDetections]:
+        # each image to the device, stacked there: no host-side copy of the whole chunk first
+        pixels = torch.stack([torch.as_tensor(np.asarray(image), device=self.device) for image in images])
+        batch, resized = preprocess_batch(pixels, self.preprocessing)
+        classes, masks = self.model(batch)
+        found = self.instances(classes, masks, tuple(batch.shape[2:]), resized, tuple(pixels.shape[1:3]))
+        return [self.to_host(detections) for detections in found]
 
     def instances(self, classes, masks, padded, resized, original) -> list[Detections]:
         """A batch's network outputs -> each image's detections, on the device, with two waits for it per
