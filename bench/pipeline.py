@@ -130,7 +130,9 @@ def score_run(root: Path, metrics: list[str], device: str, progress: Callable[[s
         result = score_stage(root, metrics, device=device, progress=bar)
     sets = result["set_scored"] + result["set_cached"]
     set_note = f"; set metrics: {result['set_scored']} computed, {result['set_cached']} reused" if sets else ""
-    return f"{root.parent.name}/{root.name}: {result['scored']} scores computed, {result['cached']} reused{set_note}"
+    made, seconds = result["scored"], result["scoring_seconds"]
+    speed = f" in {seconds:.1f} s ({made / seconds:.1f} scores/s after loading)" if made and seconds > 0 else ""
+    return f"{root.parent.name}/{root.name}: {made} scores computed{speed}, {result['cached']} reused{set_note}"
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,7 @@ def score_stage(
         # another had started writing would deal itself a different share (a race seen under load)
         distributed.barrier()
         mine = todo[world.rank :: world.size]
+        start_time, scoring_seconds = time.perf_counter(), 0.0  # the models are loaded: reading and scoring
         if mine:
             part = JsonLinesAppender(root / f"scores.part{world.rank}.jsonl")
             for start in range(0, len(mine), batch_size):
@@ -157,9 +159,11 @@ def score_stage(
                     )
                 kill_point("score-batch")
             part.close()
+            scoring_seconds = time.perf_counter() - start_time
             if progress:
                 progress(len(mine), len(mine))
-        distributed.barrier()
+        # the slowest rank's time; a collective, so also the barrier before rank 0 merges
+        scoring_seconds = float(distributed.max_across(torch.tensor(scoring_seconds)))
         set_scored = 0
         if world.is_main:
             merged = cached_scores(root)
@@ -182,6 +186,7 @@ def score_stage(
         return {
             "run_dir": str(root),
             "scored": len(todo),
+            "scoring_seconds": scoring_seconds,
             "cached": len(manifest) * len(rewards) - len(todo),
             "set_scored": set_scored,
             "set_cached": len(set_rewards) * len(seed_sets(manifest)) - set_scored if world.is_main else 0,

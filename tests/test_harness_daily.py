@@ -44,7 +44,8 @@ def test_a_smoke_run_grows_into_a_larger_run_and_recomputes_nothing_it_had(tmp_p
     small = generate(tmp_path, suite, limit=6, seeds=(0,))
     assert small["generated"] == 6 and small["sampling_seconds"] > 0
     first = score_stage(run_folder(tmp_path), TOY_METRICS, device="cpu")
-    assert first["scored"] == 12 and first["cached"] == 0
+    assert first["scored"] == 12 and first["cached"] == 0 and first["scoring_seconds"] > 0
+    assert score_stage(run_folder(tmp_path), TOY_METRICS, device="cpu")["scoring_seconds"] == 0  # all cached
     before = {r["file"]: r["sha256"] for r in read_manifest(run_folder(tmp_path))}
 
     grown = generate(tmp_path, suite, limit=10, seeds=(1,), images_per_prompt=2)
