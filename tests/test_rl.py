@@ -67,19 +67,9 @@ def test_the_stage2_benchmark_under_torchrun_reports_the_single_process_epoch(tm
     batch of 1 process with ``--batch 4`` (groups of 2 either way): the same trained steps and, reduced
     over the ranks, the same losses to bf16 rounding (the reward BP loss, a margin crossing, to 10%);
     the PPO ratio at the old policy stays exactly 1; rank 0 alone writes."""
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
     common = ["--family", "sd35m", "--tiny", "--warmup-iterations", "1", "--iterations", "2", "--group", "2"]
     common += ["--variant", "fsdp:distributed=fsdp"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "bench/perf/rl_epoch.py", *common, "--batch", "4", "--out", str(tmp_path / "one.json")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun("bench.perf.rl_epoch", *common, "--batch", "4", "--out", str(tmp_path / "one.json"), processes=1)
     torchrun("bench.perf.rl_epoch", *common, "--batch", "2", "--out", str(tmp_path / "two.json"))
     single, double = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert (single["processes"], double["processes"], single["batch_per_gpu"], double["batch_per_gpu"]) == (1, 2, 4, 2)
