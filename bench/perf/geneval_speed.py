@@ -120,7 +120,7 @@ def profile(model, colours, device: torch.device, pixels: np.ndarray, meta: list
     from PIL import Image
 
     from rtdmd.geneval.m2f.detector import tf32_off
-    from rtdmd.geneval.m2f.pipeline import preprocess_batch
+    from rtdmd.geneval.m2f.pipeline import postprocess_batch, preprocess_batch
     from rtdmd.rewards.geneval_real import to_detections
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -144,7 +144,9 @@ def profile(model, colours, device: torch.device, pixels: np.ndarray, meta: list
             with phase("network"):
                 classes, masks = detector.model(batch_tensor)
             with phase("postprocess"):
-                found = detector.instances(classes, masks, tuple(batch_tensor.shape[2:]), resized, pixels.shape[1:3])
+                found = postprocess_batch(
+                    classes, masks, tuple(batch_tensor.shape[2:]), resized, pixels.shape[1:3], MIN_SCORE
+                )
             with phase("to host"):
                 found = [detector.to_host(f) for f in found]
         with phase("to_detections"):

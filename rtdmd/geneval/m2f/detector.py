@@ -20,7 +20,7 @@ from rtdmd.geneval.client import ImageDetections
 from rtdmd.geneval.judge import CLASSNAMES
 from rtdmd.geneval.m2f.head import CLASSES
 from rtdmd.geneval.m2f.model import Mask2Former, load_detector
-from rtdmd.geneval.m2f.pipeline import Detections, Preprocessing, instances, pack_bits, preprocess_batch, top_pairs
+from rtdmd.geneval.m2f.pipeline import Detections, Preprocessing, pack_bits, postprocess_batch, preprocess_batch
 
 
 @contextlib.contextmanager
@@ -95,23 +95,10 @@ class PortDetector:
         pixels = torch.stack([torch.as_tensor(np.asarray(image), device=self.device) for image in images])
         batch, resized = preprocess_batch(pixels, self.preprocessing)
         classes, masks = self.model(batch)
-        found = self.instances(classes, masks, tuple(batch.shape[2:]), resized, tuple(pixels.shape[1:3]))
+        found = postprocess_batch(
+            classes, masks, tuple(batch.shape[2:]), resized, tuple(pixels.shape[1:3]), self.min_score
+        )
         return [self.to_host(detections) for detections in found]
-
-    def instances(self, classes, masks, padded, resized, original) -> list[Detections]:
-        """A batch's network outputs -> each image's detections, on the device, with two waits for it per
-        batch (how many pairs, then how many detections pass ``min_score``)."""
-        scores, queries, labels = top_pairs(classes)
-        floor = self.min_score
-        counts = [scores.shape[1]] * len(scores) if floor is None else (scores > floor).sum(1).tolist()
-        found = [
-            instances(scores[r, :n], queries[r, :n], labels[r, :n], masks[r], padded, resized, original)
-            for r, n in enumerate(counts)
-        ]
-        if floor is not None and found:
-            kept = torch.stack([(f.scores > floor).sum() for f in found]).tolist()
-            found = [f.head(n) for f, n in zip(found, kept, strict=True)]
-        return found
 
     @staticmethod
     def to_host(det: Detections) -> ImageDetections:

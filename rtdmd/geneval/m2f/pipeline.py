@@ -155,6 +155,32 @@ def instances(
     return Detections(labels[order], final[order], mask_boxes(binary[order]), binary[order], queries[order])
 
 
+def postprocess_batch(
+    class_logits: Tensor,
+    mask_logits: Tensor,
+    padded: tuple[int, int],
+    resized: tuple[int, int],
+    original: tuple[int, int],
+    min_score: float | None = None,
+) -> list[Detections]:
+    """``class_logits [B, 100, 81]``, ``mask_logits [B, 100, H/4, W/4]`` of images of one size -> each
+    image's detections. ``min_score``: keep only detections scoring above it; pairs whose class
+    probability is not above it are dropped before their masks are resized, exactly: a score is the
+    class probability times a mean probability (at most 1). Two waits for the device per batch (how many
+    pairs pass, then how many detections)."""
+    scores, queries, labels = top_pairs(class_logits)
+    # prefixes: the pairs' scores descend
+    counts = [scores.shape[1]] * len(scores) if min_score is None else (scores > min_score).sum(1).tolist()
+    found = [
+        instances(scores[r, :n], queries[r, :n], labels[r, :n], mask_logits[r], padded, resized, original)
+        for r, n in enumerate(counts)
+    ]
+    if min_score is None or not found:
+        return found
+    kept = torch.stack([(f.scores > min_score).sum() for f in found]).tolist()
+    return [f.head(n) for f, n in zip(found, kept, strict=True)]
+
+
 def postprocess(
     class_logits: Tensor,
     mask_logits: Tensor,
@@ -162,16 +188,12 @@ def postprocess(
     prepared: Prepared,
     min_score: float | None = None,
 ) -> Detections:
-    """``class_logits [100, 81]``, ``mask_logits [100, H/4, W/4]`` of one image -> its detections.
-    ``min_score``: keep only detections scoring above it; pairs whose class probability is not above it
-    are dropped before their masks are resized, exactly: a score is the class probability times a mean
-    probability (at most 1)."""
-    scores, queries, labels = top_pairs(class_logits)
-    if min_score is not None:
-        kept = int((scores > min_score).sum())  # a prefix: scores descend
-        scores, queries, labels = scores[:kept], queries[:kept], labels[:kept]
-    found = instances(scores, queries, labels, mask_logits, padded, prepared.resized, prepared.original)
-    return found if min_score is None else found.head(int((found.scores > min_score).sum()))
+    """``class_logits [100, 81]``, ``mask_logits [100, H/4, W/4]`` of one image -> its detections
+    (:func:`postprocess_batch` of one)."""
+    (found,) = postprocess_batch(
+        class_logits[None], mask_logits[None], padded, prepared.resized, prepared.original, min_score
+    )
+    return found
 
 
 def pack_bits(masks: Tensor) -> Tensor:
