@@ -129,8 +129,15 @@ def time_steps(sess, steps: int, device: torch.device) -> tuple[list[dict], floa
                 "loss_generator": logs["loss/generator"],
             }
         )
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return rows, first, peak_gib
+    return rows, first, peak_memory_gib(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The fullest GPU's peak allocated memory since the last reset, GiB (None on the CPU). Under torchrun
+    every rank calls it: a collective."""
+    if device.type != "cuda":
+        return None
+    return float(distributed.max_across(torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)))
 
 
 def profile_step(sess, step: int, device: torch.device) -> dict:
@@ -228,8 +235,6 @@ def main() -> None:
             sess = None
             release_memory(device)
             continue
-        if peak_gib is not None:  # the fullest GPU's
-            peak_gib = float(distributed.max_across(torch.tensor(peak_gib, device=device)))
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
         profiled = profile_step(sess, 1, device) if args.profile else None
         flops_per_iter = count_step_flops(sess, cfg, args.steps, world.size)

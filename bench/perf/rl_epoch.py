@@ -48,7 +48,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import rtdmd.train.rl_step as rl_step  # noqa: E402
-from bench.perf.distill_step import PROMPTS, build_backbone, parse_variants, release_memory  # noqa: E402
+from bench.perf.distill_step import (  # noqa: E402
+    PROMPTS,
+    build_backbone,
+    parse_variants,
+    peak_memory_gib,
+    release_memory,
+)
 from rtdmd import distributed  # noqa: E402
 from rtdmd.config import load  # noqa: E402
 from rtdmd.train.rl_config import RLConfig  # noqa: E402
@@ -269,10 +275,7 @@ def main() -> None:
             sess = None
             release_memory(device)
             continue
-        peak_gib = None
-        if device.type == "cuda":  # the fullest GPU's
-            peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
-            peak_gib = float(distributed.max_across(peak))
+        peak_gib = peak_memory_gib(device)
         mean_s = sum(r["seconds"] for r in rows) / len(rows)
         phases = {k: sum(r["phase_seconds"][k] for r in rows) / len(rows) for k in PHASES}
         record["variants"].append(
