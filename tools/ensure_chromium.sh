@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The HTML gallery's browser test needs Debian's chromium and chromium-driver: install them where they are
 # missing and this user may (root with apt-get, as on CI); otherwise say what to install and fail.
+# With an argument, first check that it is an interpreter (tox's browser env runs with py's environment).
 set -euo pipefail
+if [ $# -gt 0 ] && [ ! -x "$1" ]; then
+  echo "$1 is missing: the browser test runs with py's environment, make it first (tox -e py)" >&2
+  exit 1
+fi
 if command -v chromium > /dev/null && command -v chromedriver > /dev/null; then
   exit 0
 fi
