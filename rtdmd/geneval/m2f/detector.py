@@ -104,7 +104,7 @@ class PortDetector:
     def to_host(det: Detections) -> ImageDetections:
         """The client's arrays; the masks cross as bits."""
         shape = tuple(det.masks.shape)
-        # 0/1 bytes viewed as bool: astype(bool) would copy them again (~9 ms for 30 masks of 512 px)
+        # 0/1 bytes viewed as bool: astype(bool) would copy them again (~2 ms for 34 masks of 512 px)
         masks = np.unpackbits(pack_bits(det.masks).cpu().numpy(), count=int(np.prod(shape))).view(bool)
         return ImageDetections(
             boxes=det.boxes.cpu().numpy().astype(np.float32),
