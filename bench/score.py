@@ -120,10 +120,12 @@ def score_stage(
     for name in metrics:  # a misspelt metric is named (with a did-you-mean) before anything is read
         REWARDS.get(name)
     manifest = require_manifest(root)
+    # the process group first: a reward that places a network when built (GenEval's detector, "auto")
+    # then takes this rank's GPU, not GPU 0 on every rank
+    world = distributed.init(device)
     rewards = check_metrics(metrics, manifest, manifest[0]["suite"])
     set_rewards = {name: reward for name, reward in rewards.items() if is_set_metric(reward.info)}
     rewards = {name: reward for name, reward in rewards.items() if name not in set_rewards}
-    world = distributed.init(device)
     with run_dir.exclusive(root, world.is_main):  # one writer per run folder
         cached = cached_scores(root)
         todo = [

@@ -226,3 +226,47 @@ def test_set_metric_values_must_be_scalars(tmp_path, suite_file):
     assert gen.exit_code == 0, gen.output
     result = runner.invoke(app, ["score", str(tmp_path / "tiny-cps4" / "cats"), "--metrics", "test_bad_set"])
     assert result.exit_code == 2 and "set metric test_bad_set returned 6 values, expected one" in result.output
+
+
+EVENTS: list[str] = []
+
+
+@REWARDS.register("test_built_after_init")
+class BuiltAfterInit:
+    """Says when it is built: a reward that places a network when built (GenEval's detector on "auto")
+    must be built after the process group picked this rank's GPU."""
+
+    info = RewardInfo(version="1", higher_is_better=True, differentiable=False)
+
+    def __init__(self) -> None:
+        EVENTS.append("reward built")
+
+    def __call__(self, images, prompts, meta):
+        return images.float().flatten(1).mean(1)
+
+
+def test_score_builds_its_rewards_after_joining_the_process_group(tmp_path, suite_file, monkeypatch):
+    import bench.score
+
+    args = [
+        "generate",
+        "--method",
+        "tiny-teacher",
+        "--suite",
+        str(suite_file),
+        "--out",
+        str(tmp_path),
+        "--device",
+        "cpu",
+    ]
+    assert runner.invoke(app, args).exit_code == 0
+    init = bench.score.distributed.init
+
+    def spy(device):
+        EVENTS.append("init")
+        return init(device)
+
+    monkeypatch.setattr(bench.score.distributed, "init", spy)
+    EVENTS.clear()
+    score_stage(tmp_path / "tiny-teacher" / "cats", ["test_built_after_init"], device="cpu")
+    assert EVENTS == ["init", "reward built"]

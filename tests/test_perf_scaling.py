@@ -48,6 +48,17 @@ def test_a_stage2_epoch_counts_every_iterations_images():
     assert rows[1]["efficiency"] == pytest.approx(0.8) and rows[1]["loss_max_relative_difference"] == 0.0
 
 
+def test_a_loss_the_arm_does_not_have_is_skipped_and_one_logged_by_one_run_only_is_an_error():
+    def record(n: int, dm: float | None) -> dict:
+        epoch = {"loss_fake": 1.0, "loss_dm": dm, "loss_bp": None}  # an arm without BP
+        return {"processes": n, "iterations_per_epoch": 1, "variants": [{"seconds_per_epoch": 1.0, "epochs": [epoch]}]}
+
+    rows = scaling.summarise(2, 8, {1: record(1, 0.1), 2: record(2, 0.11)})
+    assert rows[1]["loss_max_relative_difference"] == pytest.approx(0.1)
+    with pytest.raises(SystemExit, match="loss_dm is logged by one run only"):
+        scaling.summarise(2, 8, {1: record(1, 0.1), 2: record(2, None)})
+
+
 @pytest.mark.slow
 def test_the_driver_runs_one_global_batch_on_one_and_two_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

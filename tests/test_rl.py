@@ -62,11 +62,15 @@ def test_four_epochs_equal_two_plus_resume_plus_two_bit_for_bit(tmp_path):
     ]
 
 
-def test_the_stage2_benchmark_under_torchrun_reports_the_single_process_epoch(tmp_path, torchrun):
+def test_the_stage2_benchmark_under_torchrun_reports_the_single_process_epoch(tmp_path, torchrun, monkeypatch):
     """``bench/perf/rl_epoch.py`` on 2 processes with FSDP and ``--batch 2`` (per GPU) runs the global
     batch of 1 process with ``--batch 4`` (groups of 2 either way): the same trained steps and, reduced
     over the ranks, the same losses to bf16 rounding (the reward BP loss, a margin crossing, to 10%);
-    the PPO ratio at the old policy stays exactly 1; rank 0 alone writes."""
+    the PPO ratio at the old policy stays exactly 1; rank 0 alone writes; no process leaves its reward
+    weights behind (about 7.6 GB each at released sizes)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     common = ["--family", "sd35m", "--tiny", "--warmup-iterations", "1", "--iterations", "2", "--group", "2"]
     common += ["--variant", "fsdp:distributed=fsdp"]
     torchrun("bench.perf.rl_epoch", *common, "--batch", "4", "--out", str(tmp_path / "one.json"), processes=1)
@@ -80,6 +84,8 @@ def test_the_stage2_benchmark_under_torchrun_reports_the_single_process_epoch(tm
     assert b["loss_dm"] == pytest.approx(a["loss_dm"], rel=1e-2)
     assert b["loss_bp"] == pytest.approx(a["loss_bp"], rel=0.1)
     assert a["ppo_ratio_deviation_max"] == b["ppo_ratio_deviation_max"] == 0.0
+    weights = [p for p in scratch.rglob("*") if p.suffix in {".safetensors", ".pt", ".bin"}]
+    assert not weights, weights
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

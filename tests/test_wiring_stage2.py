@@ -205,3 +205,49 @@ def test_stage_two_ema_cadence_and_decay(tmp_path):
         for k, p in sess.gen_params.items():
             expected = decay * before[k] + (1 - decay) * p.detach().float() if (done + 1) % 3 == 0 else before[k]
             torch.testing.assert_close(sess.ema.shadow[k], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_kept_row_means_do_not_depend_on_the_world_size(session, rollouts, monkeypatch):
+    """Zero advantages falling unevenly over two ranks (3 of 4 rows kept on one, 1 on the other): each
+    rank's PPO, DM and BP losses over its half, gradients averaged as DDP/FSDP do, equal the one-process
+    losses over the whole sub-batch. Each rank divides by the kept rows of the global sub-batch over the
+    ranks (the all-reduce stood in for by the two halves' counts), not by its own count."""
+    cfg, models = session.cfg, session.models
+    trained, batches, advantages = rollouts
+    batch, j, last = batches[0], trained[0], cfg.sampler.num_steps - 1
+    adv = advantages[0].clone()
+    adv[[0, 4, 5, 6]] = 0.0  # rank 0 keeps 3 of its 4 rows, rank 1 keeps 1
+    assert adv[1:4].ne(0).all() and adv[7] != 0
+    keep = adv != 0
+
+    def half(rows: list[int]) -> rl_step.Batch:
+        pick = torch.tensor(rows)
+        return rl_step.Batch(
+            [batch.samples[i] for i in rows],
+            [batch.prompt_ids[i] for i in rows],
+            batch.cond.select(rows),
+            batch.states[pick],
+            batch.log_probs[pick],
+            {k: v[pick] for k, v in batch.rewards.items()},
+        )
+
+    def losses(b: rl_step.Batch, a: torch.Tensor) -> tuple[dict, dict[str, float]]:
+        x = b.states[:, j]
+        v = models.backbone.velocity(models.generator_run, x, float(models.sigmas[j]), b.cond, 1.0)
+        ppo, logs = rl_step.ppo_term(session, b, a != 0, a, j, x, v)
+        x = b.states[:, last]
+        v = models.backbone.velocity(models.generator_run, x, float(models.sigmas[last]), b.cond, 1.0)
+        x0 = x.float() - float(models.sigmas[last]) * v.float()
+        final, final_logs = rl_step.final_step_loss(session, EPOCH, b, a != 0, x0, GUIDANCE)
+        return param_grads(ppo + final, session.gen_params), logs | final_logs
+
+    one, one_logs = losses(batch, adv)
+    global_share = torch.tensor(float(keep.sum()) / 2, dtype=torch.float64)
+    monkeypatch.setattr(rl_step, "mean_across", lambda value: global_share)
+    ranks = [losses(half(rows), adv[rows]) for rows in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    # each term on its own (BP and DM are too small to show in the summed gradient); float32 decoding of
+    # 4 rows against 8 moves BP by ~3e-8, the per-rank count by ~4e-4
+    for key in ("loss/ppo", "loss/dm", "loss/bp"):
+        assert one_logs[key] != 0
+        assert (ranks[0][1][key] + ranks[1][1][key]) / 2 == pytest.approx(one_logs[key], rel=1e-6), key
+    assert_same_gradients({k: (ranks[0][0][k] + ranks[1][0][k]) / 2 for k in one}, one)

@@ -15,7 +15,8 @@ training code's seeding contract, and a variant's ``distributed=ddp|fsdp`` wraps
 memory is the largest of any GPU, the MFU per GPU.
 
 Each ``--variant`` is a config (``key=value`` overrides separated by ``;``, applied after
-``--batch`` and ``--resolution``, so a variant may set ``batch_size`` or ``height``/``width``)
+``--batch`` and ``--resolution``, so a variant may set ``batch_size``, the global batch as in the
+config, or ``height``/``width``)
 measured on the same backbone and steps in the same process: by default the packaged config (``plain``: eager,
 gradient checkpointing), every role's blocks compiled, and compiled without checkpointing. Eager
 variants come first: a compiled teacher stays compiled (and its copies with it) for the rest of the
@@ -224,6 +225,10 @@ def main() -> None:
         table.add_column(col, justify="right")
     for name, overrides in variants:
         cfg = variant_config(base, overrides, args.family)
+        if cfg.batch_size % world.size:  # a variant's batch_size is the config's: all processes together
+            parser.error(
+                f"variant {name}: batch_size={cfg.batch_size} (global) does not split over {world.size} processes"
+            )
         try:
             sess = build_session(cfg, world, Path(tempfile.mkdtemp()), backbone=backbone)
             rows, first_s, peak_gib = time_steps(sess, args.steps, device)

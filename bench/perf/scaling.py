@@ -62,12 +62,18 @@ def seconds_and_losses(stage: int, record: dict) -> tuple[float, list[dict]]:
 
 
 def largest_relative_difference(rows: list[dict], reference: list[dict], keys: tuple[str, ...]) -> float:
-    """``max |a - b| / |b|`` over the steps and losses (``b`` the one-process run's)."""
-    return max(
-        abs(row[k] - ref[k]) / abs(ref[k]) if ref[k] else abs(row[k])
-        for row, ref in zip(rows, reference, strict=True)
-        for k in keys
-    )
+    """``max |a - b| / |b|`` over the steps and losses (``b`` the one-process run's); a loss the arm does
+    not have (``None`` in both runs, e.g. no DM or BP term) is skipped, one logged by only one run is
+    an error."""
+    differences = [0.0]
+    for row, ref in zip(rows, reference, strict=True):
+        for k in keys:
+            if row[k] is None and ref[k] is None:
+                continue
+            if row[k] is None or ref[k] is None:
+                raise SystemExit(f"{k} is logged by one run only: {row[k]} against {ref[k]}")
+            differences.append(abs(row[k] - ref[k]) / abs(ref[k]) if ref[k] else abs(row[k]))
+    return max(differences)
 
 
 def summarise(stage: int, global_batch: int, records: dict[int, dict]) -> list[dict]:

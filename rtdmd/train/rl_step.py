@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from rtdmd.backbones.base import Cond, build_backbone
 from rtdmd.data import read_prompt_records
+from rtdmd.distributed import mean_across
 from rtdmd.flow.cps import cps_mean_std, gaussian_log_prob, simplified_log_prob
 from rtdmd.flow.path import renoise, x0_from_velocity
 from rtdmd.lora import resolve_lora_file
@@ -232,16 +233,29 @@ def _chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
+def kept_share(keep: Tensor) -> float:
+    """``K / W``: the rows ``keep`` marks in the global sub-batch (all ranks) over the number of ranks.
+
+    A rank's sum over its kept rows divided by ``K / W``, averaged over the ranks as DDP and FSDP
+    average gradients, is ``sum over all kept rows / K``: the single-process mean on any world size.
+    Dividing by the rank's own count instead weights each rank's rows by ``1 / its count``, which
+    differs as soon as zero advantages fall unevenly (a GenEval group whose images all score alike).
+    A collective: every rank calls it at the same point. 1 when no row is kept (every term is 0)."""
+    share = float(mean_across(keep.double().sum()))
+    return share if share > 0 else 1.0
+
+
 def final_step_loss(
     sess: Session, epoch: int, batch: Batch, keep: Tensor, x0: Tensor, w: float
 ) -> tuple[Tensor, dict[str, float]]:
     """The deterministic final step's terms on the clean prediction ``x0`` (which carries the
     generator's graph): ``dm.weight x`` the DMD loss (teacher CFG ``w`` vs fake, renoised to
     per-sample ``t``, ``s = 0``) and the reward back-propagation, as one differentiable scalar,
-    each a mean over the rows ``keep`` marks (every row is computed: all ranks run the same calls)."""
+    each a mean over the rows ``keep`` marks in the global sub-batch (:func:`kept_share`; every row is
+    computed: all ranks run the same calls)."""
     cfg, models = sess.cfg, sess.models
     terms, logs = cfg.terms, {}
-    kept = max(int(keep.sum()), 1)
+    kept = kept_share(keep)
     loss = x0.new_zeros((), dtype=torch.float64)
     if terms.dm:
         device = x0.device
@@ -275,7 +289,7 @@ def reward_backprop(sess: Session, batch: Batch, keep: Tensor, x0: Tensor) -> tu
     names = cfg.bp.rewards or tuple(t.name for t in cfg.rewards if sess.rewards[t.name].info.differentiable)
     weights = {t.name: t.weight for t in cfg.rewards}
     leaf = x0.detach().requires_grad_(True)
-    kept = max(int(keep.sum()), 1)
+    kept = kept_share(keep)
     value = 0.0
     for part in _chunks(len(keep), cfg.bp.chunk or len(keep)):
         with autocast(sess):
@@ -298,7 +312,8 @@ def generator_update(
 
     With a policy gradient, samples whose advantage is exactly 0 leave the sub-batch's losses (as
     the official filter drops them): every row is still computed and the losses are means over the
-    kept rows, so each rank keeps the rollout's batch shape and runs the same collectives."""
+    kept rows of the global sub-batch (:func:`kept_share`), so each rank keeps the rollout's batch
+    shape, runs the same collectives, and the update does not depend on the world size."""
 
     cfg, models = sess.cfg, sess.models
     terms, last = cfg.terms, cfg.sampler.num_steps - 1
@@ -340,7 +355,8 @@ def generator_update(
 def ppo_term(
     sess: Session, batch: Batch, keep: Tensor, adv: Tensor, j: int, x: Tensor, v: Tensor
 ) -> tuple[Tensor, dict[str, float]]:
-    """The clipped PPO loss of step ``j`` (the mean over the rows ``keep`` marks) and its ratio statistics."""
+    """The clipped PPO loss of step ``j`` (the mean over the rows ``keep`` marks in the global sub-batch,
+    :func:`kept_share`) and its ratio statistics."""
     cfg, sigmas = sess.cfg, sess.models.sigmas
     mean, std = cps_mean_std(x, v, float(sigmas[j]), float(sigmas[j + 1]), cfg.sampler.eta)
     x_next = batch.states[:, j + 1]
@@ -355,12 +371,13 @@ def ppo_term(
     if cfg.grpo.log_prob == "exact" and cfg.grpo.exact_scale == "per_element":
         per_sample = per_sample * (2 * float(std) ** 2 / x_next[0].numel())  # the official gradient scale
     mask = keep.to(per_sample.device)
-    loss = (per_sample * mask).sum() / max(int(mask.sum()), 1)
+    kept = kept_share(keep)
+    loss = (per_sample * mask).sum() / kept
     deviation = (torch.exp(log_prob.detach() - old) - 1).abs() * mask
     logs = {
         "loss/ppo": float(loss.detach()),
         "ppo/ratio_deviation_max": float(deviation.max()),
-        "ppo/clipped_fraction": float((deviation > eps).double().sum() / max(int(mask.sum()), 1)),
+        "ppo/clipped_fraction": float((deviation > eps).double().sum() / kept),
     }
     return loss, logs
 
